@@ -1,0 +1,277 @@
+"""Config schemas registered in Hydra's ConfigStore, and the range checks that run before any work.
+
+The dataclasses are the contract of ``configs/``: Hydra rejects unknown keys and wrong types while
+composing, and :func:`validate` rejects out-of-range values with one line that names the key, the
+value and what is allowed. Nothing downstream reads the config with fallbacks.
+"""
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from flcore.errors import ConfigError
+
+
+class DatasetName(str, Enum):
+    synthetic = "synthetic"
+    esc50 = "esc50"
+
+
+class SplitKind(str, Enum):
+    folds = "folds"
+    ratio = "ratio"
+
+
+class OnBadFile(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class PartitionKind(str, Enum):
+    classes_per_node = "classes_per_node"
+    dirichlet = "dirichlet"
+    iid = "iid"
+
+
+class Granularity(str, Enum):
+    unified = "unified"
+    per_class = "per_class"
+    per_group = "per_group"
+
+
+class BetaSchedule(str, Enum):
+    linear = "linear"
+    cyclical = "cyclical"
+    sigmoid = "sigmoid"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class SyntheticConfig:
+    """The bundled synthetic dataset, generated into the cache on first use."""
+
+    clips_per_class: int = 40
+    duration_s: float = 5.0
+    sample_rate: int = 16000
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Which clips exist and how they split into train / val / test."""
+
+    name: DatasetName = DatasetName.synthetic
+    root: str | None = None
+    split: SplitKind = SplitKind.folds
+    train_folds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    val_folds: list[int] = field(default_factory=lambda: [4])
+    test_folds: list[int] = field(default_factory=lambda: [5])
+    train_ratio: float = 0.7
+    val_ratio: float = 0.1
+    on_bad_file: OnBadFile = OnBadFile.error
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class NodeConfig:
+    """One node of an explicit federation: the classes whose clips it holds."""
+
+    classes: list[str] = MISSING
+
+
+@dataclass
+class PartitionConfig:
+    """A generated assignment of classes and clips to nodes (used when ``nodes`` is null)."""
+
+    kind: PartitionKind = PartitionKind.classes_per_node
+    num_nodes: int = 5
+    classes_per_node: int = 2
+    alpha: float = 0.5
+    min_samples_per_node: int = 1
+    max_retries: int = 100
+
+
+@dataclass
+class FederationConfig:
+    """Who holds what: explicit node lists, or a generated partition."""
+
+    nodes: list[NodeConfig] | None = None
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass
+class GeneratorConfig:
+    """VAE generators of audio embeddings (validated now, trained from milestone 4)."""
+
+    granularity: Granularity = Granularity.per_class
+    class_groups: dict[str, list[str]] = field(default_factory=dict)
+    training_epochs: int = 10
+    beta_warmup_ratio: float = 0.5
+    beta_schedule: BetaSchedule = BetaSchedule.linear
+    beta_max: float = 1.0
+
+
+@dataclass
+class CsvLoggerConfig:
+    filename: str = "metrics.csv"
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "feda2v"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.offline
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """Active trackers: a tracker is on when its section is present (``logger=[csv,wandb]``)."""
+
+    csv: CsvLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema that ``configs/config.yaml`` extends (its first defaults entry)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={_show(value)}: {rule}")
+
+
+def _check_dataset(d: DatasetConfig) -> None:
+    if d.name is DatasetName.esc50:
+        _require(
+            d.root is not None,
+            "dataset.root",
+            d.root,
+            "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
+            "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic",
+        )
+    s = d.synthetic
+    _require(s.clips_per_class >= 5, "dataset.synthetic.clips_per_class", s.clips_per_class,
+             "must be >= 5 (one clip per fold at least)")
+    _require(0 < s.duration_s <= 60, "dataset.synthetic.duration_s", s.duration_s,
+             "must be in (0, 60]")
+    _require(8000 <= s.sample_rate <= 48000, "dataset.synthetic.sample_rate", s.sample_rate,
+             "must be in [8000, 48000]")
+    if d.split is SplitKind.folds:
+        _require(len(d.train_folds) > 0, "dataset.train_folds", d.train_folds,
+                 "must name at least one fold")
+        _require(len(d.test_folds) > 0, "dataset.test_folds", d.test_folds,
+                 "must name at least one fold")
+        seen: dict[int, str] = {}
+        for key in ("train_folds", "val_folds", "test_folds"):
+            for fold in getattr(d, key):
+                _require(fold not in seen, f"dataset.{key}", getattr(d, key),
+                         f"fold {fold} is also in dataset.{seen.get(fold)} (splits are disjoint)")
+                seen[fold] = key
+    else:
+        _require(0 < d.train_ratio < 1, "dataset.train_ratio", d.train_ratio, "must be in (0, 1)")
+        _require(0 <= d.val_ratio < 1, "dataset.val_ratio", d.val_ratio, "must be in [0, 1)")
+        _require(d.train_ratio + d.val_ratio < 1, "dataset.val_ratio", d.val_ratio,
+                 f"dataset.train_ratio + dataset.val_ratio must be < 1 (the rest is the test "
+                 f"split), got {d.train_ratio + d.val_ratio:g}")
+
+
+def _check_federation(f: FederationConfig) -> None:
+    if f.nodes is not None:
+        _require(len(f.nodes) > 0, "federation.nodes", f.nodes,
+                 "must list at least one node, or be null to use federation.partition")
+        for i, node in enumerate(f.nodes):
+            _require(len(node.classes) > 0, f"federation.nodes[{i}].classes", node.classes,
+                     "must name at least one class")
+            _require(len(set(node.classes)) == len(node.classes),
+                     f"federation.nodes[{i}].classes", node.classes, "lists a class twice")
+        return
+    p = f.partition
+    _require(p.num_nodes >= 1, "federation.partition.num_nodes", p.num_nodes, "must be >= 1")
+    _require(p.classes_per_node >= 1, "federation.partition.classes_per_node",
+             p.classes_per_node, "must be >= 1")
+    _require(p.alpha > 0, "federation.partition.alpha", p.alpha, "must be > 0")
+    _require(p.min_samples_per_node >= 1, "federation.partition.min_samples_per_node",
+             p.min_samples_per_node, "must be >= 1")
+    _require(p.max_retries >= 1, "federation.partition.max_retries", p.max_retries,
+             "must be >= 1")
+
+
+def _check_generator(g: GeneratorConfig) -> None:
+    _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
+             "must be >= 1")
+    _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
+             "must be in (0, 1]")
+    _require(g.beta_max > 0, "generator.beta_max", g.beta_max, "must be > 0")
+    if g.granularity is Granularity.per_group:
+        _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
+                 "generator.granularity=per_group needs groups: {group: [classes]}")
+    owner: dict[str, str] = {}
+    for group, classes in g.class_groups.items():
+        for name in classes:
+            _require(name not in owner, f"generator.class_groups.{group}", classes,
+                     f"class '{name}' is already in group '{owner.get(name)}'")
+            owner[name] = group
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """``cfg`` less the ``hydra`` node that compose(return_hydra_config=True) adds."""
+    if "hydra" not in cfg:
+        return cfg
+    body = cfg.copy()
+    with open_dict(body):
+        del body["hydra"]
+    return body
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Resolve ``cfg`` into a typed :class:`Config` and check every range; raise ConfigError."""
+    config = OmegaConf.to_object(without_hydra(cfg))
+    assert isinstance(config, Config), "compose the config through configs/config.yaml"
+    _require(config.seed >= 0, "seed", config.seed, "must be >= 0")
+    _require(bool(_DEVICE.match(config.device)), "device", config.device,
+             "must be auto, cpu, cuda or cuda:N")
+    _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
+    config.cache_dir = str(Path(config.cache_dir).expanduser())
+    _check_dataset(config.dataset)
+    _check_federation(config.federation)
+    _check_generator(config.generator)
+    return config

@@ -1,0 +1,22 @@
+"""Datasets, node partitions and the embedding cache."""
+
+from pathlib import Path
+
+from flcore.config import DatasetConfig, DatasetName
+from flcore.data import synthetic
+from flcore.data.esc50 import AudioDataset, Clip, load_esc50, load_waveform
+
+__all__ = ["AudioDataset", "Clip", "load_dataset", "load_waveform"]
+
+
+def load_dataset(config: DatasetConfig, cache_dir: str | Path) -> AudioDataset:
+    """The dataset the config names; the synthetic one is generated on first use."""
+    if config.name is DatasetName.synthetic:
+        if config.root is None:
+            root = synthetic.ensure_dataset(Path(cache_dir), config.synthetic)
+        else:
+            root = Path(config.root).expanduser()
+            if not (root / "meta" / "esc50.csv").is_file():
+                synthetic.write_dataset(root, config.synthetic)
+        return load_esc50(root, config.on_bad_file)
+    return load_esc50(config.root, config.on_bad_file)

@@ -1,0 +1,215 @@
+"""Which classes each node holds, and each node's disjoint train / val / test clips.
+
+A partition is built in three steps: every clip gets a split (official folds or a stratified
+ratio), every class gets weights over the nodes that hold it (explicit lists, classes per node,
+IID or Dirichlet), and the clips of each (class, split) are dealt to those nodes by their weights.
+A class held by several nodes therefore has its clips split disjointly among them.
+"""
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flcore.config import DatasetConfig, FederationConfig, PartitionKind, SplitKind
+from flcore.data.esc50 import AudioDataset
+from flcore.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class NodeSplit:
+    """One node: the class names it holds and indices into ``AudioDataset.clips`` per split."""
+
+    node: int
+    classes: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(getattr(self, s)) for s in SPLITS}
+
+
+@dataclass
+class Partition:
+    """The federation's nodes over one dataset."""
+
+    nodes: list[NodeSplit]
+    class_names: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        """The union of the nodes' classes, in dataset order."""
+        held = {c for node in self.nodes for c in node.classes}
+        return [c for c in self.class_names if c in held]
+
+    def stats(self) -> dict[str, Any]:
+        """Summary figures for results.json and the tracker."""
+        train = np.array([len(n.train) for n in self.nodes])
+        return {
+            "num_nodes": len(self.nodes),
+            "num_classes": len(self.classes),
+            **{f"{s}_clips": int(sum(len(getattr(n, s)) for n in self.nodes)) for s in SPLITS},
+            "train_clips_per_node_min": int(train.min()),
+            "train_clips_per_node_max": int(train.max()),
+            "classes_per_node_mean": float(np.mean([len(n.classes) for n in self.nodes])),
+        }
+
+    def table(self, width: int = 56) -> str:
+        """A plain-text table: node, classes, train/val/test counts."""
+        lines = [f"{'node':>4}  {'classes':<{width}} {'train':>6} {'val':>5} {'test':>5}"]
+        for n in self.nodes:
+            names = ", ".join(n.classes)
+            if len(names) > width:
+                names = names[: width - 12].rsplit(",", 1)[0] + f", ... (+{len(n.classes)})"
+            c = n.counts()
+            lines.append(f"{n.node:>4}  {names:<{width}} {c['train']:>6} {c['val']:>5} "
+                         f"{c['test']:>5}")
+        s = self.stats()
+        lines.append(f"{'all':>4}  {str(s['num_classes']) + ' classes':<{width}} "
+                     f"{s['train_clips']:>6} {s['val_clips']:>5} {s['test_clips']:>5}")
+        return "\n".join(lines)
+
+
+def split_clips(dataset: AudioDataset, config: DatasetConfig, seed: int) -> np.ndarray:
+    """The split of every clip: 0 train, 1 val, 2 test, -1 unused (a fold no split names)."""
+    labels = dataset.labels
+    split = np.full(len(labels), -1, dtype=np.int64)
+    if config.split is SplitKind.folds:
+        present = sorted(set(dataset.folds.tolist()))
+        for code, key in enumerate(("train_folds", "val_folds", "test_folds")):
+            folds = getattr(config, key)
+            absent = [f for f in folds if f not in present]
+            if absent:
+                raise ConfigError(f"dataset.{key}={folds}: fold(s) {absent} not in the data "
+                                  f"(folds present: {present})")
+            split[np.isin(dataset.folds, folds)] = code
+        return split
+    rng = np.random.default_rng([seed, 1])
+    for target in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == target))
+        n_train = max(1, round(len(idx) * config.train_ratio))
+        n_val = round(len(idx) * config.val_ratio)
+        split[idx[:n_train]] = 0
+        split[idx[n_train : n_train + n_val]] = 1
+        split[idx[n_train + n_val :]] = 2
+    return split
+
+
+def _class_index(name: str, class_names: list[str], key: str) -> int:
+    if name in class_names:
+        return class_names.index(name)
+    close = difflib.get_close_matches(name.replace(" ", "_"), class_names, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(class_names)}"
+    raise ConfigError(f"{key}: unknown class '{name}' ({hint})")
+
+
+def _explicit_weights(federation: FederationConfig, class_names: list[str]) -> np.ndarray:
+    assert federation.nodes is not None
+    weights = np.zeros((len(class_names), len(federation.nodes)))
+    for n, node in enumerate(federation.nodes):
+        for name in node.classes:
+            weights[_class_index(name, class_names, f"federation.nodes[{n}].classes"), n] = 1.0
+    return weights
+
+
+def _classes_per_node_weights(num_classes: int, num_nodes: int, per_node: int,
+                              rng: np.random.Generator) -> np.ndarray:
+    if per_node > num_classes:
+        raise ConfigError(f"federation.partition.classes_per_node={per_node}: the dataset has "
+                          f"only {num_classes} classes")
+    order = rng.permutation(num_classes)
+    weights = np.zeros((num_classes, num_nodes))
+    for n in range(num_nodes):
+        weights[order[(n * per_node + np.arange(per_node)) % num_classes], n] = 1.0
+    return weights
+
+
+def _deal(split: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+          rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Deal each (class, split) pool of clips to the nodes in proportion to ``weights``."""
+    num_nodes = weights.shape[1]
+    dealt: list[list[list[np.ndarray]]] = [[[] for _ in SPLITS] for _ in range(num_nodes)]
+    for target in range(weights.shape[0]):
+        holders = np.flatnonzero(weights[target] > 0)
+        if len(holders) == 0:
+            continue
+        share = weights[target, holders] / weights[target, holders].sum()
+        for code in range(len(SPLITS)):
+            pool = rng.permutation(np.flatnonzero((labels == target) & (split == code)))
+            cuts = np.round(np.cumsum(share)[:-1] * len(pool)).astype(int)
+            for node, part in zip(holders, np.split(pool, cuts), strict=True):
+                if len(part):
+                    dealt[node][code].append(part)
+    return [[np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+             for parts in node] for node in dealt]
+
+
+def _nodes(dealt: list[list[np.ndarray]], weights: np.ndarray, labels: np.ndarray,
+           class_names: list[str], from_data: bool) -> list[NodeSplit]:
+    nodes = []
+    for n, (train, val, test) in enumerate(dealt):
+        if from_data:
+            held = sorted(set(labels[train].tolist()))
+        else:
+            held = np.flatnonzero(weights[:, n] > 0).tolist()
+        nodes.append(NodeSplit(n, [class_names[t] for t in held], train, val, test))
+    return nodes
+
+
+def _check_nodes(nodes: list[NodeSplit], min_samples: int) -> None:
+    for node in nodes:
+        if len(node.train) < min_samples or len(node.test) == 0:
+            c = node.counts()
+            raise DataError(
+                f"node {node.node} (classes: {', '.join(node.classes)}) has {c['train']} train "
+                f"and {c['test']} test clips after splitting (needs >= {min_samples} train and "
+                ">= 1 test): give it more classes, share its classes with fewer nodes, or "
+                "change the split")
+
+
+def _dirichlet(split: np.ndarray, labels: np.ndarray, num_classes: int,
+               federation: FederationConfig, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Label-skew partition (Hsu et al. 2019) redrawn until every node has enough clips."""
+    p = federation.partition
+    for _ in range(p.max_retries):
+        weights = rng.dirichlet(np.full(p.num_nodes, p.alpha), size=num_classes)
+        dealt = _deal(split, labels, weights, rng)
+        if all(len(train) >= p.min_samples_per_node and len(test) > 0
+               for train, _, test in dealt):
+            return dealt
+    raise DataError(
+        f"federation.partition: no Dirichlet draw (alpha={p.alpha:g}, {p.num_nodes} nodes) gave "
+        f"every node >= {p.min_samples_per_node} train and >= 1 test clip in {p.max_retries} "
+        f"tries ({int((split == 0).sum())} train clips in all): raise alpha, lower "
+        "num_nodes or min_samples_per_node")
+
+
+def build_partition(dataset: AudioDataset, dataset_config: DatasetConfig,
+                    federation: FederationConfig, seed: int) -> Partition:
+    """Assign classes and clips to nodes as the config says; raise on an unusable node."""
+    split = split_clips(dataset, dataset_config, seed)
+    labels = dataset.labels
+    num_classes = len(dataset.class_names)
+    rng = np.random.default_rng([seed, 2])
+    p = federation.partition
+    if federation.nodes is not None:
+        weights = _explicit_weights(federation, dataset.class_names)
+        nodes = _nodes(_deal(split, labels, weights, rng), weights, labels,
+                       dataset.class_names, from_data=False)
+        _check_nodes(nodes, 1)
+    elif p.kind is PartitionKind.dirichlet:
+        dealt = _dirichlet(split, labels, num_classes, federation, rng)
+        nodes = _nodes(dealt, np.zeros(0), labels, dataset.class_names, from_data=True)
+    else:
+        if p.kind is PartitionKind.iid:
+            weights = np.ones((num_classes, p.num_nodes))
+        else:
+            weights = _classes_per_node_weights(num_classes, p.num_nodes, p.classes_per_node, rng)
+        nodes = _nodes(_deal(split, labels, weights, rng), weights, labels,
+                       dataset.class_names, from_data=False)
+        _check_nodes(nodes, p.min_samples_per_node)
+    return Partition(nodes=nodes, class_names=list(dataset.class_names))

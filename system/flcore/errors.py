@@ -1,0 +1,13 @@
+"""Errors that reach the user as one line: what is wrong, and how to fix it."""
+
+
+class FedA2VError(Exception):
+    """Base of every error caused by the user's input rather than by a bug."""
+
+
+class ConfigError(FedA2VError):
+    """A config value is out of range, of the wrong type, or inconsistent with another."""
+
+
+class DataError(FedA2VError):
+    """A dataset folder, metadata file or audio file is missing or unusable."""

@@ -1,0 +1,120 @@
+"""One tracking interface over ``none``, ``csv`` and ``wandb``; any subset can be active.
+
+Every tracker logs one flat dict of scalars per step, with ``round`` as the step. A tracker is
+finished exactly once, also when the run raises, so a multirun never logs job 2 into job 1's run.
+"""
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from flcore.config import CsvLoggerConfig, LoggerConfig, WandbLoggerConfig
+from flcore.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+Scalars = Mapping[str, float | int]
+
+
+class Tracker(Protocol):
+    def log(self, metrics: Scalars, step: int) -> None: ...
+
+    def finish(self, failed: bool) -> None: ...
+
+
+@dataclass
+class JobInfo:
+    """Where a Hydra job writes and how its tracker runs are grouped and named."""
+
+    run_dir: Path
+    group: str
+    name: str
+
+
+class CsvTracker:
+    """``metrics.csv``: one row per logged step; columns grow as new keys appear."""
+
+    def __init__(self, config: CsvLoggerConfig, run_dir: Path) -> None:
+        self.path = run_dir / config.filename
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = ["round"]
+
+    def log(self, metrics: Scalars, step: int) -> None:
+        self.rows.append({"round": step, **metrics})
+        self.columns += [k for k in metrics if k not in self.columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def finish(self, failed: bool) -> None:
+        """Rows are on disk after every ``log``; nothing is left to flush."""
+
+
+class WandbTracker:
+    """A wandb run per Hydra job; ``WANDB_MODE`` from the environment overrides the mode."""
+
+    def __init__(self, config: WandbLoggerConfig, job: JobInfo, resolved: dict[str, Any]) -> None:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or config.mode.value
+        self.run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            mode=mode,
+            dir=str(job.run_dir),
+            group=job.group,
+            name=job.name,
+            config=resolved,
+            tags=list(config.tags),
+            notes=config.notes,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self.run.define_metric("round")
+        self.run.define_metric("*", step_metric="round")
+        log.info("wandb run %s (%s mode) in %s", self.run.id, mode, job.run_dir / "wandb")
+
+    def log(self, metrics: Scalars, step: int) -> None:
+        self.run.log({**metrics, "round": step})
+
+    def finish(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class Trackers:
+    """All active trackers behind one interface."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = trackers
+
+    def log(self, metrics: Scalars, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def finish(self, failed: bool) -> None:
+        """Finish every tracker, even if one of them raises; re-raise the first error."""
+        errors = []
+        for tracker in self.trackers:
+            try:
+                tracker.finish(failed)
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+
+def build_trackers(config: LoggerConfig, job: JobInfo, resolved: dict[str, Any]) -> Trackers:
+    """The trackers selected by ``logger=[...]``; an empty selection logs nothing."""
+    trackers: list[Tracker] = []
+    if config.csv is not None:
+        trackers.append(CsvTracker(config.csv, job.run_dir))
+    if config.wandb is not None:
+        trackers.append(WandbTracker(config.wandb, job, resolved))
+    return Trackers(trackers)
