@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from flcore.config import Config, Granularity, validate
 from flcore.errors import ConfigError
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/experiment").glob("*.yaml"))
+EXPERIMENT_DIR = Path(__file__).parents[1] / "configs" / "experiment"
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
 
 
 def test_default_config_validates(make_config: Callable[..., DictConfig]) -> None:
@@ -56,7 +57,8 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
     (["dataset=esc50"], "dataset.root=None: dataset.name=esc50 needs the ESC-50 folder"),
     (["dataset.split=ratio", "dataset.train_ratio=0.8", "dataset.val_ratio=0.2"],
      "dataset.train_ratio + dataset.val_ratio must be < 1"),
-    (["dataset.split=ratio", "dataset.train_ratio=1.0"], "dataset.train_ratio=1.0: must be in (0, 1)"),
+    (["dataset.split=ratio", "dataset.train_ratio=1.0"],
+     "dataset.train_ratio=1.0: must be in (0, 1)"),
     (["dataset.test_folds=[3]"], "dataset.test_folds=[3]: fold 3 is also in dataset.train_folds"),
     (["dataset.train_folds=[]"], "dataset.train_folds=[]: must name at least one fold"),
     (["dataset.synthetic.clips_per_class=2"], "dataset.synthetic.clips_per_class=2: must be >= 5"),

@@ -191,8 +191,8 @@ def _check_dataset(d: DatasetConfig) -> None:
     s = d.synthetic
     _require(s.clips_per_class >= 5, "dataset.synthetic.clips_per_class", s.clips_per_class,
              "must be >= 5 (one clip per fold at least)")
-    _require(0 < s.duration_s <= 60, "dataset.synthetic.duration_s", s.duration_s,
-             "must be in (0, 60]")
+    _require(1 <= s.duration_s <= 60, "dataset.synthetic.duration_s", s.duration_s,
+             "must be in [1, 60]")
     _require(8000 <= s.sample_rate <= 48000, "dataset.synthetic.sample_rate", s.sample_rate,
              "must be in [8000, 48000]")
     if d.split is SplitKind.folds:

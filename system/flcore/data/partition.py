@@ -56,6 +56,7 @@ class Partition:
             "train_clips_per_node_min": int(train.min()),
             "train_clips_per_node_max": int(train.max()),
             "classes_per_node_mean": float(np.mean([len(n.classes) for n in self.nodes])),
+            "nodes_without_test_clips": sum(len(n.test) == 0 for n in self.nodes),
         }
 
     def table(self, width: int = 56) -> str:
@@ -130,9 +131,12 @@ def _classes_per_node_weights(num_classes: int, num_nodes: int, per_node: int,
 
 def _deal(split: np.ndarray, labels: np.ndarray, weights: np.ndarray,
           rng: np.random.Generator) -> list[list[np.ndarray]]:
-    """Deal each (class, split) pool of clips to the nodes in proportion to ``weights``."""
+    """Deal each (class, split) pool of clips to the nodes in proportion to ``weights``.
+
+    Returns, per node, sorted clip indices for train, val and test.
+    """
     num_nodes = weights.shape[1]
-    dealt: list[list[list[np.ndarray]]] = [[[] for _ in SPLITS] for _ in range(num_nodes)]
+    owner = np.full(len(labels), -1, dtype=np.int64)
     for target in range(weights.shape[0]):
         holders = np.flatnonzero(weights[target] > 0)
         if len(holders) == 0:
@@ -140,12 +144,13 @@ def _deal(split: np.ndarray, labels: np.ndarray, weights: np.ndarray,
         share = weights[target, holders] / weights[target, holders].sum()
         for code in range(len(SPLITS)):
             pool = rng.permutation(np.flatnonzero((labels == target) & (split == code)))
-            cuts = np.round(np.cumsum(share)[:-1] * len(pool)).astype(int)
-            for node, part in zip(holders, np.split(pool, cuts), strict=True):
-                if len(part):
-                    dealt[node][code].append(part)
-    return [[np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-             for parts in node] for node in dealt]
+            cuts = np.round(np.cumsum(share) * len(pool)).astype(np.int64)
+            owner[pool] = np.repeat(holders, np.diff(cuts, prepend=0))
+    dealt = owner >= 0
+    key = owner[dealt] * len(SPLITS) + split[dealt]
+    order = np.flatnonzero(dealt)[np.argsort(key, kind="stable")]
+    groups = np.split(order, np.cumsum(np.bincount(key, minlength=num_nodes * len(SPLITS)))[:-1])
+    return [groups[n * len(SPLITS) : (n + 1) * len(SPLITS)] for n in range(num_nodes)]
 
 
 def _nodes(dealt: list[list[np.ndarray]], weights: np.ndarray, labels: np.ndarray,
@@ -162,13 +167,11 @@ def _nodes(dealt: list[list[np.ndarray]], weights: np.ndarray, labels: np.ndarra
 
 def _check_nodes(nodes: list[NodeSplit], min_samples: int) -> None:
     for node in nodes:
-        if len(node.train) < min_samples or len(node.test) == 0:
-            c = node.counts()
+        if len(node.train) < min_samples:
             raise DataError(
-                f"node {node.node} (classes: {', '.join(node.classes)}) has {c['train']} train "
-                f"and {c['test']} test clips after splitting (needs >= {min_samples} train and "
-                ">= 1 test): give it more classes, share its classes with fewer nodes, or "
-                "change the split")
+                f"node {node.node} (classes: {', '.join(node.classes) or 'none'}) has "
+                f"{len(node.train)} train clips after splitting (needs >= {min_samples}): give "
+                "it more classes, share its classes with fewer nodes, or change the split")
 
 
 def _dirichlet(split: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -178,12 +181,11 @@ def _dirichlet(split: np.ndarray, labels: np.ndarray, num_classes: int,
     for _ in range(p.max_retries):
         weights = rng.dirichlet(np.full(p.num_nodes, p.alpha), size=num_classes)
         dealt = _deal(split, labels, weights, rng)
-        if all(len(train) >= p.min_samples_per_node and len(test) > 0
-               for train, _, test in dealt):
+        if all(len(train) >= p.min_samples_per_node for train, _, _ in dealt):
             return dealt
     raise DataError(
         f"federation.partition: no Dirichlet draw (alpha={p.alpha:g}, {p.num_nodes} nodes) gave "
-        f"every node >= {p.min_samples_per_node} train and >= 1 test clip in {p.max_retries} "
+        f"every node >= {p.min_samples_per_node} train clips in {p.max_retries} "
         f"tries ({int((split == 0).sum())} train clips in all): raise alpha, lower "
         "num_nodes or min_samples_per_node")
 

@@ -27,14 +27,19 @@ META_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "
 Synth = Callable[[np.random.Generator, np.ndarray, int], np.ndarray]
 
 
+def _event(rng: np.random.Generator, t: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """A random (start, length) in seconds for an event of ``low``..``high`` s inside the clip."""
+    length = min(rng.uniform(low, high), 0.8 * t[-1])
+    return rng.uniform(0, t[-1] - length), length
+
+
 def _sweep(rng: np.random.Generator, t: np.ndarray, sr: int, rising: bool) -> np.ndarray:
     """Exponential frequency sweeps, repeated one to three times."""
     out = np.zeros_like(t)
     f_lo = rng.uniform(250, 600)
     f_hi = f_lo * rng.uniform(3.0, 5.0)
     for _ in range(rng.integers(1, 4)):
-        length = rng.uniform(0.4, 1.4)
-        start = rng.uniform(0, t[-1] - length)
+        start, length = _event(rng, t, 0.4, 1.4)
         mask = (t >= start) & (t < start + length)
         u = (t[mask] - start) / length
         f0, f1 = (f_lo, f_hi) if rising else (f_hi, f_lo)
@@ -76,7 +81,7 @@ def _click_train(rng: np.random.Generator, t: np.ndarray, sr: int) -> np.ndarray
     out = np.zeros_like(t)
     rate = rng.uniform(6, 20)
     for _ in range(rng.integers(1, 4)):
-        start, length = rng.uniform(0, t[-1] - 1.0), rng.uniform(0.6, 1.8)
+        start, length = _event(rng, t, 0.6, 1.8)
         for onset in np.arange(start, min(start + length, t[-1]), 1 / rate):
             i = int(onset * sr)
             out[i : i + 40] += np.exp(-np.arange(len(out[i : i + 40])) / 6.0)
@@ -87,7 +92,7 @@ def _whistle(rng: np.random.Generator, t: np.ndarray, sr: int) -> np.ndarray:
     """A steady high tone with slight vibrato, held for part of the clip."""
     f = rng.uniform(2000, 3500)
     vibrato = rng.uniform(5, 30) * np.sin(2 * np.pi * rng.uniform(4, 7) * t)
-    start, length = rng.uniform(0, 1.5), rng.uniform(1.5, 3.0)
+    start, length = _event(rng, t, 1.5, 3.0)
     envelope = np.clip(np.minimum(t - start, start + length - t) * 20, 0, 1)
     return np.sin(2 * np.pi * np.cumsum(f + vibrato) / sr) * envelope
 
@@ -106,7 +111,7 @@ def _bell(rng: np.random.Generator, t: np.ndarray, sr: int) -> np.ndarray:
     out = np.zeros_like(t)
     f0 = rng.uniform(400, 900)
     for _ in range(rng.integers(1, 4)):
-        i = int(rng.uniform(0, t[-1] - 1.5) * sr)
+        i = int(_event(rng, t, 1.5, 1.5)[0] * sr)
         u = t[: len(t) - i]
         decay = rng.uniform(2, 4)
         for ratio, amp in ((1.0, 1.0), (2.76, 0.6), (5.40, 0.4), (8.93, 0.25)):

@@ -1,0 +1,100 @@
+"""The ESC-50 reader: metadata checks, bad files, format conversion and resampling."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from flcore.config import OnBadFile
+from flcore.data.esc50 import load_esc50, load_waveform
+from flcore.errors import DataError
+
+
+def test_reads_classes_folds_and_clips(tiny_esc50: Path) -> None:
+    dataset = load_esc50(tiny_esc50)
+    assert dataset.class_names == ["dog", "rain", "siren"]
+    assert len(dataset.clips) == 30
+    assert sorted(set(dataset.folds.tolist())) == [1, 2, 3, 4, 5]
+    assert np.bincount(dataset.labels).tolist() == [10, 10, 10]
+
+
+def test_resamples_44k_to_16k(tiny_esc50: Path) -> None:
+    dataset = load_esc50(tiny_esc50)
+    wave = load_waveform(dataset.path(dataset.clips[0]), 16000)
+    assert wave.dtype.is_floating_point and wave.ndim == 1
+    assert wave.shape[0] == 8000
+
+
+def test_stereo_is_averaged_and_8bit_is_converted(tmp_path: Path) -> None:
+    t = np.arange(16000) / 16000
+    left = 0.5 * np.sin(2 * np.pi * 440 * t)
+    sf.write(tmp_path / "stereo.wav", np.stack([left, 0.5 * left], 1), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "u8.wav", left, 16000, subtype="PCM_U8")
+    stereo = load_waveform(tmp_path / "stereo.wav", 16000).numpy()
+    np.testing.assert_allclose(stereo, 0.75 * left, atol=1e-4)
+    u8 = load_waveform(tmp_path / "u8.wav", 16000).numpy()
+    np.testing.assert_allclose(u8, left, atol=1 / 64)
+
+
+def test_nan_samples_name_the_file(tmp_path: Path) -> None:
+    audio = np.zeros(1600, dtype=np.float32)
+    audio[10] = np.nan
+    sf.write(tmp_path / "nan.wav", audio, 16000, subtype="FLOAT")
+    with pytest.raises(DataError, match=r"nan\.wav: contains NaN"):
+        load_waveform(tmp_path / "nan.wav", 16000)
+
+
+def test_missing_root_says_how_to_get_esc50(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_esc50(tmp_path / "nowhere")
+    message = str(err.value)
+    assert "nowhere: folder not found" in message
+    assert "ESC-50" in message and "dataset=synthetic" in message
+
+
+def test_missing_metadata(tiny_esc50: Path) -> None:
+    (tiny_esc50 / "meta" / "esc50.csv").unlink()
+    with pytest.raises(DataError, match=r"meta/esc50\.csv not found"):
+        load_esc50(tiny_esc50)
+
+
+def test_wrong_columns_are_named(tiny_esc50: Path) -> None:
+    meta = tiny_esc50 / "meta" / "esc50.csv"
+    meta.write_text(meta.read_text().replace("category", "label", 1))
+    with pytest.raises(DataError, match="lacks column"):
+        load_esc50(tiny_esc50)
+    meta.write_text("file,fold\nx.wav,1\n")
+    with pytest.raises(DataError, match="filename, target, category"):
+        load_esc50(tiny_esc50)
+
+
+def test_non_integer_fold_is_located(tiny_esc50: Path) -> None:
+    meta = tiny_esc50 / "meta" / "esc50.csv"
+    lines = meta.read_text().splitlines()
+    fields = lines[3].split(",")
+    fields[1] = "three"
+    lines[3] = ",".join(fields)
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"esc50\.csv:4: fold and target must be integers"):
+        load_esc50(tiny_esc50)
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda p: p.unlink(), "file not found"),
+    (lambda p: p.write_bytes(b""), "unreadable audio"),
+    (lambda p: p.write_bytes(b"RIFF not really a wave file"), "unreadable audio"),
+    (lambda p: sf.write(p, np.zeros(0, dtype=np.float32), 16000), "empty file"),
+])
+def test_bad_files_stop_the_run_or_are_skipped_and_counted(tiny_esc50: Path, damage,
+                                                           problem: str) -> None:
+    victim = sorted((tiny_esc50 / "audio").iterdir())[0]
+    damage(victim)
+    with pytest.raises(DataError) as err:
+        load_esc50(tiny_esc50)
+    assert victim.name in str(err.value) and problem in str(err.value)
+    assert "dataset.on_bad_file=skip" in str(err.value)
+    dataset = load_esc50(tiny_esc50, OnBadFile.skip)
+    assert len(dataset.clips) == 29
+    assert list(dataset.skipped) == [victim.name]
+    assert problem in dataset.skipped[victim.name]
