@@ -1,0 +1,74 @@
+"""End to end through ``python main.py``: outputs, one-line errors, multirun, folder uniqueness."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) -> None:
+    proc = run_main()
+    assert proc.returncode == 0, proc.stderr
+    folder = only(list((tmp_path / "outputs" / "default" / "runs").iterdir()))
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed" and results["experiment"] == "default"
+    assert results["final"]["partition/num_nodes"] == 5
+    assert (folder / "metrics.csv").read_text().count("\n") == 2
+    only(list((folder / "wandb").glob("offline-run-*")))
+    assert "rising_chirp" in (folder / "main.log").read_text()
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["generator.beta_warmup_ratio=1.5"],
+     "error: generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
+    (["dataset=esc50", "dataset.root=/nowhere"], "error: dataset.root=/nowhere: folder not found;"),
+    (["federation.nodes=[{classes:[dgo]}]"], "error: federation.nodes[0].classes: unknown class "
+                                             "'dgo'"),
+])
+def test_bad_input_stops_with_one_error_line(run_main, tmp_path: Path, args: list[str],
+                                             line: str) -> None:
+    proc = run_main(*args, "logger=none")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(line), proc.stderr
+    assert "Traceback" not in proc.stderr
+    folder = only(list((tmp_path / "outputs" / "default" / "runs").iterdir()))
+    assert json.loads((folder / "results.json").read_text())["status"] == "failed"
+
+
+def test_multirun_gives_separate_folders_and_wandb_runs(run_main, tmp_path: Path) -> None:
+    proc = run_main("-m", "seed=1,2", "logger=[wandb]")
+    assert proc.returncode == 0, proc.stderr
+    sweep = only(list((tmp_path / "outputs" / "default" / "multiruns").iterdir()))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    run_files = [only(list(job.glob("wandb/offline-run-*/run-*.wandb"))) for job in jobs]
+    assert run_files[0].name != run_files[1].name
+    for seed, (job, run_file) in enumerate(zip(jobs, run_files, strict=True), start=1):
+        assert json.loads((job / "results.json").read_text())["config"]["seed"] == seed
+        data = run_file.read_bytes()
+        assert f"default-{sweep.name}".encode() in data
+        assert f"seed={seed}".encode() in data
+
+
+def test_two_runs_started_together_get_different_folders(cache_dir: Path, tmp_path: Path) -> None:
+    """The folder name's time part is the same for both; the process id keeps them apart."""
+    env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir)}
+    command = [sys.executable, str(REPO / "main.py"), "logger=none",
+               "hydra.run.dir=outputs/same/fixed-time_${feda2v.process_id:}"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    folders = list((tmp_path / "outputs" / "same").iterdir())
+    assert len(folders) == 2
+    assert all((f / "results.json").is_file() for f in folders)

@@ -1,0 +1,104 @@
+"""Trackers: CSV rows, wandb offline runs (one per job, always finished), failed results.json."""
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from flcore.config import CsvLoggerConfig, WandbLoggerConfig
+from flcore.errors import DataError
+from flcore.run import run
+from flcore.tracking import CsvTracker, JobInfo, Trackers, WandbTracker
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_tracker_writes_a_row_per_step_and_grows_columns(tmp_path: Path) -> None:
+    tracker = CsvTracker(CsvLoggerConfig(), tmp_path)
+    tracker.log({"loss": 1.5}, step=1)
+    tracker.log({"loss": 0.5, "global/acc": 0.75}, step=2)
+    tracker.finish(failed=False)
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert rows == [{"round": "1", "loss": "1.5", "global/acc": ""},
+                    {"round": "2", "loss": "0.5", "global/acc": "0.75"}]
+
+
+class Exploding:
+    def log(self, metrics, step: int) -> None:
+        raise AssertionError("not called")
+
+    def finish(self, failed: bool) -> None:
+        raise RuntimeError("boom")
+
+
+def test_trackers_finish_all_even_if_one_raises(tmp_path: Path) -> None:
+    finished = []
+
+    class Recorder:
+        def log(self, metrics, step: int) -> None: ...
+
+        def finish(self, failed: bool) -> None:
+            finished.append(failed)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        Trackers([Exploding(), Recorder()]).finish(failed=True)
+    assert finished == [True]
+
+
+def test_wandb_offline_runs_are_separate_and_carry_group_name_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    ids = []
+    for job in range(2):
+        folder = tmp_path / str(job)
+        tracker = WandbTracker(WandbLoggerConfig(), JobInfo(folder, "exp-sweep1", f"seed={job}"),
+                               {"seed": job})
+        tracker.log({"global/acc": 0.5 + job}, step=3)
+        assert tracker.run.summary["global/acc"] == 0.5 + job
+        assert (tracker.run.group, tracker.run.name) == ("exp-sweep1", f"seed={job}")
+        assert tracker.run.config["seed"] == job
+        ids.append(tracker.run.id)
+        tracker.finish(failed=False)
+        runs = list((folder / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and runs[0].name.endswith(tracker.run.id)
+    assert ids[0] != ids[1]
+
+
+def test_wandb_mode_env_overrides_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracker = WandbTracker(WandbLoggerConfig(), JobInfo(tmp_path, "g", "n"), {})
+    tracker.log({"x": 1.0}, step=0)
+    tracker.finish(failed=False)
+    assert not (tmp_path / "wandb").exists() or not list((tmp_path / "wandb").glob("offline-*"))
+
+
+def test_results_json_is_written_on_failure(make_config: Callable[..., DictConfig],
+                                           tmp_path: Path) -> None:
+    cfg = make_config("dataset=esc50", f"dataset.root={tmp_path / 'missing'}", "logger=[csv]")
+    with pytest.raises(DataError):
+        run(cfg, run_dir=tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert "folder not found" in results["error"]
+    assert results["config"]["dataset"]["name"] == "esc50"
+    assert results["timings"]["total_s"] > 0
+
+
+def test_run_in_process_writes_partition_results(make_config: Callable[..., DictConfig],
+                                                 tmp_path: Path) -> None:
+    payload = run(make_config("logger=[csv]"), run_dir=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results == json.loads(json.dumps(payload))
+    assert results["status"] == "completed"
+    assert set(results) >= {"experiment", "config", "final", "rounds", "timings", "environment"}
+    assert results["partition"]["num_nodes"] == 5
+    assert results["final"]["partition/train_clips"] == 240
+    assert [n["train"] for n in results["partition"]["nodes"]] == [48] * 5
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["partition/num_classes"] == "10"
