@@ -105,6 +105,15 @@ def test_unknown_keys_are_rejected(make_config: Callable[..., DictConfig], overr
     assert "not in struct" in _chain(err.value) or "Key '" in _chain(err.value)
 
 
+def test_unknown_encoder_lists_the_available_ones(make_config: Callable[..., DictConfig]) -> None:
+    with pytest.raises(MissingConfigException) as err:
+        make_config("audio_encoder=wav2vec")
+    assert all(name in str(err.value) for name in ("yamnet", "mfcc", "ast"))
+    with pytest.raises(ConfigCompositionException) as chained:
+        make_config("text_encoder.name=t5")
+    assert "expected one of [minilm, clip]" in _chain(chained.value)
+
+
 def test_unknown_experiment_lists_the_available_ones(
         make_config: Callable[..., DictConfig]) -> None:
     with pytest.raises(MissingConfigException) as err:

@@ -45,6 +45,14 @@ def test_nan_samples_name_the_file(tmp_path: Path) -> None:
         load_waveform(tmp_path / "nan.wav", 16000)
 
 
+def test_out_of_range_float_samples_name_the_file(tmp_path: Path) -> None:
+    audio = np.zeros(1600, dtype=np.float32)
+    audio[5] = 3.0
+    sf.write(tmp_path / "hot.wav", audio, 16000, subtype="FLOAT")
+    with pytest.raises(DataError, match=r"hot\.wav: samples outside \[-1, 1\]"):
+        load_waveform(tmp_path / "hot.wav", 16000)
+
+
 def test_missing_root_says_how_to_get_esc50(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_esc50(tmp_path / "nowhere")

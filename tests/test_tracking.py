@@ -102,3 +102,18 @@ def test_run_in_process_writes_partition_results(make_config: Callable[..., Dict
     assert [n["train"] for n in results["partition"]["nodes"]] == [48] * 5
     rows = read_csv(tmp_path / "metrics.csv")
     assert len(rows) == 1 and rows[0]["partition/num_classes"] == "10"
+    assert results["embeddings"]["audio_shape"] == [400, 8, 1024]
+    assert results["embeddings"]["text_shape"] == [10, 384]
+    assert results["timings"]["embedding_s"] > 0
+
+
+def test_mfcc_run_reports_its_shapes_and_reuses_the_cache(
+        make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    overrides = ("logger=none", "audio_encoder=mfcc", "audio_encoder.tokens=4",
+                 f"embeddings.cache_dir={tmp_path / 'emb'}")
+    first = run(make_config(*overrides), run_dir=tmp_path / "a")["embeddings"]
+    second = run(make_config(*overrides), run_dir=tmp_path / "b")["embeddings"]
+    assert first["audio_shape"] == [400, 4, 120]
+    assert (first["audio_cached"], second["audio_cached"]) == (False, True)
+    bypass = run(make_config(*overrides, "embeddings.cache=false"), run_dir=tmp_path / "c")
+    assert bypass["embeddings"]["audio_cached"] is False

@@ -51,6 +51,22 @@ class BetaSchedule(str, Enum):
     constant = "constant"
 
 
+class AudioEncoderName(str, Enum):
+    yamnet = "yamnet"
+    mfcc = "mfcc"
+    ast = "ast"
+
+
+class TextEncoderName(str, Enum):
+    minilm = "minilm"
+    clip = "clip"
+
+
+class TextOutput(str, Enum):
+    pooled = "pooled"
+    sequence = "sequence"
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -81,6 +97,41 @@ class DatasetConfig:
     val_ratio: float = 0.1
     on_bad_file: OnBadFile = OnBadFile.error
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Audio clips to token sequences ``[N, tokens, D]`` (keys marked per encoder)."""
+
+    name: AudioEncoderName = AudioEncoderName.yamnet
+    tokens: int = 8
+    batch_size: int = 32
+    threads: int = 0
+    n_mfcc: int = 40
+    deltas: bool = True
+    path: str | None = None
+    model_id: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
+    cls_only: bool = False
+
+
+@dataclass
+class TextEncoderConfig:
+    """One prompt per class to ``[C, D]`` (pooled) or ``[C, T, D]`` (token sequence)."""
+
+    name: TextEncoderName = TextEncoderName.minilm
+    prompt: str = "the sound of {name}"
+    output: TextOutput = TextOutput.pooled
+    max_length: int = 77
+    path: str | None = None
+    model_id: str = "openai/clip-vit-base-patch32"
+
+
+@dataclass
+class EmbeddingsConfig:
+    """The on-disk cache of audio and text embeddings."""
+
+    cache: bool = True
+    cache_dir: str = "${cache_dir}/embeddings"
 
 
 @dataclass
@@ -153,6 +204,9 @@ class Config:
     device: str = "auto"
     cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -214,6 +268,16 @@ def _check_dataset(d: DatasetConfig) -> None:
                  f"split), got {d.train_ratio + d.val_ratio:g}")
 
 
+def _check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
+    _require(1 <= a.tokens <= 512, "audio_encoder.tokens", a.tokens, "must be in [1, 512]")
+    _require(a.batch_size >= 1, "audio_encoder.batch_size", a.batch_size, "must be >= 1")
+    _require(a.threads >= 0, "audio_encoder.threads", a.threads, "must be >= 0 (0 = all cores)")
+    _require(1 <= a.n_mfcc <= 128, "audio_encoder.n_mfcc", a.n_mfcc, "must be in [1, 128]")
+    _require("{name}" in t.prompt, "text_encoder.prompt", repr(t.prompt),
+             "must contain {name}, where the class name goes")
+    _require(t.max_length >= 2, "text_encoder.max_length", t.max_length, "must be >= 2")
+
+
 def _check_federation(f: FederationConfig) -> None:
     if f.nodes is not None:
         _require(len(f.nodes) > 0, "federation.nodes", f.nodes,
@@ -272,6 +336,8 @@ def validate(cfg: DictConfig) -> Config:
     _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
     config.cache_dir = str(Path(config.cache_dir).expanduser())
     _check_dataset(config.dataset)
+    _check_encoders(config.audio_encoder, config.text_encoder)
+    config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
     _check_federation(config.federation)
     _check_generator(config.generator)
     return config

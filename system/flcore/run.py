@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flcore.config import validate, without_hydra
 from flcore.data import load_dataset
+from flcore.data.embeddings import encode_dataset
 from flcore.data.partition import build_partition
 from flcore.files import write_json
 from flcore.runtime import environment, resolve_device, seed_everything
@@ -31,6 +32,7 @@ class Results:
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     partition: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +82,17 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         results.timings["data_s"] = time.perf_counter() - tic
         log.info("Dataset %s: %d clips, %d classes\n%s", dataset.root, len(dataset.clips),
                  len(dataset.class_names), partition.table())
+
+        tic = time.perf_counter()
+        embeddings = encode_dataset(config, dataset)
+        results.timings["embedding_s"] = time.perf_counter() - tic
+        results.embeddings = embeddings.summary()
+        log.info("Embeddings: audio %s (%s, %s), text %s (%s, %s) in %.2f s",
+                 list(embeddings.audio.shape), config.audio_encoder.name.value,
+                 "cached" if embeddings.audio_cached else "computed",
+                 list(embeddings.text.shape), config.text_encoder.name.value,
+                 "cached" if embeddings.text_cached else "computed",
+                 results.timings["embedding_s"])
 
         stats = {**partition.stats(), "skipped_files": len(dataset.skipped)}
         results.partition = {

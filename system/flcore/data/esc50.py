@@ -142,6 +142,9 @@ def load_waveform(path: Path, sample_rate: int) -> torch.Tensor:
         raise DataError(f"{path}: unreadable audio ({err})") from err
     if not np.isfinite(data).all():
         raise DataError(f"{path}: contains NaN or infinite samples; re-export the file")
+    if data.size and np.abs(data).max() > 1.0:
+        raise DataError(f"{path}: samples outside [-1, 1] (clipped float audio, peak "
+                        f"{np.abs(data).max():.3g}); re-export it normalized")
     wave = torch.from_numpy(data.mean(axis=1))
     if rate != sample_rate:
         wave = AF.resample(wave, rate, sample_rate)

@@ -1,0 +1,108 @@
+"""The embedding cache: hits, misses on any changed input, atomic writes, bypass, bad folders."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import flcore.files
+from flcore.config import AudioEncoderConfig, AudioEncoderName, TextEncoderConfig
+from flcore.data.embeddings import EmbeddingCache, embed_audio, embed_text
+from flcore.data.esc50 import load_esc50
+from flcore.encoders.audio import MfccEncoder
+from flcore.encoders.text import MiniLMEncoder
+
+
+def mfcc(**kwargs) -> MfccEncoder:
+    return MfccEncoder(AudioEncoderConfig(name=AudioEncoderName.mfcc, **kwargs))
+
+
+def embed(root: Path, cache: EmbeddingCache, **kwargs) -> tuple[torch.Tensor, bool]:
+    return embed_audio(load_esc50(root), mfcc(**kwargs), cache, batch_size=7, progress=False)
+
+
+def test_second_call_hits_the_cache_with_identical_tensors(tiny_esc50: Path,
+                                                           tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    first, hit1 = embed(tiny_esc50, cache)
+    second, hit2 = embed(tiny_esc50, cache)
+    assert (hit1, hit2) == (False, True)
+    assert first.shape == (30, 8, 120)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def test_changed_encoder_settings_or_data_miss(tiny_esc50: Path, tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed(tiny_esc50, cache)
+    assert embed(tiny_esc50, cache, tokens=4)[1] is False
+    assert embed(tiny_esc50, cache, n_mfcc=13)[1] is False
+    assert embed(tiny_esc50, cache)[1] is True
+    victim = sorted((tiny_esc50 / "audio").iterdir())[0]
+    sf.write(victim, 0.5 * np.ones(22050, dtype=np.float32), 44100, subtype="PCM_16")
+    _, hit = embed(tiny_esc50, cache)
+    assert hit is False
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
+
+
+def test_crash_mid_write_leaves_no_entry(tiny_esc50: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+
+    def killed(src: str, dst: str) -> None:
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(flcore.files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed(tiny_esc50, cache)
+    monkeypatch.undo()
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert embed(tiny_esc50, cache)[1] is False
+    assert embed(tiny_esc50, cache)[1] is True
+
+
+def test_truncated_entry_is_recomputed(tiny_esc50: Path, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    reference, _ = embed(tiny_esc50, cache)
+    entry = next((tmp_path / "cache").glob("*.pt"))
+    entry.write_bytes(entry.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed(tiny_esc50, cache)
+    assert hit is False and "unreadable cache entry" in caplog.text
+    torch.testing.assert_close(again, reference)
+    assert embed(tiny_esc50, cache)[1] is True
+
+
+def test_bypass_writes_nothing(tiny_esc50: Path, tmp_path: Path) -> None:
+    cache = EmbeddingCache(None)
+    assert embed(tiny_esc50, cache)[1] is False
+    assert embed(tiny_esc50, cache)[1] is False
+    assert not cache.enabled
+
+
+def test_unwritable_cache_folder_warns_and_runs_without(tiny_esc50: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        cache = EmbeddingCache(blocker / "cache")
+    assert not cache.enabled
+    assert "is not writable: running without the embedding cache" in caplog.text
+    assert embed(tiny_esc50, cache)[0].shape == (30, 8, 120)
+
+
+def test_text_embeddings_are_cached_per_prompt_template(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path)
+    encoder = MiniLMEncoder(TextEncoderConfig())
+    names = ["dog", "sea_waves"]
+    first, hit1 = embed_text(names, encoder, "the sound of {name}", cache)
+    second, hit2 = embed_text(names, encoder, "the sound of {name}", cache)
+    other, hit3 = embed_text(names, encoder, "a recording of {name}", cache)
+    assert (hit1, hit2, hit3) == (False, True, False)
+    assert first.shape == (2, 384)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
