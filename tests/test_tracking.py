@@ -92,7 +92,7 @@ def test_results_json_is_written_on_failure(make_config: Callable[..., DictConfi
 
 def test_run_in_process_writes_partition_results(make_config: Callable[..., DictConfig],
                                                  tmp_path: Path) -> None:
-    payload = run(make_config("logger=[csv]"), run_dir=tmp_path)
+    payload = run(make_config("logger=[csv]", "federation.rounds=1"), run_dir=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(payload))
     assert results["status"] == "completed"
@@ -101,7 +101,7 @@ def test_run_in_process_writes_partition_results(make_config: Callable[..., Dict
     assert results["final"]["partition/train_clips"] == 240
     assert [n["train"] for n in results["partition"]["nodes"]] == [48] * 5
     rows = read_csv(tmp_path / "metrics.csv")
-    assert len(rows) == 1 and rows[0]["partition/num_classes"] == "10"
+    assert len(rows) == 2 and rows[0]["partition/num_classes"] == "10"
     assert results["embeddings"]["audio_shape"] == [400, 8, 1024]
     assert results["embeddings"]["text_shape"] == [10, 384]
     assert results["timings"]["embedding_s"] > 0
@@ -110,6 +110,7 @@ def test_run_in_process_writes_partition_results(make_config: Callable[..., Dict
 def test_mfcc_run_reports_its_shapes_and_reuses_the_cache(
         make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
     overrides = ("logger=none", "audio_encoder=mfcc", "audio_encoder.tokens=4",
+                 "federation.rounds=1",
                  f"embeddings.cache_dir={tmp_path / 'emb'}")
     first = run(make_config(*overrides), run_dir=tmp_path / "a")["embeddings"]
     second = run(make_config(*overrides), run_dir=tmp_path / "b")["embeddings"]

@@ -67,6 +67,32 @@ class TextOutput(str, Enum):
     sequence = "sequence"
 
 
+class Algorithm(str, Enum):
+    federated = "federated"
+    local = "local"
+    centralized = "centralized"
+
+
+class Aggregation(str, Enum):
+    fedavg = "fedavg"
+    mean = "mean"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+
+
+class LrSchedule(str, Enum):
+    none = "none"
+    cosine = "cosine"
+
+
+class LabelSpace(str, Enum):
+    federation = "federation"
+    dataset = "dataset"
+
+
+ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -155,10 +181,55 @@ class PartitionConfig:
 
 @dataclass
 class FederationConfig:
-    """Who holds what: explicit node lists, or a generated partition."""
+    """Who holds what (explicit node lists or a generated partition) and how rounds run."""
 
     nodes: list[NodeConfig] | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    algorithm: Algorithm = Algorithm.federated
+    rounds: int = 10
+    clients_per_round: int | None = None
+    client_fraction: float = 1.0
+    local_epochs: int = 2
+    aggregation: Aggregation = Aggregation.fedavg
+    fedprox_mu: float = 0.01
+    server_lr: float = 0.01
+    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    server_tau: float = 0.001
+    eval_every: int = 1
+
+
+@dataclass
+class AdapterConfig:
+    """Audio tokens to the text encoder's space: per-token MLP, then attention pooling."""
+
+    hidden_dim: int = 256
+    n_latents: int = 1
+    num_heads: int = 4
+    dropout: float = 0.1
+    loss: str = "mse+cosine"
+    mse_weight: float = 1.0
+    cosine_weight: float = 1.0
+    temperature: float = 0.07
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    lr_schedule: LrSchedule = LrSchedule.none
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation: the adapter's output against every prompt of the label space."""
+
+    label_space: LabelSpace = LabelSpace.federation
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable state, saved every ``every`` rounds into ``<run>/checkpoints``."""
+
+    every: int = 1
+    keep: int = 2
 
 
 @dataclass
@@ -201,6 +272,7 @@ class Config:
 
     name: str = "default"
     seed: int = 0
+    resume: bool = False
     device: str = "auto"
     cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -208,6 +280,9 @@ class Config:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -276,9 +351,45 @@ def _check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
     _require("{name}" in t.prompt, "text_encoder.prompt", repr(t.prompt),
              "must contain {name}, where the class name goes")
     _require(t.max_length >= 2, "text_encoder.max_length", t.max_length, "must be >= 2")
+    _require(t.output is TextOutput.pooled, "text_encoder.output", t.output,
+             "federated training compares pooled prompt embeddings; use pooled (token "
+             "sequences are for diffusion conditioning)")
+
+
+def _check_rounds(f: FederationConfig) -> None:
+    _require(f.rounds >= 1, "federation.rounds", f.rounds, "must be >= 1")
+    _require(f.local_epochs >= 1, "federation.local_epochs", f.local_epochs, "must be >= 1")
+    _require(f.eval_every >= 1, "federation.eval_every", f.eval_every, "must be >= 1")
+    if f.clients_per_round is not None:
+        _require(f.clients_per_round >= 1, "federation.clients_per_round", f.clients_per_round,
+                 "must be >= 1 (or null to use federation.client_fraction)")
+    _require(0 < f.client_fraction <= 1, "federation.client_fraction", f.client_fraction,
+             "must be in (0, 1]")
+    _require(f.fedprox_mu >= 0, "federation.fedprox_mu", f.fedprox_mu, "must be >= 0")
+    _require(f.server_lr > 0, "federation.server_lr", f.server_lr, "must be > 0")
+    _require(len(f.server_betas) == 2 and all(0 <= b < 1 for b in f.server_betas),
+             "federation.server_betas", f.server_betas, "must be two values in [0, 1)")
+    _require(f.server_tau > 0, "federation.server_tau", f.server_tau, "must be > 0")
+
+
+def _check_adapter(a: AdapterConfig) -> None:
+    _require(a.hidden_dim >= 1, "adapter.hidden_dim", a.hidden_dim, "must be >= 1")
+    _require(a.n_latents >= 1, "adapter.n_latents", a.n_latents, "must be >= 1")
+    _require(a.num_heads >= 1, "adapter.num_heads", a.num_heads, "must be >= 1")
+    _require(0 <= a.dropout < 1, "adapter.dropout", a.dropout, "must be in [0, 1)")
+    _require(a.loss in ADAPTER_LOSSES, "adapter.loss", a.loss,
+             f"must be one of {', '.join(ADAPTER_LOSSES)}")
+    _require(a.mse_weight >= 0, "adapter.mse_weight", a.mse_weight, "must be >= 0")
+    _require(a.cosine_weight >= 0, "adapter.cosine_weight", a.cosine_weight, "must be >= 0")
+    _require(a.temperature > 0, "adapter.temperature", a.temperature, "must be > 0")
+    _require(a.lr > 0, "adapter.lr", a.lr, "must be > 0")
+    _require(a.weight_decay >= 0, "adapter.weight_decay", a.weight_decay, "must be >= 0")
+    _require(a.batch_size >= 1, "adapter.batch_size", a.batch_size, "must be >= 1")
+    _require(a.grad_clip >= 0, "adapter.grad_clip", a.grad_clip, "must be >= 0 (0 = off)")
 
 
 def _check_federation(f: FederationConfig) -> None:
+    _check_rounds(f)
     if f.nodes is not None:
         _require(len(f.nodes) > 0, "federation.nodes", f.nodes,
                  "must list at least one node, or be null to use federation.partition")
@@ -339,5 +450,10 @@ def validate(cfg: DictConfig) -> Config:
     _check_encoders(config.audio_encoder, config.text_encoder)
     config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
     _check_federation(config.federation)
+    _check_adapter(config.adapter)
+    _require(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every,
+             "must be >= 1")
+    _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,
+             "must be >= 1")
     _check_generator(config.generator)
     return config

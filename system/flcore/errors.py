@@ -11,3 +11,11 @@ class ConfigError(FedA2VError):
 
 class DataError(FedA2VError):
     """A dataset folder, metadata file or audio file is missing or unusable."""
+
+
+class TrainingError(FedA2VError):
+    """Training diverged (a NaN or infinite loss); names the node, round and epoch."""
+
+
+class CheckpointError(FedA2VError):
+    """A checkpoint is missing, corrupted, or was written by a different config."""

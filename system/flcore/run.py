@@ -7,14 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flcore.config import validate, without_hydra
+from flcore import checkpoint
+from flcore.clients.clientA2V import ClientA2V
+from flcore.clients.clientbase import SharedTensors
+from flcore.config import Algorithm, Config, LabelSpace, validate, without_hydra
 from flcore.data import load_dataset
 from flcore.data.embeddings import encode_dataset
-from flcore.data.partition import build_partition
+from flcore.data.partition import Partition, build_partition
 from flcore.files import write_json
+from flcore.metrics.classification import save_confusion_png
 from flcore.runtime import environment, resolve_device, seed_everything
+from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import JobInfo, Trackers, build_trackers
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ class Results:
     environment: dict[str, Any] = field(default_factory=dict)
     partition: dict[str, Any] = field(default_factory=dict)
     embeddings: dict[str, Any] = field(default_factory=dict)
+    per_class: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +69,27 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(body, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
+def build_clients(partition: Partition, algorithm: Algorithm,
+                  device: torch.device) -> list[ClientA2V]:
+    """One client per node, or one client holding every node's clips (``centralized``)."""
+    def index(values: Any) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.long, device=device)
+
+    if algorithm is Algorithm.centralized:
+        merged = {s: torch.cat([index(getattr(n, s)) for n in partition.nodes])
+                  for s in ("train", "val", "test")}
+        return [ClientA2V(0, partition.classes, merged["train"], merged["val"], merged["test"])]
+    return [ClientA2V(n.node, n.classes, index(n.train), index(n.val), index(n.test))
+            for n in partition.nodes]
+
+
+def label_space(config: Config, partition: Partition) -> list[int]:
+    """Class ids the zero-shot classifier chooses from (sorted)."""
+    if config.eval.label_space is LabelSpace.dataset:
+        return list(range(len(partition.class_names)))
+    return [partition.class_names.index(c) for c in partition.classes]
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one job; return the results.json payload. Raises FedA2VError on bad input."""
     job = job_info(cfg, run_dir)
@@ -74,7 +102,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         seed_everything(config.seed)
         device = resolve_device(config.device)
         results.environment = environment(device)
-        trackers = build_trackers(config.logger, job, results.config)
+        resumed = None
+        if config.resume:
+            resumed = checkpoint.load_latest(job.run_dir)
+            checkpoint.check_config(resumed["config"], results.config)
+            log.info("Resuming %s after round %d", job.run_dir, resumed["round"])
+        trackers = build_trackers(config.logger, job, results.config,
+                                  resume_round=resumed["round"] if resumed else None,
+                                  run_id=resumed.get("tracker_run_id") if resumed else None)
 
         tic = time.perf_counter()
         dataset = load_dataset(config.dataset, config.cache_dir)
@@ -87,11 +122,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         embeddings = encode_dataset(config, dataset)
         results.timings["embedding_s"] = time.perf_counter() - tic
         results.embeddings = embeddings.summary()
-        log.info("Embeddings: audio %s (%s, %s), text %s (%s, %s) in %.2f s",
-                 list(embeddings.audio.shape), config.audio_encoder.name.value,
+        log.info("Embeddings: audio %s (%s), text %s (%s) in %.2f s",
+                 list(embeddings.audio.shape),
                  "cached" if embeddings.audio_cached else "computed",
-                 list(embeddings.text.shape), config.text_encoder.name.value,
-                 "cached" if embeddings.text_cached else "computed",
+                 list(embeddings.text.shape), "cached" if embeddings.text_cached else "computed",
                  results.timings["embedding_s"])
 
         stats = {**partition.stats(), "skipped_files": len(dataset.skipped)}
@@ -103,9 +137,40 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                       for n in partition.nodes],
         }
         scalars = {f"partition/{k}": v for k, v in stats.items()}
-        trackers.log(scalars, step=0)
-        results.rounds.append({"round": 0, **scalars})
-        results.final = scalars
+        if resumed is None:
+            trackers.log(scalars, step=0)
+
+        shared = SharedTensors(
+            tokens=embeddings.audio.to(device),
+            labels=torch.as_tensor(dataset.labels, device=device),
+            prompts=embeddings.text.to(device),
+            label_space=torch.tensor(label_space(config, partition), device=device))
+        server = ServerA2V(config, build_clients(partition, config.federation.algorithm, device),
+                           shared, trackers, job.run_dir,
+                           {"config": results.config, "tracker_run_id": trackers.run_id})
+        start = 0
+        if resumed is not None:
+            server.load_state_dict(resumed["server"])
+            server.history = list(resumed["history"])
+            checkpoint.restore_rng(resumed["rng"])
+            start = resumed["round"]
+        tic = time.perf_counter()
+        history = server.run(start)
+        results.timings["rounds_s"] = time.perf_counter() - tic
+
+        results.rounds = [{"round": 0, **scalars}, *history]
+        results.final = {k: v for row in results.rounds for k, v in row.items()
+                         if k != "round" and not k.startswith("time/")}
+        report = server.final_report(dataset.class_names)
+        if report is not None:
+            results.per_class, matrix = report
+            png = save_confusion_png(matrix, list(results.per_class), job.run_dir /
+                                     "confusion_matrix.png")
+            trackers.log_image("global/confusion_matrix", png, step=config.federation.rounds)
+            log.info("Per-class accuracy of the global adapter:\n%s", "\n".join(
+                f"  {name:<28} {acc:6.3f}" for name, acc in results.per_class.items()))
+        log.info("Final: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.final.items()
+                                        if k.startswith(("global/", "local/acc_mean"))))
         results.status = "completed"
         return results.to_dict()
     except BaseException as err:

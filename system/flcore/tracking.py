@@ -24,6 +24,8 @@ Scalars = Mapping[str, float | int]
 class Tracker(Protocol):
     def log(self, metrics: Scalars, step: int) -> None: ...
 
+    def log_image(self, key: str, path: Path, step: int) -> None: ...
+
     def finish(self, failed: bool) -> None: ...
 
 
@@ -39,10 +41,16 @@ class JobInfo:
 class CsvTracker:
     """``metrics.csv``: one row per logged step; columns grow as new keys appear."""
 
-    def __init__(self, config: CsvLoggerConfig, run_dir: Path) -> None:
+    def __init__(self, config: CsvLoggerConfig, run_dir: Path,
+                 resume_round: int | None = None) -> None:
         self.path = run_dir / config.filename
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = ["round"]
+        if resume_round is not None and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.columns = list(reader.fieldnames or ["round"])
+                self.rows = [r for r in reader if int(r["round"]) <= resume_round]
 
     def log(self, metrics: Scalars, step: int) -> None:
         self.rows.append({"round": step, **metrics})
@@ -53,6 +61,9 @@ class CsvTracker:
         writer.writerows(self.rows)
         atomic_write_text(self.path, buffer.getvalue())
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Images stay in the run folder; a CSV has no place for them."""
+
     def finish(self, failed: bool) -> None:
         """Rows are on disk after every ``log``; nothing is left to flush."""
 
@@ -60,7 +71,8 @@ class CsvTracker:
 class WandbTracker:
     """A wandb run per Hydra job; ``WANDB_MODE`` from the environment overrides the mode."""
 
-    def __init__(self, config: WandbLoggerConfig, job: JobInfo, resolved: dict[str, Any]) -> None:
+    def __init__(self, config: WandbLoggerConfig, job: JobInfo, resolved: dict[str, Any],
+                 run_id: str | None = None) -> None:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or config.mode.value
@@ -75,6 +87,8 @@ class WandbTracker:
             tags=list(config.tags),
             notes=config.notes,
             reinit="finish_previous",
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
         self.run.define_metric("round")
@@ -83,6 +97,11 @@ class WandbTracker:
 
     def log(self, metrics: Scalars, step: int) -> None:
         self.run.log({**metrics, "round": step})
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path)), "round": step})
 
     def finish(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -94,9 +113,18 @@ class Trackers:
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
 
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run id, kept in checkpoints so that a resumed run continues the same run."""
+        return next((t.run.id for t in self.trackers if isinstance(t, WandbTracker)), None)
+
     def log(self, metrics: Scalars, step: int) -> None:
         for tracker in self.trackers:
             tracker.log(metrics, step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_image(key, path, step)
 
     def finish(self, failed: bool) -> None:
         """Finish every tracker, even if one of them raises; re-raise the first error."""
@@ -110,11 +138,13 @@ class Trackers:
             raise errors[0]
 
 
-def build_trackers(config: LoggerConfig, job: JobInfo, resolved: dict[str, Any]) -> Trackers:
-    """The trackers selected by ``logger=[...]``; an empty selection logs nothing."""
+def build_trackers(config: LoggerConfig, job: JobInfo, resolved: dict[str, Any],
+                   resume_round: int | None = None, run_id: str | None = None) -> Trackers:
+    """The trackers selected by ``logger=[...]``; an empty selection logs nothing. When resuming,
+    the CSV keeps its rows up to ``resume_round`` and wandb continues run ``run_id``."""
     trackers: list[Tracker] = []
     if config.csv is not None:
-        trackers.append(CsvTracker(config.csv, job.run_dir))
+        trackers.append(CsvTracker(config.csv, job.run_dir, resume_round))
     if config.wandb is not None:
-        trackers.append(WandbTracker(config.wandb, job, resolved))
+        trackers.append(WandbTracker(config.wandb, job, resolved, run_id))
     return Trackers(trackers)

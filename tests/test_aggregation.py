@@ -1,0 +1,45 @@
+"""Aggregation rules against hand-computed values."""
+
+import torch
+
+from flcore.clients.clientbase import proximal_term
+from flcore.servers.aggregation import FedAdam, weighted_average
+
+
+def test_weighted_average_by_sample_counts() -> None:
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([4.0, 8.0])}]
+    out = weighted_average(states, [30.0, 10.0])
+    torch.testing.assert_close(out["w"], torch.tensor([1.75, 3.5]))
+
+
+def test_unweighted_mean() -> None:
+    states = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}, {"w": torch.tensor([7.0])}]
+    torch.testing.assert_close(weighted_average(states, [1.0, 1.0, 1.0])["w"],
+                               torch.tensor([4.0]))
+
+
+def test_fedadam_two_steps_by_hand() -> None:
+    adam = FedAdam(lr=0.1, betas=(0.9, 0.99), tau=0.01)
+    w = {"w": torch.tensor([1.0])}
+    w = adam.step(w, {"w": torch.tensor([3.0])})
+    # delta=2: m=0.2, v=0.04, w = 1 + 0.1*0.2/(0.2+0.01)
+    torch.testing.assert_close(w["w"], torch.tensor([1 + 0.1 * 0.2 / 0.21]))
+    w1 = w["w"].item()
+    w = adam.step(w, {"w": torch.tensor([w1 - 1.0])})
+    m = 0.9 * 0.2 + 0.1 * -1.0
+    v = 0.99 * 0.04 + 0.01 * 1.0
+    torch.testing.assert_close(w["w"], torch.tensor([w1 + 0.1 * m / (v**0.5 + 0.01)]))
+    restored = FedAdam(lr=0.1, betas=(0.9, 0.99), tau=0.01)
+    restored.load_state_dict(adam.state_dict())
+    torch.testing.assert_close(restored.m["w"], torch.tensor([m]))
+
+
+def test_fedprox_gradient_is_mu_times_the_drift() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    anchor = {"weight": torch.tensor([[0.5, 0.5]])}
+    term = proximal_term(model, anchor, mu=0.2)
+    torch.testing.assert_close(term, torch.tensor(0.1 * (0.25 + 6.25)))
+    term.backward()
+    torch.testing.assert_close(model.weight.grad, 0.2 * torch.tensor([[0.5, -2.5]]))
