@@ -4,7 +4,8 @@
 
 Clients hold generated embeddings (8 clips of 4 x 32 tokens each, 10 classes) and train a small
 adapter (hidden 16, text size 16) for one local epoch of one minibatch per round. Pure compute is
-the same local training written as a bare loop (load weights, AdamW, forward, backward, step);
+the same local training written as a bare loop (load weights, AdamW, forward, backward,
+gradient clipping, step, copy of the weights);
 overhead per client = (round time - pure compute) / clients: selection, the client call, state
 copies, aggregation, progress bars, logging. Idle memory is the growth of the process's resident
 set when the clients are built. Quote ratios from one run: the machine is shared.
@@ -72,6 +73,7 @@ def pure_compute(shared: SharedTensors, clients: list[ClientA2V], config: Config
         loss = torch.nn.functional.mse_loss(model.embed(x), shared.prompts[y])
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.adapter.grad_clip)
         optimizer.step()
         {k: v.detach().clone() for k, v in model.state_dict().items()}
     return time.perf_counter() - tic

@@ -3,19 +3,26 @@
 import torch
 
 from flcore.clients.clientbase import proximal_term
-from flcore.servers.aggregation import FedAdam, weighted_average
+from flcore.servers.aggregation import FedAdam, RunningAverage
+
+
+def average(states: list[dict], weights: list[float]) -> dict:
+    running = RunningAverage()
+    for state, weight in zip(states, weights, strict=True):
+        running.add(state, weight)
+    return running.result()
 
 
 def test_weighted_average_by_sample_counts() -> None:
-    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([4.0, 8.0])}]
-    out = weighted_average(states, [30.0, 10.0])
+    first = {"w": torch.tensor([1.0, 2.0])}
+    out = average([first, {"w": torch.tensor([4.0, 8.0])}], [30.0, 10.0])
     torch.testing.assert_close(out["w"], torch.tensor([1.75, 3.5]))
+    torch.testing.assert_close(first["w"], torch.tensor([1.0, 2.0]))
 
 
 def test_unweighted_mean() -> None:
     states = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}, {"w": torch.tensor([7.0])}]
-    torch.testing.assert_close(weighted_average(states, [1.0, 1.0, 1.0])["w"],
-                               torch.tensor([4.0]))
+    torch.testing.assert_close(average(states, [1.0, 1.0, 1.0])["w"], torch.tensor([4.0]))
 
 
 def test_fedadam_two_steps_by_hand() -> None:

@@ -5,11 +5,24 @@ import torch
 from flcore.clients.clientbase import StateDict
 
 
-def weighted_average(states: list[StateDict], weights: list[float]) -> StateDict:
-    """``sum_i w_i * state_i / sum_i w_i`` for every tensor (FedAvg with sample counts)."""
-    total = float(sum(weights))
-    return {key: sum(w / total * s[key] for s, w in zip(states, weights, strict=True))
-            for key in states[0]}
+class RunningAverage:
+    """``sum_i w_i * state_i / sum_i w_i``, accumulated as updates arrive (FedAvg with sample
+    counts as weights), so a round never holds every client's weights at once."""
+
+    def __init__(self) -> None:
+        self.total: StateDict = {}
+        self.weight = 0.0
+
+    def add(self, state: StateDict, weight: float) -> None:
+        for key, value in state.items():
+            if key in self.total:
+                self.total[key].add_(value, alpha=weight)
+            else:
+                self.total[key] = value.detach().clone().mul_(weight)
+        self.weight += weight
+
+    def result(self) -> StateDict:
+        return {key: value / self.weight for key, value in self.total.items()}
 
 
 class FedAdam:

@@ -11,7 +11,7 @@ from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
 from flcore.clients.clientbase import SharedTensors, StateDict
 from flcore.config import Aggregation, Algorithm, Config
 from flcore.metrics.classification import confusion_matrix, per_class_accuracy
-from flcore.servers.aggregation import FedAdam, weighted_average
+from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.serverbase import ServerBase
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
@@ -47,7 +47,8 @@ class ServerA2V(ServerBase):
         f = self.config.federation
         evaluate_now = self.is_eval_round(round_)
         fedprox = f.aggregation is Aggregation.fedprox
-        updates, node_acc = [], {}
+        average, losses, node_acc = RunningAverage(), [], {}
+        unweighted = f.aggregation is Aggregation.mean
         for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False):
             start = client.model_state if self.stateful else self.global_state
             self.model.load_state_dict(start)
@@ -61,29 +62,21 @@ class ServerA2V(ServerBase):
                     client.test_idx):
                 node_acc[f"node{client.node}/acc"] = evaluate(self.model, self.shared,
                                                               client.test_idx)["acc"]
-            updates.append(update)
-        self.aggregate(updates)
-        metrics = {"train/loss_mean": float(np.mean([u.loss for u in updates])),
-                   "train/clients": float(len(updates))}
+            losses.append(update.loss)
+            if self.algorithm is Algorithm.federated:
+                average.add(update.state, 1.0 if unweighted else float(update.num_samples))
+            elif self.algorithm is Algorithm.centralized:
+                self.global_state = update.state
+        if self.algorithm is Algorithm.federated:
+            self.global_state = (self.fedadam.step(self.global_state, average.result())
+                                 if self.fedadam is not None else average.result())
+        metrics = {"train/loss_mean": float(np.mean(losses)), "train/clients": float(len(losses))}
         if evaluate_now:
             metrics.update(self.evaluate_global())
             metrics.update(node_acc)
             if node_acc:
                 metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
         return metrics
-
-    def aggregate(self, updates: list) -> None:
-        """New global adapter from the round's updates (none for ``local``)."""
-        if self.algorithm is Algorithm.local:
-            return
-        if self.algorithm is Algorithm.centralized:
-            self.global_state = updates[0].state
-            return
-        unweighted = self.config.federation.aggregation is Aggregation.mean
-        weights = [1.0 if unweighted else float(u.num_samples) for u in updates]
-        average = weighted_average([u.state for u in updates], weights)
-        self.global_state = (self.fedadam.step(self.global_state, average)
-                             if self.fedadam is not None else average)
 
     def merged_test(self) -> torch.Tensor:
         return torch.cat([c.test_idx for c in self.clients])
