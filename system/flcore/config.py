@@ -93,6 +93,31 @@ class LabelSpace(str, Enum):
 ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
 
 
+class KlReduction(str, Enum):
+    sum = "sum"
+    mean = "mean"
+
+
+class ScheduleScope(str, Enum):
+    per_round = "per_round"
+    whole_run = "whole_run"
+
+
+class OnNan(str, Enum):
+    error = "error"
+    drop_generator = "drop_generator"
+
+
+class ServerGranularity(str, Enum):
+    none = "none"
+    unified = "unified"
+    per_class = "per_class"
+    per_group = "per_group"
+
+
+SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic")
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -234,7 +259,7 @@ class CheckpointConfig:
 
 @dataclass
 class GeneratorConfig:
-    """VAE generators of audio embeddings (validated now, trained from milestone 4)."""
+    """VAE generators of each node's audio embeddings and the synthetic samples they share."""
 
     granularity: Granularity = Granularity.per_class
     class_groups: dict[str, list[str]] = field(default_factory=dict)
@@ -242,6 +267,38 @@ class GeneratorConfig:
     beta_warmup_ratio: float = 0.5
     beta_schedule: BetaSchedule = BetaSchedule.linear
     beta_max: float = 1.0
+    n_cycles: int = 4
+    cycle_ratio: float = 0.5
+    schedule_scope: ScheduleScope = ScheduleScope.per_round
+    kl_reduction: KlReduction = KlReduction.sum
+    similarity_weight: float = 0.1
+    sequence_length: int = 4
+    latent_dim: int = 64
+    hidden_dim: int = 256
+    conditional: bool = False
+    lr: float = 0.001
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    train_every: int = 1
+    augmentation_noise: float = 0.0
+    synthetic_samples_per_class: str = "auto"
+    on_nan: OnNan = OnNan.error
+
+
+@dataclass
+class ServerGeneratorConfig:
+    """Generators the server trains on the synthetic samples it receives (``none``: keep them)."""
+
+    granularity: ServerGranularity = ServerGranularity.none
+
+
+@dataclass
+class ServerConfig:
+    """How the server trains the global adapter."""
+
+    adapter_training: str = "fedavg"
+    synthetic_epochs: int = 5
+    generator: ServerGeneratorConfig = field(default_factory=ServerGeneratorConfig)
 
 
 @dataclass
@@ -284,6 +341,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -416,6 +474,20 @@ def _check_generator(g: GeneratorConfig) -> None:
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
              "must be in (0, 1]")
     _require(g.beta_max > 0, "generator.beta_max", g.beta_max, "must be > 0")
+    _require(g.n_cycles >= 1, "generator.n_cycles", g.n_cycles, "must be >= 1")
+    _require(0 < g.cycle_ratio <= 1, "generator.cycle_ratio", g.cycle_ratio, "must be in (0, 1]")
+    _require(g.similarity_weight >= 0, "generator.similarity_weight", g.similarity_weight,
+             "must be >= 0")
+    for key in ("sequence_length", "latent_dim", "hidden_dim", "batch_size", "train_every"):
+        _require(getattr(g, key) >= 1, f"generator.{key}", getattr(g, key), "must be >= 1")
+    _require(g.lr > 0, "generator.lr", g.lr, "must be > 0")
+    _require(g.grad_clip >= 0, "generator.grad_clip", g.grad_clip, "must be >= 0 (0 = off)")
+    _require(g.augmentation_noise >= 0, "generator.augmentation_noise", g.augmentation_noise,
+             "must be >= 0")
+    n = g.synthetic_samples_per_class
+    _require(n == "auto" or (n.lstrip("-").isdigit() and int(n) > 0),
+             "generator.synthetic_samples_per_class", n,
+             "must be a positive integer or auto (= the node's training clips per class)")
     if g.granularity is Granularity.per_group:
         _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
                  "generator.granularity=per_group needs groups: {group: [classes]}")
@@ -456,4 +528,12 @@ def validate(cfg: DictConfig) -> Config:
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,
              "must be >= 1")
     _check_generator(config.generator)
+    s = config.server
+    _require(s.adapter_training in SERVER_ADAPTER_TRAINING, "server.adapter_training",
+             s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
+    _require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
+             "must be >= 1")
+    if s.generator.granularity is ServerGranularity.per_group:
+        _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
+                 "server.generator.granularity=per_group needs groups: {group: [classes]}")
     return config

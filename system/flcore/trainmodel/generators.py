@@ -1,0 +1,306 @@
+"""VAE generators of audio embeddings: beta schedules, the VAE loss, and a batched generator bank.
+
+All generators of a node (one unified, one per class or one per group) live in one module whose
+weights are stacked along a leading generator axis ``K`` and run with batched matmuls. Each
+generator draws its own minibatches and noise; masks cover unequal data sizes, gradients are
+clipped per generator and :class:`MaskedAdam` steps a generator only when it had data, so
+training K generators together equals training each alone.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flcore.config import BetaSchedule, KlReduction
+from flcore.errors import TrainingError
+
+
+def warmup_epochs(total_epochs: int, ratio: float) -> int:
+    """``max(1, ceil(total_epochs * ratio))`` with a tolerance, so that 10 * 0.3 gives 3."""
+    return max(1, math.ceil(total_epochs * ratio - 1e-9))
+
+
+@dataclass(frozen=True)
+class BetaScheduler:
+    """The KL weight of 0-based ``epoch`` (of ``total_epochs``).
+
+    - ``linear`` (the fix): ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
+    - ``cyclical`` (Fu et al. 2019): ``n_cycles`` cycles of ``P = ceil(total / n_cycles)``
+      epochs; within a cycle ``tau = (epoch mod P + 1) / P`` and
+      ``beta = beta_max * min(1, tau / cycle_ratio)``.
+    - ``sigmoid``: ``beta_max * sigmoid(12 * ((epoch + 1) / warmup_epochs - 0.5))`` during the
+      warm-up, ``beta_max`` after it.
+    - ``constant``: ``beta_max``.
+    """
+
+    schedule: BetaSchedule
+    total_epochs: int
+    warmup_ratio: float
+    beta_max: float = 1.0
+    n_cycles: int = 4
+    cycle_ratio: float = 0.5
+
+    @property
+    def warmup(self) -> int:
+        return warmup_epochs(self.total_epochs, self.warmup_ratio)
+
+    def __call__(self, epoch: int) -> float:
+        step = epoch + 1
+        if self.schedule is BetaSchedule.constant:
+            return self.beta_max
+        if self.schedule is BetaSchedule.cyclical:
+            period = math.ceil(self.total_epochs / self.n_cycles)
+            tau = (epoch % period + 1) / period
+            return self.beta_max * min(1.0, tau / self.cycle_ratio)
+        if step >= self.warmup:
+            return self.beta_max
+        if self.schedule is BetaSchedule.sigmoid:
+            return self.beta_max / (1 + math.exp(-12 * (step / self.warmup - 0.5)))
+        return self.beta_max * step / self.warmup
+
+
+@dataclass
+class VAELossTerms:
+    """Per-generator loss terms ``[K]``: total = recon + beta * kl + w * similarity."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    similarity: torch.Tensor
+    beta: float
+
+    @property
+    def weighted_kl(self) -> torch.Tensor:
+        return self.beta * self.kl
+
+
+class VAELoss(nn.Module):
+    """Reconstruction MSE + beta(epoch) x KL + similarity_weight x (1 - cosine similarity).
+
+    The seed's fix: beta follows the configured training length (``total_epochs`` and
+    ``beta_warmup_ratio``) instead of reaching 1 only after 100 epochs. Inputs carry a leading
+    generator axis ``[K, B, ...]`` and a mask ``[K, B]`` of real samples; each generator's terms
+    are means over its own samples. ``kl_reduction=sum`` sums KL over latent dimensions (the
+    seed's form), ``mean`` averages it.
+    """
+
+    def __init__(self, total_epochs: int, beta_warmup_ratio: float,
+                 schedule: BetaSchedule = BetaSchedule.linear, beta_max: float = 1.0,
+                 kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
+                 n_cycles: int = 4, cycle_ratio: float = 0.5) -> None:
+        super().__init__()
+        self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
+                                  cycle_ratio)
+        self.kl_reduction = kl_reduction
+        self.similarity_weight = similarity_weight
+
+    def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
+                logvar: torch.Tensor, epoch: int, mask: torch.Tensor) -> VAELossTerms:
+        weight = mask.to(x.dtype)
+        count = weight.sum(1).clamp(min=1)
+
+        def per_generator(values: torch.Tensor) -> torch.Tensor:
+            return (values * weight).sum(1) / count
+
+        recon_err = per_generator(((recon - x) ** 2).flatten(2).mean(-1))
+        kl_terms = -0.5 * (1 + logvar - mu**2 - logvar.exp())
+        kl = kl_terms.sum(-1) if self.kl_reduction is KlReduction.sum else kl_terms.mean(-1)
+        kl = per_generator(kl)
+        similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
+                                                            dim=-1))
+        beta = self.beta(epoch)
+        total = recon_err + beta * kl + self.similarity_weight * similarity
+        return VAELossTerms(total, recon_err, kl, similarity, beta)
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers, weights ``[K, in, out]``, applied with one batched matmul."""
+
+    def __init__(self, k: int, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(fan_in)
+        self.weight = nn.Parameter(torch.empty(k, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(k, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class VAEGenerator(nn.Module):
+    """``K`` VAEs of flattened ``[S, D]`` embeddings, optionally conditioned on a prompt (CVAE).
+
+    ``x [K, B, S*D]`` -> encoder -> ``mu, logvar [K, B, Z]`` -> ``z = mu + sigma * noise`` ->
+    decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
+    """
+
+    def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0) -> None:
+        super().__init__()
+        self.k, self.features, self.latent, self.cond = k, features, latent, cond
+        self.enc = StackedLinear(k, features + cond, hidden)
+        self.enc_out = StackedLinear(k, hidden, 2 * latent)
+        self.dec = StackedLinear(k, latent + cond, hidden)
+        self.dec_out = StackedLinear(k, hidden, features)
+
+    def _with(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return x if cond is None else torch.cat([x, cond], dim=-1)
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.enc_out(F.gelu(self.enc(self._with(x, cond)))).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dec_out(F.gelu(self.dec(self._with(z, cond))))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x, cond)
+        z = mu + (0.5 * logvar).exp() * noise
+        return self.decode(z, cond), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from each generator's prior: ``[K, n, features]``."""
+        device = self.enc.weight.device
+        z = torch.randn(self.k, n, self.latent, generator=generator, device="cpu").to(device)
+        return self.decode(z, cond)
+
+
+class MaskedAdam:
+    """Adam over parameters with a leading generator axis; ``step(active)`` updates only the
+    generators that had data, each with its own step count, so the update equals K independent
+    Adam optimizers."""
+
+    def __init__(self, params: list[nn.Parameter], k: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = torch.zeros(k, device=params[0].device)
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.steps += active.to(self.steps.dtype)
+        t = self.steps.clamp(min=1)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            on = active.view(shape)
+            g = p.grad
+            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
+            m_hat = m / (1 - b1 ** t.view(shape))
+            v_hat = v / (1 - b2 ** t.view(shape))
+            p.sub_(torch.where(on, self.lr * m_hat / (v_hat.sqrt() + self.eps),
+                               torch.zeros_like(p)))
+
+    def state_dict(self) -> dict[str, object]:
+        return {"m": self.m, "v": self.v, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m = [t.to(p.device) for t, p in zip(state["m"], self.params, strict=True)]
+        self.v = [t.to(p.device) for t, p in zip(state["v"], self.params, strict=True)]
+        self.steps = state["steps"].to(self.params[0].device)
+
+
+def clip_per_generator(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale each generator's gradients to norm <= ``max_norm`` (as ``clip_grad_norm_`` would for
+    that generator alone); return the per-generator norms ``[K]``."""
+    norms = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
+    return norms
+
+
+@dataclass
+class GeneratorData:
+    """Each generator's training rows, padded: ``x [K, n_max, F]``, ``cond [K, n_max, C]``."""
+
+    x: torch.Tensor
+    counts: torch.Tensor
+    cond: torch.Tensor | None = None
+
+
+@dataclass
+class EpochLog:
+    """Per-generator means of one epoch's loss terms ``[K]`` and the epoch's beta."""
+
+    epoch: int
+    beta: float
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    similarity: torch.Tensor
+
+
+def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
+          width: int) -> torch.Tensor:
+    """Standard normal draws ``[K, width, *shape]``: generator k draws only its ``valid[k]``
+    rows from ``rngs[k]`` (the rest are zeros), exactly as it would if trained alone."""
+    out = torch.zeros(len(rngs), width, *shape)
+    for g, n in enumerate(valid):
+        if n:
+            out[g, :n] = torch.randn(n, *shape, generator=rngs[g])
+    return out
+
+
+def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
+                     data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
+                     rngs: list[torch.Generator], epoch_offset: int = 0,
+                     noise_std: float = 0.0, where: str = "") -> list[EpochLog]:
+    """Minibatch training of all K generators together; ``rngs[k]`` drives generator k's
+    shuffling and noise. Raises TrainingError naming ``where``, the generator and the epoch on a
+    NaN or infinite loss."""
+    k, n_max, _ = data.x.shape
+    device = data.x.device
+    params = list(model.parameters())
+    logs = []
+    for epoch in range(epoch_offset, epoch_offset + epochs):
+        perms = torch.full((k, n_max), -1, dtype=torch.long)
+        for g in range(k):
+            n = int(data.counts[g])
+            perms[g, :n] = torch.randperm(n, generator=rngs[g])
+        perms = perms.to(device)
+        sums = torch.zeros(4, k, device=device)
+        seen = torch.zeros(k, device=device)
+        beta = 0.0
+        for start in range(0, max(int(data.counts.max()), 1), batch_size):
+            index = perms[:, start : start + batch_size]
+            mask = index >= 0
+            safe = index.clamp(min=0)
+            x = torch.gather(data.x, 1, safe[..., None].expand(-1, -1, data.x.shape[-1]))
+            cond = (None if data.cond is None else
+                    torch.gather(data.cond, 1, safe[..., None].expand(-1, -1,
+                                                                        data.cond.shape[-1])))
+            valid = mask.sum(1).tolist()
+            noise = _draw(rngs, valid, (model.latent,), index.shape[1]).to(device)
+            if noise_std > 0:
+                x = x + noise_std * _draw(rngs, valid, x.shape[2:], index.shape[1]).to(device)
+            recon, mu, logvar = model(x, noise, cond)
+            terms = loss_fn(recon, x, mu, logvar, epoch, mask)
+            active = mask.any(1)
+            bad = active & ~torch.isfinite(terms.total)
+            if bad.any():
+                g = int(bad.nonzero()[0])
+                raise TrainingError(f"{where}generator {g}, epoch {epoch + 1}: VAE loss is "
+                                    f"{terms.total[g].item()}; lower generator.lr or set "
+                                    "generator.on_nan=drop_generator")
+            for p in params:
+                p.grad = None
+            (terms.total * active).sum().backward()
+            if grad_clip > 0:
+                clip_per_generator(params, grad_clip)
+            optimizer.step(active)
+            batch = mask.sum(1).to(sums.dtype)
+            sums += torch.stack([terms.total, terms.recon, terms.kl,
+                                 terms.similarity]).detach() * batch
+            seen += batch
+            beta = terms.beta
+        means = sums / seen.clamp(min=1)
+        logs.append(EpochLog(epoch, beta, *means))
+    return logs
