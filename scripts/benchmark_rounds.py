@@ -45,6 +45,7 @@ def bench_config(rounds: int) -> Config:
     config.adapter.hidden_dim = 16
     config.adapter.batch_size = CLIPS
     config.adapter.dropout = 0.0
+    config.generator.enabled = False
     return config
 
 
@@ -52,7 +53,8 @@ def shared_tensors(nodes: int) -> SharedTensors:
     torch.manual_seed(0)
     labels = torch.randint(0, CLASSES, (nodes * CLIPS,))
     tokens = torch.randn(nodes * CLIPS, TOKENS, AUDIO_DIM)
-    return SharedTensors(tokens, labels, torch.randn(CLASSES, TEXT_DIM), torch.arange(CLASSES))
+    return SharedTensors(tokens, labels, torch.randn(CLASSES, TEXT_DIM), torch.arange(CLASSES),
+                         [f"class_{c}" for c in range(CLASSES)])
 
 
 def build_clients(nodes: int) -> list[ClientA2V]:

@@ -33,7 +33,7 @@ def test_local_training_decreases_the_loss() -> None:
     prompts = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
     labels = torch.arange(3).repeat(20)
     tokens = torch.randn(60, 4, 8) + prompts[labels, :8, None].transpose(1, 2) * 3
-    shared = SharedTensors(tokens, labels, prompts, torch.arange(3))
+    shared = SharedTensors(tokens, labels, prompts, torch.arange(3), ["a", "b", "c"])
     config = AdapterConfig(hidden_dim=32, lr=0.003, batch_size=16, dropout=0.0)
     client = ClientA2V(0, ["a", "b", "c"], torch.arange(60), torch.arange(0), torch.arange(0))
     model = AudioAdapter(8, 16, config)

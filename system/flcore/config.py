@@ -253,7 +253,7 @@ class EvalConfig:
 class CheckpointConfig:
     """Resumable state, saved every ``every`` rounds into ``<run>/checkpoints``."""
 
-    every: int = 1
+    every: int = 5
     keep: int = 2
 
 
@@ -261,6 +261,7 @@ class CheckpointConfig:
 class GeneratorConfig:
     """VAE generators of each node's audio embeddings and the synthetic samples they share."""
 
+    enabled: bool = True
     granularity: Granularity = Granularity.per_class
     class_groups: dict[str, list[str]] = field(default_factory=dict)
     training_epochs: int = 10
@@ -273,8 +274,8 @@ class GeneratorConfig:
     kl_reduction: KlReduction = KlReduction.sum
     similarity_weight: float = 0.1
     sequence_length: int = 4
-    latent_dim: int = 64
-    hidden_dim: int = 256
+    latent_dim: int = 32
+    hidden_dim: int = 128
     conditional: bool = False
     lr: float = 0.001
     batch_size: int = 32
@@ -296,7 +297,7 @@ class ServerGeneratorConfig:
 class ServerConfig:
     """How the server trains the global adapter."""
 
-    adapter_training: str = "fedavg"
+    adapter_training: str = "fedavg+synthetic"
     synthetic_epochs: int = 5
     generator: ServerGeneratorConfig = field(default_factory=ServerGeneratorConfig)
 
@@ -533,6 +534,11 @@ def validate(cfg: DictConfig) -> Config:
              s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
     _require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
              "must be >= 1")
+    if s.adapter_training != "fedavg":
+        _require(config.generator.enabled, "server.adapter_training", s.adapter_training,
+                 "needs synthetic samples: set generator.enabled=true")
+        _require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
+                 s.adapter_training, "applies to federation.algorithm=federated only")
     if s.generator.granularity is ServerGranularity.per_group:
         _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")

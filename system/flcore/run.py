@@ -17,6 +17,7 @@ from flcore.config import Algorithm, Config, LabelSpace, validate, without_hydra
 from flcore.data import load_dataset
 from flcore.data.embeddings import encode_dataset
 from flcore.data.partition import Partition, build_partition
+from flcore.errors import ConfigError
 from flcore.files import write_json
 from flcore.metrics.classification import save_confusion_png
 from flcore.runtime import environment, resolve_device, seed_everything
@@ -40,6 +41,7 @@ class Results:
     partition: dict[str, Any] = field(default_factory=dict)
     embeddings: dict[str, Any] = field(default_factory=dict)
     per_class: dict[str, float] = field(default_factory=dict)
+    generator_epochs: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +83,23 @@ def build_clients(partition: Partition, algorithm: Algorithm,
         return [ClientA2V(0, partition.classes, merged["train"], merged["val"], merged["test"])]
     return [ClientA2V(n.node, n.classes, index(n.train), index(n.val), index(n.test))
             for n in partition.nodes]
+
+
+def check_class_groups(config: Config, partition: Partition) -> None:
+    """``generator.class_groups`` may name only the federation's classes; the classes in no
+    group are reported once (they form the group ``other``)."""
+    groups = config.generator.class_groups
+    if not groups:
+        return
+    named = [c for members in groups.values() for c in members]
+    unknown = sorted(set(named) - set(partition.classes))
+    if unknown:
+        raise ConfigError(f"generator.class_groups names classes the federation does not have: "
+                          f"{', '.join(unknown)} (its classes: {', '.join(partition.classes)})")
+    ungrouped = [c for c in partition.classes if c not in named]
+    if ungrouped:
+        log.info("Classes in no generator.class_groups group go to the group 'other': %s",
+                 ", ".join(ungrouped))
 
 
 def label_space(config: Config, partition: Partition) -> list[int]:
@@ -140,11 +159,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         if resumed is None:
             trackers.log(scalars, step=0)
 
+        check_class_groups(config, partition)
         shared = SharedTensors(
             tokens=embeddings.audio.to(device),
             labels=torch.as_tensor(dataset.labels, device=device),
             prompts=embeddings.text.to(device),
-            label_space=torch.tensor(label_space(config, partition), device=device))
+            label_space=torch.tensor(label_space(config, partition), device=device),
+            class_names=list(dataset.class_names))
         server = ServerA2V(config, build_clients(partition, config.federation.algorithm, device),
                            shared, trackers, job.run_dir,
                            {"config": results.config, "tracker_run_id": trackers.run_id})
@@ -157,6 +178,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         tic = time.perf_counter()
         history = server.run(start)
         results.timings["rounds_s"] = time.perf_counter() - tic
+        results.timings["generator_train_s"] = server.generator_seconds
+        results.generator_epochs = server.epoch_history
 
         results.rounds = [{"round": 0, **scalars}, *history]
         results.final = {k: v for row in results.rounds for k, v in row.items()
@@ -169,8 +192,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             trackers.log_image("global/confusion_matrix", png, step=config.federation.rounds)
             log.info("Per-class accuracy of the global adapter:\n%s", "\n".join(
                 f"  {name:<28} {acc:6.3f}" for name, acc in results.per_class.items()))
+        headline = ("global/", "local/acc_mean", "synthetic/acc")
         log.info("Final: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.final.items()
-                                        if k.startswith(("global/", "local/acc_mean"))))
+                                        if k.startswith(headline)))
         results.status = "completed"
         return results.to_dict()
     except BaseException as err:

@@ -8,7 +8,7 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,8 @@ Scalars = Mapping[str, float | int]
 class Tracker(Protocol):
     def log(self, metrics: Scalars, step: int) -> None: ...
 
+    def log_epoch(self, metrics: Scalars, step: int) -> None: ...
+
     def log_image(self, key: str, path: Path, step: int) -> None: ...
 
     def finish(self, failed: bool) -> None: ...
@@ -38,28 +40,48 @@ class JobInfo:
     name: str
 
 
-class CsvTracker:
-    """``metrics.csv``: one row per logged step; columns grow as new keys appear."""
+class CsvFile:
+    """A CSV of logged rows whose columns grow as new keys appear; rewritten atomically."""
 
-    def __init__(self, config: CsvLoggerConfig, run_dir: Path,
-                 resume_round: int | None = None) -> None:
-        self.path = run_dir / config.filename
+    def __init__(self, path: Path, keep_rows: Callable[[dict[str, str]], bool] | None) -> None:
+        self.path = path
         self.rows: list[dict[str, Any]] = []
-        self.columns: list[str] = ["round"]
-        if resume_round is not None and self.path.is_file():
-            with open(self.path, newline="") as fh:
+        self.columns: list[str] = []
+        if keep_rows is not None and path.is_file():
+            with open(path, newline="") as fh:
                 reader = csv.DictReader(fh)
-                self.columns = list(reader.fieldnames or ["round"])
-                self.rows = [r for r in reader if int(r["round"]) <= resume_round]
+                self.columns = list(reader.fieldnames or [])
+                self.rows = [row for row in reader if keep_rows(row)]
 
-    def log(self, metrics: Scalars, step: int) -> None:
-        self.rows.append({"round": step, **metrics})
-        self.columns += [k for k in metrics if k not in self.columns]
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        self.columns += [k for k in row if k not in self.columns]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.path, buffer.getvalue())
+
+
+class CsvTracker:
+    """``metrics.csv``: one row per round; ``generator_metrics.csv``: one row per generator
+    epoch. Columns grow as new keys appear."""
+
+    def __init__(self, config: CsvLoggerConfig, run_dir: Path,
+                 resume_round: int | None = None) -> None:
+        def keep(row: dict[str, str]) -> bool:
+            return resume_round is not None and int(row["round"]) <= resume_round
+
+        self.rounds = CsvFile(run_dir / config.filename, keep if resume_round is not None
+                              else None)
+        self.epochs = CsvFile(run_dir / "generator_metrics.csv",
+                              keep if resume_round is not None else None)
+
+    def log(self, metrics: Scalars, step: int) -> None:
+        self.rounds.append({"round": step, **metrics})
+
+    def log_epoch(self, metrics: Scalars, step: int) -> None:
+        self.epochs.append({"round": step, **metrics})
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Images stay in the run folder; a CSV has no place for them."""
@@ -92,10 +114,20 @@ class WandbTracker:
             settings=wandb.Settings(console="off", silent=True),
         )
         self.run.define_metric("round")
+        self.run.define_metric("generator/epoch")
         self.run.define_metric("*", step_metric="round")
+        self.epoch_keys: set[str] = set()
         log.info("wandb run %s (%s mode) in %s", self.run.id, mode, job.run_dir / "wandb")
 
     def log(self, metrics: Scalars, step: int) -> None:
+        self.run.log({**metrics, "round": step})
+
+    def log_epoch(self, metrics: Scalars, step: int) -> None:
+        """Generator epochs, stepped by ``generator/epoch``."""
+        for key in metrics:
+            if key not in self.epoch_keys and key != "generator/epoch":
+                self.run.define_metric(key, step_metric="generator/epoch")
+                self.epoch_keys.add(key)
         self.run.log({**metrics, "round": step})
 
     def log_image(self, key: str, path: Path, step: int) -> None:
@@ -121,6 +153,10 @@ class Trackers:
     def log(self, metrics: Scalars, step: int) -> None:
         for tracker in self.trackers:
             tracker.log(metrics, step)
+
+    def log_epoch(self, metrics: Scalars, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_epoch(metrics, step)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         for tracker in self.trackers:

@@ -27,6 +27,7 @@ class SharedTensors:
     labels: torch.Tensor
     prompts: torch.Tensor
     label_space: torch.Tensor
+    class_names: list[str]
 
 
 @dataclass

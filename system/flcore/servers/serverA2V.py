@@ -1,5 +1,6 @@
 """The A2V server: adapter aggregation, the reference algorithms, zero-shot evaluation."""
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -8,17 +9,41 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
-from flcore.clients.clientbase import SharedTensors, StateDict
-from flcore.config import Aggregation, Algorithm, Config
+from flcore.clients.clientbase import SharedTensors, StateDict, training_seed
+from flcore.config import (
+    Aggregation,
+    Algorithm,
+    Config,
+    Granularity,
+    ScheduleScope,
+    ServerGranularity,
+)
 from flcore.metrics.classification import confusion_matrix, per_class_accuracy
 from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.serverbase import ServerBase
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+from flcore.trainmodel.generators import EpochLog, GeneratorBank, generator_spec, vae_loss
+
+SERVER_STREAM = 1_000_000
 
 
 def _clone(state: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
+    """The fix report's keys, averaged over the generators of ``epochs``."""
+    def mean(values: list[torch.Tensor]) -> float:
+        return float(torch.cat([v.flatten() for v in values]).mean())
+
+    beta = epochs[0].beta
+    kl = mean([e.kl for e in epochs])
+    return {f"{prefix}generator/recon_loss": mean([e.recon for e in epochs]),
+            f"{prefix}generator/kl_loss": kl,
+            f"{prefix}generator/beta": beta,
+            f"{prefix}generator/weighted_kl": beta * kl,
+            f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs])}
 
 
 class ServerA2V(ServerBase):
@@ -42,6 +67,16 @@ class ServerA2V(ServerBase):
         if self.stateful:
             for client in clients:
                 client.model_state = _clone(self.global_state)
+        g = config.generator
+        self.generators_on = g.enabled
+        trainings = f.rounds // g.train_every
+        self.generator_epochs = g.training_epochs * (
+            trainings if g.schedule_scope is ScheduleScope.whole_run else 1)
+        self.synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.synthetic_state = _clone(self.global_state) if self.generators_on else None
+        self.server_bank: GeneratorBank | None = None
+        self.epoch_history: list[dict[str, Any]] = []
+        self.generator_seconds = 0.0
 
     def train_round(self, round_: int, selected: list[ClientA2V]) -> dict[str, float]:
         f = self.config.federation
@@ -49,7 +84,23 @@ class ServerA2V(ServerBase):
         fedprox = f.aggregation is Aggregation.fedprox
         average, losses, node_acc = RunningAverage(), [], {}
         unweighted = f.aggregation is Aggregation.mean
+        train_adapters = self.config.server.adapter_training != "synthetic"
+        generator_round = self.generators_on and round_ % self.config.generator.train_every == 0
+        generator_logs: dict[int, list[EpochLog]] = {}
         for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False):
+            if generator_round:
+                tic = time.perf_counter()
+                logs, x, y = client.train_generators(self.shared, self.config.generator,
+                                                     self.generator_epochs, round_,
+                                                     self.config.seed)
+                self.generator_seconds += time.perf_counter() - tic
+                generator_logs[client.node] = logs
+                if len(x):
+                    self.synthetic[client.node] = (x, y)
+                else:
+                    self.synthetic.pop(client.node, None)
+            if not train_adapters:
+                continue
             start = client.model_state if self.stateful else self.global_state
             self.model.load_state_dict(start)
             update = client.train(self.model, self.shared, self.loss, self.config.adapter,
@@ -67,16 +118,90 @@ class ServerA2V(ServerBase):
                 average.add(update.state, 1.0 if unweighted else float(update.num_samples))
             elif self.algorithm is Algorithm.centralized:
                 self.global_state = update.state
-        if self.algorithm is Algorithm.federated:
+        if self.algorithm is Algorithm.federated and train_adapters:
             self.global_state = (self.fedadam.step(self.global_state, average.result())
                                  if self.fedadam is not None else average.result())
-        metrics = {"train/loss_mean": float(np.mean(losses)), "train/clients": float(len(losses))}
+        metrics = {"train/clients": float(len(selected))}
+        if losses:
+            metrics["train/loss_mean"] = float(np.mean(losses))
+        if generator_logs:
+            metrics.update(self.log_generator_epochs(round_, generator_logs))
+        if self.synthetic:
+            metrics.update(self.learn_from_synthetic(round_))
         if evaluate_now:
             metrics.update(self.evaluate_global())
             metrics.update(node_acc)
             if node_acc:
                 metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
         return metrics
+
+    def log_generator_epochs(self, round_: int,
+                             logs: dict[int, list[EpochLog]]) -> dict[str, float]:
+        """One tracker row per generator epoch: means over all generators (``generator/*``)
+        and over each node's (``node{i}/generator/*``); returns the last epoch's values."""
+        g = self.config.generator
+        before = (round_ // g.train_every - 1) * g.training_epochs
+        row: dict[str, float] = {}
+        for e in range(g.training_epochs):
+            row = {"generator/epoch": float(before + e + 1)}
+            parts = {"": [log[e] for log in logs.values()]}
+            parts.update({f"node{node}/": [log[e]] for node, log in logs.items()})
+            for prefix, epochs in parts.items():
+                row.update(_generator_scalars(epochs, prefix))
+            self.trackers.log_epoch(row, step=round_)
+            self.epoch_history.append({"round": round_, **row})
+        return {k: v for k, v in row.items() if k.startswith("generator/")}
+
+    def synthetic_pool(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latest synthetic samples of every node, or, with server generators, samples of
+        generators the server trained on them (as many per class as it received)."""
+        x = torch.cat([s[0] for s in self.synthetic.values()])
+        y = torch.cat([s[1] for s in self.synthetic.values()])
+        granularity = self.config.server.generator.granularity
+        if granularity is ServerGranularity.none:
+            return x, y
+        g = self.config.generator
+        rows = x.reshape(len(x), -1)
+        self.server_bank = self.server_bank or self.new_server_bank(y, rows.shape[1])
+        base = training_seed(self.config.seed, round_, SERVER_STREAM)
+        rngs = [torch.Generator().manual_seed(base + k) for k in range(self.server_bank.model.k)]
+        self.server_bank.fit(rows, y, None, vae_loss(g, self.generator_epochs), rngs,
+                             where=f"server, round {round_}: ")
+        present = y.unique().tolist()
+        counts = {c: int((y == c).sum()) for c in present}
+        centroids = {c: rows[y == c].mean(0) for c in present}
+        sx, sy = self.server_bank.sample(counts, None, centroids,
+                                         torch.Generator().manual_seed(base))
+        return sx.reshape(x.shape[0], *x.shape[1:]), sy
+
+    def new_server_bank(self, labels: torch.Tensor, features: int) -> GeneratorBank:
+        """The server's generators over the classes it received samples of."""
+        granularity = Granularity(self.config.server.generator.granularity.value)
+        spec = generator_spec(sorted(set(labels.tolist())), self.shared.class_names,
+                              granularity, self.config.generator.class_groups)
+        return GeneratorBank(spec, features, self.config.generator, 0, labels.device)
+
+    def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
+                 stream: int) -> StateDict:
+        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``."""
+        self.model.load_state_dict(state)
+        learner = ClientA2V(SERVER_STREAM + stream, [], y, y[:0], y[:0])
+        learner.fit(self.model, lambda net, xb, yb: self.loss(net.embed(xb), yb), x, y,
+                    self.config.adapter, self.config.server.synthetic_epochs, round_,
+                    self.config.seed, keep_optimizer=False)
+        return _clone(self.model.state_dict())
+
+    def learn_from_synthetic(self, round_: int) -> dict[str, float]:
+        """Train the global adapter (``synthetic``, ``fedavg+synthetic``) and the
+        synthetic-only adapter behind ``synthetic/acc`` on the synthetic pool."""
+        x, y = self.synthetic_pool(round_)
+        mode = self.config.server.adapter_training
+        if mode in ("synthetic", "fedavg+synthetic"):
+            self.global_state = self.train_on(self.global_state, x, y, round_, 1)
+        assert self.synthetic_state is not None
+        self.synthetic_state = (self.global_state if mode == "synthetic"
+                                else self.train_on(self.synthetic_state, x, y, round_, 2))
+        return {"synthetic/samples": float(len(x))}
 
     def merged_test(self) -> torch.Tensor:
         return torch.cat([c.test_idx for c in self.clients])
@@ -91,7 +216,11 @@ class ServerA2V(ServerBase):
         for state in states:
             self.model.load_state_dict(state)
             results.append(evaluate(self.model, self.shared, test))
-        return {f"global/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+        metrics = {f"global/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+        if self.synthetic_state is not None and self.synthetic:
+            self.model.load_state_dict(self.synthetic_state)
+            metrics["synthetic/acc"] = evaluate(self.model, self.shared, test)["acc"]
+        return metrics
 
     def final_report(self, class_names: list[str]) -> tuple[dict[str, float], np.ndarray] | None:
         """Per-class accuracy and the confusion matrix of the global adapter on the merged test
@@ -115,6 +244,15 @@ class ServerA2V(ServerBase):
             state["clients"] = {str(c.node): {"model": c.model_state,
                                               "optimizer": c.optimizer_state}
                                 for c in self.clients}
+        if self.generators_on:
+            state["generators"] = {str(c.node): c.generators.state_dict()
+                                   for c in self.clients if c.generators is not None}
+            state["synthetic"] = {str(node): list(pair) for node, pair in self.synthetic.items()}
+            state["synthetic_state"] = self.synthetic_state
+            state["epoch_history"] = self.epoch_history
+            state["generator_seconds"] = self.generator_seconds
+            if self.server_bank is not None:
+                state["server_generators"] = self.server_bank.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -128,3 +266,18 @@ class ServerA2V(ServerBase):
                 saved = state["clients"][str(client.node)]
                 client.model_state = {k: v.to(device) for k, v in saved["model"].items()}
                 client.optimizer_state = saved["optimizer"]
+        if self.generators_on:
+            for client in self.clients:
+                if str(client.node) in state["generators"]:
+                    client.generators = client.new_generators(self.shared, self.config.generator)
+                    client.generators.load_state_dict(state["generators"][str(client.node)])
+            self.synthetic = {int(node): (x.to(device), y.to(device))
+                              for node, (x, y) in state["synthetic"].items()}
+            self.synthetic_state = {k: v.to(device) for k, v in state["synthetic_state"].items()}
+            self.epoch_history = list(state["epoch_history"])
+            self.generator_seconds = state["generator_seconds"]
+            if "server_generators" in state:
+                x = torch.cat([s[0] for s in self.synthetic.values()])
+                y = torch.cat([s[1] for s in self.synthetic.values()])
+                self.server_bank = self.new_server_bank(y, x[0].numel())
+                self.server_bank.load_state_dict(state["server_generators"])

@@ -7,6 +7,7 @@ clipped per generator and :class:`MaskedAdam` steps a generator only when it had
 training K generators together equals training each alone.
 """
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -14,8 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.config import BetaSchedule, KlReduction
+from flcore.config import (
+    BetaSchedule,
+    GeneratorConfig,
+    Granularity,
+    KlReduction,
+    OnNan,
+    ScheduleScope,
+)
 from flcore.errors import TrainingError
+
+log = logging.getLogger(__name__)
 
 
 def warmup_epochs(total_epochs: int, ratio: float) -> int:
@@ -252,10 +262,12 @@ def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
 def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                      data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
                      rngs: list[torch.Generator], epoch_offset: int = 0,
-                     noise_std: float = 0.0, where: str = "") -> list[EpochLog]:
+                     noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
+                     on_nan: OnNan = OnNan.error) -> list[EpochLog]:
     """Minibatch training of all K generators together; ``rngs[k]`` drives generator k's
-    shuffling and noise. Raises TrainingError naming ``where``, the generator and the epoch on a
-    NaN or infinite loss."""
+    shuffling and noise. On a NaN or infinite loss, raises TrainingError naming ``where``, the
+    generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
+    (its ``data.counts`` entry becomes 0) and goes on with the others."""
     k, n_max, _ = data.x.shape
     device = data.x.device
     params = list(model.parameters())
@@ -285,22 +297,170 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             terms = loss_fn(recon, x, mu, logvar, epoch, mask)
             active = mask.any(1)
             bad = active & ~torch.isfinite(terms.total)
-            if bad.any():
-                g = int(bad.nonzero()[0])
-                raise TrainingError(f"{where}generator {g}, epoch {epoch + 1}: VAE loss is "
-                                    f"{terms.total[g].item()}; lower generator.lr or set "
-                                    "generator.on_nan=drop_generator")
+            for g in bad.nonzero().flatten().tolist():
+                label = names[g] if names else str(g)
+                message = (f"{where}generator {label}, epoch {epoch + 1}: VAE loss is "
+                           f"{terms.total[g].item()}")
+                if on_nan is OnNan.error:
+                    raise TrainingError(f"{message}; lower generator.lr or set "
+                                        "generator.on_nan=drop_generator")
+                log.warning("%s: dropping the generator (generator.on_nan=drop_generator)",
+                            message)
+                data.counts[g] = 0
+                perms[g] = -1
+            active = active & ~bad
+            mask = mask & active[:, None]
             for p in params:
                 p.grad = None
-            (terms.total * active).sum().backward()
+            torch.where(active, terms.total, 0.0).sum().backward()
             if grad_clip > 0:
                 clip_per_generator(params, grad_clip)
             optimizer.step(active)
             batch = mask.sum(1).to(sums.dtype)
-            sums += torch.stack([terms.total, terms.recon, terms.kl,
-                                 terms.similarity]).detach() * batch
+            sums += torch.nan_to_num(torch.stack([terms.total, terms.recon, terms.kl,
+                                                  terms.similarity]).detach()) * batch
             seen += batch
             beta = terms.beta
         means = sums / seen.clamp(min=1)
         logs.append(EpochLog(epoch, beta, *means))
     return logs
+
+
+@dataclass
+class GeneratorSpec:
+    """Which classes (dataset ids) each of a node's generators models, and the generators'
+    names (``all``, a class name, or a group name)."""
+
+    names: list[str]
+    classes: list[list[int]]
+
+
+def generator_spec(class_ids: list[int], class_names: list[str], granularity: Granularity,
+                   class_groups: dict[str, list[str]]) -> GeneratorSpec:
+    """One generator for all classes, one per class, or one per group (classes in no group form
+    the group ``other``); groups without any of ``class_ids`` get no generator."""
+    if granularity is Granularity.unified:
+        return GeneratorSpec(["all"], [list(class_ids)])
+    if granularity is Granularity.per_class:
+        return GeneratorSpec([class_names[c] for c in class_ids], [[c] for c in class_ids])
+    names, classes, grouped = [], [], set()
+    for group, members in class_groups.items():
+        ids = [c for c in class_ids if class_names[c] in members]
+        grouped.update(ids)
+        if ids:
+            names.append(group)
+            classes.append(ids)
+    rest = [c for c in class_ids if c not in grouped]
+    if rest:
+        names.append("other")
+        classes.append(rest)
+    return GeneratorSpec(names, classes)
+
+
+class GeneratorBank:
+    """A node's (or the server's) generators with their optimizer state, kept between rounds."""
+
+    def __init__(self, spec: GeneratorSpec, features: int, config: GeneratorConfig,
+                 cond_dim: int, device: torch.device) -> None:
+        self.spec, self.config = spec, config
+        self.model = VAEGenerator(len(spec.names), features, config.hidden_dim, config.latent_dim,
+                                  cond_dim).to(device)
+        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k, config.lr)
+        self.trainings = 0
+        self.dropped: list[str] = []
+
+    def data(self, x: torch.Tensor, labels: torch.Tensor,
+             prompts: torch.Tensor | None) -> GeneratorData:
+        """Each generator's rows of ``x`` (padded) and, for a CVAE, their class prompts."""
+        rows = [torch.isin(labels, torch.tensor(c, device=labels.device)).nonzero().flatten()
+                for c in self.spec.classes]
+        counts = torch.tensor([len(r) for r in rows])
+        width = max(int(counts.max()), 1)
+        padded = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
+        for g, r in enumerate(rows):
+            padded[g, : len(r)] = r
+        cond = None if prompts is None else prompts[labels[padded]]
+        return GeneratorData(x[padded], counts, cond)
+
+    def fit(self, x: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor | None,
+            loss: VAELoss, rngs: list[torch.Generator], where: str) -> list[EpochLog]:
+        """``generator.training_epochs`` epochs on rows ``x [n, F]`` with class ids ``labels``."""
+        c = self.config
+        offset = (self.trainings * c.training_epochs
+                  if c.schedule_scope is ScheduleScope.whole_run else 0)
+        data = self.data(x, labels, prompts)
+        for name in self.dropped:
+            data.counts[self.spec.names.index(name)] = 0
+        logs = train_generators(self.model, self.optimizer, loss, data, c.training_epochs,
+                                c.batch_size, c.grad_clip, rngs, offset, c.augmentation_noise,
+                                where, self.spec.names, c.on_nan)
+        self.dropped = [n for n, count in zip(self.spec.names, data.counts.tolist(), strict=True)
+                        if count == 0]
+        self.trainings += 1
+        return logs
+
+    @torch.no_grad()
+    def sample(self, per_class: dict[int, int], prompts: torch.Tensor | None,
+               centroids: dict[int, torch.Tensor], rng: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class[c]`` synthetic rows of each class and their labels. A generator of one
+        class, or a conditional one, draws each class directly; an unconditional generator of
+        several classes draws their total and labels each draw by the nearest class centroid."""
+        self.model.eval()
+        xs, ys = [], []
+        device = self.model.enc.weight.device
+        for g, (name, classes) in enumerate(zip(self.spec.names, self.spec.classes,
+                                                strict=True)):
+            if name in self.dropped:
+                continue
+            one = _slice(self.model, g)
+            if len(classes) == 1 or prompts is not None:
+                for c in classes:
+                    cond = None if prompts is None else prompts[c].expand(1, per_class[c], -1)
+                    xs.append(one.sample(per_class[c], cond, rng)[0])
+                    ys.append(torch.full((per_class[c],), c, device=device))
+            else:
+                draws = one.sample(sum(per_class[c] for c in classes), None, rng)[0]
+                table = torch.stack([centroids[c] for c in classes])
+                xs.append(draws)
+                ys.append(torch.tensor(classes, device=device)[torch.cdist(draws, table)
+                                                               .argmin(1)])
+        self.model.train()
+        if not xs:
+            return (torch.zeros(0, self.model.features, device=device),
+                    torch.zeros(0, dtype=torch.long, device=device))
+        return torch.cat(xs), torch.cat(ys)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "trainings": self.trainings, "dropped": list(self.dropped),
+                "names": list(self.spec.names)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.trainings, self.dropped = state["trainings"], list(state["dropped"])
+
+
+def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
+    """Generator ``g`` of a bank as a one-generator module sharing its weights."""
+    one = VAEGenerator(1, model.features, model.enc.weight.shape[-1], model.latent, model.cond)
+    one.to(model.enc.weight.device)
+    for (name, param), (_, source) in zip(one.named_parameters(), model.named_parameters(),
+                                          strict=True):
+        param.data = source.data[g : g + 1]
+        del name
+    return one
+
+
+def generator_rows(tokens: torch.Tensor, sequence_length: int) -> torch.Tensor:
+    """Cached tokens ``[n, L, D]`` pooled to ``[n, sequence_length, D]`` and flattened."""
+    pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), sequence_length).transpose(1, 2)
+    return pooled.reshape(len(tokens), -1)
+
+
+def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
+    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix)."""
+    return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
+                   config.kl_reduction, config.similarity_weight, config.n_cycles,
+                   config.cycle_ratio)
