@@ -17,7 +17,8 @@ from flcore.run import run
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
-        "federation.local_epochs=1")
+        "federation.local_epochs=1", "generator=none", "server.adapter_training=fedavg",
+        "checkpoint.every=1")
 
 
 @pytest.fixture

@@ -115,5 +115,5 @@ def test_class_groups_must_name_federation_classes(gen_run) -> None:
 def test_synthetic_training_needs_generators(make_config: Callable[..., DictConfig]) -> None:
     from flcore.config import validate
 
-    with pytest.raises(ConfigError, match="server.adapter_training=synthetic: needs synthetic"):
+    with pytest.raises(ConfigError, match=r"server\.adapter_training=synthetic: needs synthetic"):
         validate(make_config("generator=none", "server.adapter_training=synthetic"))
