@@ -194,19 +194,39 @@ class MaskedAdam:
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
+        """One Adam step (torch's formulation) for the generators where ``active`` is true."""
         b1, b2 = self.betas
-        self.steps += active.to(self.steps.dtype)
+        on = active.to(self.steps.dtype)
+        self.steps += on
+        if bool(active.all()) and bool((self.steps == self.steps[0]).all()):
+            self._uniform_step(float(self.steps[0]))
+            return
         t = self.steps.clamp(min=1)
+        step_size = -self.lr * on / (1 - b1**t)
+        inv_sqrt_bc2 = (1 - b2**t).rsqrt()
+        decay1, decay2 = 1 - (1 - b1) * on, 1 - (1 - b2) * on
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            on = active.view(shape)
+            view = (-1,) + (1,) * (p.dim() - 1)
             g = p.grad
-            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
-            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
-            m_hat = m / (1 - b1 ** t.view(shape))
-            v_hat = v / (1 - b2 ** t.view(shape))
-            p.sub_(torch.where(on, self.lr * m_hat / (v_hat.sqrt() + self.eps),
-                               torch.zeros_like(p)))
+            m.mul_(decay1.view(view)).add_(g * ((1 - b1) * on).view(view))
+            v.mul_(decay2.view(view)).addcmul_(g, g * ((1 - b2) * on).view(view))
+            denom = v.sqrt().mul_(inv_sqrt_bc2.view(view)).add_(self.eps)
+            p.addcdiv_(m * step_size.view(view), denom)
+
+    @torch.no_grad()
+    def _uniform_step(self, t: float) -> None:
+        """Every generator active at the same step count: scalar coefficients, multi-tensor
+        kernels (what ``torch.optim.Adam(foreach=True)`` does)."""
+        b1, b2 = self.betas
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(self.m, b1)
+        torch._foreach_add_(self.m, grads, alpha=1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**t))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, self.m, denom, value=-self.lr / (1 - b1**t))
 
     def state_dict(self) -> dict[str, object]:
         return {"m": self.m, "v": self.v, "steps": self.steps}
@@ -220,7 +240,8 @@ class MaskedAdam:
 def clip_per_generator(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale each generator's gradients to norm <= ``max_norm`` (as ``clip_grad_norm_`` would for
     that generator alone); return the per-generator norms ``[K]``."""
-    norms = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params]).sum(0).sqrt()
+    norms = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in params]), dim=0)
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
