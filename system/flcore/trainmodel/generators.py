@@ -191,6 +191,7 @@ class MaskedAdam:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(k, device=params[0].device)
+        self.denom: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
@@ -223,7 +224,11 @@ class MaskedAdam:
         torch._foreach_add_(self.m, grads, alpha=1 - b1)
         torch._foreach_mul_(self.v, b2)
         torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
-        denom = torch._foreach_sqrt(self.v)
+        if self.denom is None:
+            self.denom = [torch.empty_like(v) for v in self.v]
+        denom = self.denom
+        torch._foreach_copy_(denom, self.v)
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, math.sqrt(1 - b2**t))
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(self.params, self.m, denom, value=-self.lr / (1 - b1**t))
