@@ -117,3 +117,55 @@ def test_synthetic_training_needs_generators(make_config: Callable[..., DictConf
 
     with pytest.raises(ConfigError, match=r"server\.adapter_training=synthetic: needs synthetic"):
         validate(make_config("generator=none", "server.adapter_training=synthetic"))
+
+
+def test_decoder_sharing_gives_the_same_samples_as_sample_sharing(gen_run) -> None:
+    samples = gen_run("federation.rounds=2", folder="samples")
+    decoders = gen_run("federation.rounds=2", "generator.share=decoder", folder="decoders")
+    assert decoders["final"] == samples["final"]
+
+
+def test_decoder_sharing_needs_labelled_generators(make_config: Callable[..., DictConfig]) -> None:
+    from flcore.config import validate
+
+    with pytest.raises(ConfigError, match=r"generator\.share=decoder: a unified unconditional"):
+        validate(make_config("generator=unified", "generator.share=decoder"))
+    assert validate(make_config("generator=unified", "generator.share=decoder",
+                                "generator.conditional=true"))
+
+
+def test_knowledge_distillation_trains_the_global_adapter(gen_run) -> None:
+    results = gen_run("federation.rounds=3", "server.adapter_training=kd")
+    final = results["final"]
+    assert "train/loss_mean" in final and final["global/acc"] > 0.2, final
+
+
+def test_per_node_granularity_override(gen_run, tmp_path: Path) -> None:
+    nodes = ("federation.nodes=[{classes:[rising_chirp,falling_chirp],granularity:unified},"
+             "{classes:[click_train,bell_ring,siren_wail]}]")
+    gen_run("federation.rounds=1", nodes)
+    state = __import__("torch").load(next((tmp_path / "run" / "checkpoints").glob("*.pt")),
+                                     weights_only=True)
+    generators = state["server"]["generators"]
+    assert generators["0"]["names"] == ["all"]
+    assert generators["1"]["names"] == ["click_train", "siren_wail", "bell_ring"]
+
+
+def test_load_from_reuses_generators_and_checks_them(
+        gen_run, make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    gen_run("federation.rounds=2", folder="first")
+    first = tmp_path / "first"
+    reused = gen_run("federation.rounds=1", f"generator.load_from={first}", folder="second")
+    fresh = gen_run("federation.rounds=1", folder="fresh")
+    assert reused["final"]["generator/recon_loss"] < fresh["final"]["generator/recon_loss"]
+    with pytest.raises(ConfigError, match=r"trained with generator\.latent_dim=8, this run has 16"):
+        gen_run("federation.rounds=1", f"generator.load_from={first}", "generator.latent_dim=16",
+                folder="third")
+    yamnet = [o for o in FAST if o != "audio_encoder=mfcc"]
+    with pytest.raises(ConfigError, match=r"trained with audio_encoder\.name=mfcc, this run has "
+                                          r"yamnet"):
+        run(make_config(*yamnet, "federation.rounds=1", f"generator.load_from={first}"),
+            run_dir=tmp_path / "fourth")
+    with pytest.raises(ConfigError, match=r"node 0's generators there model"):
+        gen_run("federation.rounds=1", f"generator.load_from={first}", "generator=unified",
+                folder="fifth")

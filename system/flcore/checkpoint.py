@@ -20,7 +20,8 @@ from flcore.files import atomic_write_bytes
 # Keys that may change between a run and its resumption: how long it runs, where it logs and
 # caches, on which device, and the resume switch itself.
 RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_dir",
-                     "embeddings.cache", "embeddings.cache_dir", "checkpoint")
+                     "embeddings.cache", "embeddings.cache_dir", "checkpoint",
+                     "generator.load_from")
 
 
 def folder(run_dir: Path) -> Path:
@@ -76,18 +77,19 @@ def load_latest(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{latest} is corrupted ({type(err).__name__}); {earlier}") from err
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": value}``."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): tree}
 
 
 def check_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume under a config that differs in anything but :data:`RESUMABLE_CHANGES`."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     differing = sorted(k for k in old.keys() | new.keys()
                        if old.get(k) != new.get(k)
                        and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES))

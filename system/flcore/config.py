@@ -108,6 +108,11 @@ class OnNan(str, Enum):
     drop_generator = "drop_generator"
 
 
+class ShareMode(str, Enum):
+    samples = "samples"
+    decoder = "decoder"
+
+
 class ServerGranularity(str, Enum):
     none = "none"
     unified = "unified"
@@ -115,7 +120,7 @@ class ServerGranularity(str, Enum):
     per_group = "per_group"
 
 
-SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic")
+SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic", "kd")
 
 
 class WandbMode(str, Enum):
@@ -187,9 +192,11 @@ class EmbeddingsConfig:
 
 @dataclass
 class NodeConfig:
-    """One node of an explicit federation: the classes whose clips it holds."""
+    """One node of an explicit federation: the classes whose clips it holds, and optionally its
+    own generator granularity (else ``generator.granularity``)."""
 
     classes: list[str] = MISSING
+    granularity: Granularity | None = None
 
 
 @dataclass
@@ -283,7 +290,9 @@ class GeneratorConfig:
     train_every: int = 1
     augmentation_noise: float = 0.0
     synthetic_samples_per_class: str = "auto"
+    share: ShareMode = ShareMode.samples
     on_nan: OnNan = OnNan.error
+    load_from: str | None = None
 
 
 @dataclass
@@ -489,9 +498,6 @@ def _check_generator(g: GeneratorConfig) -> None:
     _require(n == "auto" or (n.lstrip("-").isdigit() and int(n) > 0),
              "generator.synthetic_samples_per_class", n,
              "must be a positive integer or auto (= the node's training clips per class)")
-    if g.granularity is Granularity.per_group:
-        _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
-                 "generator.granularity=per_group needs groups: {group: [classes]}")
     owner: dict[str, str] = {}
     for group, classes in g.class_groups.items():
         for name in classes:
@@ -539,6 +545,16 @@ def validate(cfg: DictConfig) -> Config:
                  "needs synthetic samples: set generator.enabled=true")
         _require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
                  s.adapter_training, "applies to federation.algorithm=federated only")
+    g = config.generator
+    overrides = [n.granularity for n in config.federation.nodes or [] if n.granularity]
+    for granularity in [g.granularity, *overrides]:
+        if granularity is Granularity.per_group:
+            _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
+                     "generator.granularity=per_group needs groups: {group: [classes]}")
+        if g.share is ShareMode.decoder:
+            _require(granularity is Granularity.per_class or g.conditional, "generator.share",
+                     "decoder", f"a {granularity.value} unconditional decoder cannot label its "
+                     "samples; use per_class generators or generator.conditional=true")
     if s.generator.granularity is ServerGranularity.per_group:
         _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")

@@ -73,7 +73,8 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def build_clients(partition: Partition, algorithm: Algorithm,
                   device: torch.device) -> list[ClientA2V]:
-    """One client per node, or one client holding every node's clips (``centralized``)."""
+    """One client per node (with its granularity override), or one client holding every node's
+    clips (``centralized``)."""
     def index(values: Any) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.long, device=device)
 
@@ -81,8 +82,8 @@ def build_clients(partition: Partition, algorithm: Algorithm,
         merged = {s: torch.cat([index(getattr(n, s)) for n in partition.nodes])
                   for s in ("train", "val", "test")}
         return [ClientA2V(0, partition.classes, merged["train"], merged["val"], merged["test"])]
-    return [ClientA2V(n.node, n.classes, index(n.train), index(n.val), index(n.test))
-            for n in partition.nodes]
+    return [ClientA2V(n.node, n.classes, index(n.train), index(n.val), index(n.test),
+                      n.granularity) for n in partition.nodes]
 
 
 def check_class_groups(config: Config, partition: Partition) -> None:
@@ -170,6 +171,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                            shared, trackers, job.run_dir,
                            {"config": results.config, "tracker_run_id": trackers.run_id})
         start = 0
+        if config.generator.load_from and resumed is None:
+            server.load_generators(config.generator.load_from, results.config)
         if resumed is not None:
             server.load_state_dict(resumed["server"])
             server.history = list(resumed["history"])

@@ -11,12 +11,13 @@ from flcore.clients.clientbase import (
     proximal_term,
     training_seed,
 )
-from flcore.config import AdapterConfig, GeneratorConfig
+from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.generators import (
     EpochLog,
     GeneratorBank,
+    SyntheticShare,
     generator_rows,
     generator_spec,
     vae_loss,
@@ -47,6 +48,11 @@ class ClientA2V(ClientBase):
 
     generators: GeneratorBank | None = None
 
+    def __init__(self, node: int, classes: list[str], train: torch.Tensor, val: torch.Tensor,
+                 test: torch.Tensor, granularity: Granularity | None = None) -> None:
+        super().__init__(node, classes, train, val, test)
+        self.granularity = granularity
+
     def train(self, model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss,
               config: AdapterConfig, epochs: int, round_: int, seed: int,
               anchor: StateDict | None = None, mu: float = 0.0,
@@ -68,31 +74,33 @@ class ClientA2V(ClientBase):
     def new_generators(self, shared: SharedTensors, config: GeneratorConfig) -> GeneratorBank:
         """This node's generators, untrained: one per class, per group, or one for all."""
         spec = generator_spec(sorted(set(shared.labels[self.train_idx].tolist())),
-                              shared.class_names, config.granularity, config.class_groups)
+                              shared.class_names, self.granularity or config.granularity,
+                              config.class_groups)
         features = config.sequence_length * shared.tokens.shape[-1]
         cond = shared.prompts.shape[1] if config.conditional else 0
         return GeneratorBank(spec, features, config, cond, shared.tokens.device)
 
     def train_generators(self, shared: SharedTensors, config: GeneratorConfig, total_epochs: int,
-                         round_: int, seed: int) -> tuple[list[EpochLog], torch.Tensor,
-                                                          torch.Tensor]:
+                         round_: int, seed: int) -> tuple[list[EpochLog], SyntheticShare]:
         """Train this node's generators on its training embeddings (pooled to
-        ``generator.sequence_length`` tokens); return the epoch logs and the synthetic samples
-        ``[m, S, D]`` with their class ids. Audio and embeddings never leave the node."""
+        ``generator.sequence_length`` tokens); return the epoch logs and what the node shares:
+        synthetic samples with their class ids, or its decoders (``generator.share``). Audio and
+        real embeddings never leave the node."""
         x = generator_rows(shared.tokens[self.train_idx], config.sequence_length)
         labels = shared.labels[self.train_idx]
         prompts = shared.prompts if config.conditional else None
         self.generators = self.generators or self.new_generators(shared, config)
         base = training_seed(seed, round_, self.node)
         rngs = [torch.Generator().manual_seed(base + g) for g in range(self.generators.model.k)]
-        loss = vae_loss(config, total_epochs)
-        logs = self.generators.fit(x, labels, prompts, loss, rngs,
+        logs = self.generators.fit(x, labels, prompts, vae_loss(config, total_epochs), rngs,
                                    where=f"node {self.node}, round {round_}: ")
         present = labels.unique().tolist()
-        per_class = {c: int((labels == c).sum()) if config.synthetic_samples_per_class == "auto"
-                     else int(config.synthetic_samples_per_class) for c in present}
-        centroids = {c: x[labels == c].mean(0) for c in present}
-        samples, sample_labels = self.generators.sample(per_class, prompts, centroids,
-                                                        torch.Generator().manual_seed(base))
-        width = shared.tokens.shape[-1]
-        return logs, samples.reshape(len(samples), config.sequence_length, width), sample_labels
+        counts = {c: int((labels == c).sum()) if config.synthetic_samples_per_class == "auto"
+                  else int(config.synthetic_samples_per_class) for c in present}
+        share = SyntheticShare(self.node, counts, torch.Generator().manual_seed(base))
+        if config.share is ShareMode.decoder:
+            share.decoder = self.generators.decoder_package()
+        else:
+            centroids = {c: x[labels == c].mean(0) for c in present}
+            share.x, share.y = self.generators.sample(counts, prompts, centroids, share.rng)
+        return logs, share

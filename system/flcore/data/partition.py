@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flcore.config import DatasetConfig, FederationConfig, PartitionKind, SplitKind
+from flcore.config import DatasetConfig, FederationConfig, Granularity, PartitionKind, SplitKind
 from flcore.data.esc50 import AudioDataset
 from flcore.errors import ConfigError, DataError
 
@@ -28,6 +28,7 @@ class NodeSplit:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    granularity: Granularity | None = None
 
     def counts(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SPLITS}
@@ -202,6 +203,8 @@ def build_partition(dataset: AudioDataset, dataset_config: DatasetConfig,
         weights = _explicit_weights(federation, dataset.class_names)
         nodes = _nodes(_deal(split, labels, weights, rng), weights, labels,
                        dataset.class_names, from_data=False)
+        for node, spec in zip(nodes, federation.nodes, strict=True):
+            node.granularity = spec.granularity
         _check_nodes(nodes, 1)
     elif p.kind is PartitionKind.dirichlet:
         dealt = _dirichlet(split, labels, num_classes, federation, rng)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
 from flcore.clients.clientbase import SharedTensors, StateDict, training_seed
 from flcore.config import (
@@ -18,14 +19,23 @@ from flcore.config import (
     ScheduleScope,
     ServerGranularity,
 )
+from flcore.errors import ConfigError
 from flcore.metrics.classification import confusion_matrix, per_class_accuracy
 from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.serverbase import ServerBase
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
-from flcore.trainmodel.generators import EpochLog, GeneratorBank, generator_spec, vae_loss
+from flcore.trainmodel.generators import (
+    EpochLog,
+    GeneratorBank,
+    SyntheticShare,
+    generator_spec,
+    vae_loss,
+)
 
 SERVER_STREAM = 1_000_000
+GENERATOR_SHAPE_KEYS = ("generator.sequence_length", "generator.latent_dim",
+                        "generator.hidden_dim", "generator.conditional")
 
 
 def _clone(state: StateDict) -> StateDict:
@@ -85,14 +95,17 @@ class ServerA2V(ServerBase):
         average, losses, node_acc = RunningAverage(), [], {}
         unweighted = f.aggregation is Aggregation.mean
         train_adapters = self.config.server.adapter_training != "synthetic"
+        distill = self.config.server.adapter_training == "kd"
+        teachers: list[tuple[torch.Tensor, StateDict]] = []
         generator_round = self.generators_on and round_ % self.config.generator.train_every == 0
         generator_logs: dict[int, list[EpochLog]] = {}
         for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False):
             if generator_round:
                 tic = time.perf_counter()
-                logs, x, y = client.train_generators(self.shared, self.config.generator,
-                                                     self.generator_epochs, round_,
-                                                     self.config.seed)
+                logs, share = client.train_generators(self.shared, self.config.generator,
+                                                      self.generator_epochs, round_,
+                                                      self.config.seed)
+                x, y = self.receive(share)
                 self.generator_seconds += time.perf_counter() - tic
                 generator_logs[client.node] = logs
                 if len(x):
@@ -114,11 +127,15 @@ class ServerA2V(ServerBase):
                 node_acc[f"node{client.node}/acc"] = evaluate(self.model, self.shared,
                                                               client.test_idx)["acc"]
             losses.append(update.loss)
-            if self.algorithm is Algorithm.federated:
+            if distill:
+                held = torch.tensor([self.shared.class_names.index(c) for c in client.classes],
+                                    device=self.shared.tokens.device)
+                teachers.append((held, update.state))
+            elif self.algorithm is Algorithm.federated:
                 average.add(update.state, 1.0 if unweighted else float(update.num_samples))
             elif self.algorithm is Algorithm.centralized:
                 self.global_state = update.state
-        if self.algorithm is Algorithm.federated and train_adapters:
+        if self.algorithm is Algorithm.federated and train_adapters and not distill:
             self.global_state = (self.fedadam.step(self.global_state, average.result())
                                  if self.fedadam is not None else average.result())
         metrics = {"train/clients": float(len(selected))}
@@ -127,7 +144,7 @@ class ServerA2V(ServerBase):
         if generator_logs:
             metrics.update(self.log_generator_epochs(round_, generator_logs))
         if self.synthetic:
-            metrics.update(self.learn_from_synthetic(round_))
+            metrics.update(self.learn_from_synthetic(round_, teachers))
         if evaluate_now:
             metrics.update(self.evaluate_global())
             metrics.update(node_acc)
@@ -191,17 +208,86 @@ class ServerA2V(ServerBase):
                     self.config.seed, keep_optimizer=False)
         return _clone(self.model.state_dict())
 
-    def learn_from_synthetic(self, round_: int) -> dict[str, float]:
-        """Train the global adapter (``synthetic``, ``fedavg+synthetic``) and the
+    def receive(self, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
+        """A node's synthetic samples ``[m, S, D]``: as sent, or drawn from its decoders."""
+        g = self.config.generator
+        if share.decoder is None:
+            x, y = share.x, share.y
+        else:
+            bank = GeneratorBank.from_decoder(share.decoder, g, self.shared.tokens.device)
+            prompts = self.shared.prompts if g.conditional else None
+            x, y = bank.sample(share.counts, prompts, {}, share.rng)
+        return x.reshape(len(x), g.sequence_length, self.shared.tokens.shape[-1]), y
+
+    def distill(self, x: torch.Tensor, y: torch.Tensor,
+                teachers: list[tuple[torch.Tensor, StateDict]], round_: int) -> StateDict:
+        """Knowledge distillation into the global adapter: each synthetic sample's target is the
+        mean output of the round's client adapters that hold its class (MSE + cosine)."""
+        total = torch.zeros(len(x), self.shared.prompts.shape[1], device=x.device)
+        count = torch.zeros(len(x), device=x.device)
+        for held, state in teachers:
+            mask = torch.isin(y, held)
+            self.model.load_state_dict(state)
+            self.model.eval()
+            with torch.no_grad():
+                total[mask] += self.model.embed(x[mask])
+            count[mask] += 1
+        keep = count > 0
+        targets = total[keep] / count[keep, None]
+        a = self.config.adapter
+
+        def step_loss(net: torch.nn.Module, xb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            out, target = net.embed(xb), targets[rows]
+            cosine = 1 - torch.nn.functional.cosine_similarity(out, target, dim=-1).mean()
+            return a.mse_weight * torch.nn.functional.mse_loss(out, target) + (
+                a.cosine_weight * cosine)
+
+        self.model.load_state_dict(self.global_state)
+        rows = torch.arange(int(keep.sum()), device=x.device)
+        learner = ClientA2V(SERVER_STREAM + 3, [], rows, rows[:0], rows[:0])
+        learner.fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
+                    round_, self.config.seed, keep_optimizer=False)
+        return _clone(self.model.state_dict())
+
+    def learn_from_synthetic(self, round_: int,
+                             teachers: list[tuple[torch.Tensor, StateDict]]) -> dict[str, float]:
+        """Train the global adapter (``synthetic``, ``fedavg+synthetic``, ``kd``) and the
         synthetic-only adapter behind ``synthetic/acc`` on the synthetic pool."""
         x, y = self.synthetic_pool(round_)
         mode = self.config.server.adapter_training
         if mode in ("synthetic", "fedavg+synthetic"):
             self.global_state = self.train_on(self.global_state, x, y, round_, 1)
+        elif mode == "kd" and teachers:
+            self.global_state = self.distill(x, y, teachers, round_)
         assert self.synthetic_state is not None
         self.synthetic_state = (self.global_state if mode == "synthetic"
                                 else self.train_on(self.synthetic_state, x, y, round_, 2))
         return {"synthetic/samples": float(len(x))}
+
+    def load_generators(self, folder: str, config_now: dict[str, Any]) -> None:
+        """Start from the generators of an earlier run (``generator.load_from``): the latest
+        checkpoint of ``folder``, refused unless its encoder, generator shapes and every node's
+        generator classes match this run."""
+        saved = checkpoint.load_latest(Path(folder))
+        old, new = checkpoint.flatten(saved["config"]), checkpoint.flatten(config_now)
+        keys = [k for k in new if k.startswith("audio_encoder.") or k in GENERATOR_SHAPE_KEYS]
+        for key in keys:
+            if old.get(key) != new[key]:
+                raise ConfigError(f"generator.load_from={folder}: its generators were trained "
+                                  f"with {key}={old.get(key)}, this run has {new[key]}")
+        banks = saved["server"].get("generators", {})
+        for client in self.clients:
+            state = banks.get(str(client.node))
+            if state is None:
+                raise ConfigError(f"generator.load_from={folder}: no generators for node "
+                                  f"{client.node} there")
+            bank = client.new_generators(self.shared, self.config.generator)
+            if state["names"] != bank.spec.names:
+                raise ConfigError(f"generator.load_from={folder}: node {client.node}'s "
+                                  f"generators there model {', '.join(state['names'])}; here "
+                                  f"it needs {', '.join(bank.spec.names)}")
+            bank.load_state_dict(state)
+            client.generators = bank
 
     def merged_test(self) -> torch.Tensor:
         return torch.cat([c.test_idx for c in self.clients])

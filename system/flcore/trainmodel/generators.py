@@ -457,6 +457,26 @@ class GeneratorBank:
                     torch.zeros(0, dtype=torch.long, device=device))
         return torch.cat(xs), torch.cat(ys)
 
+    def decoder_package(self) -> dict:
+        """What ``generator.share=decoder`` sends: the decoders and the generators' classes."""
+        decoder = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                   if k.startswith("dec")}
+        return {"names": list(self.spec.names), "classes": [list(c) for c in self.spec.classes],
+                "decoder": decoder, "dropped": list(self.dropped),
+                "shape": [self.model.features, self.config.hidden_dim, self.model.latent,
+                          self.model.cond]}
+
+    @classmethod
+    def from_decoder(cls, package: dict, config: GeneratorConfig,
+                     device: torch.device) -> "GeneratorBank":
+        """A bank that can sample from received decoders (its encoders are never used)."""
+        features, _, _, cond = package["shape"]
+        bank = cls(GeneratorSpec(package["names"], package["classes"]), features, config, cond,
+                   device)
+        bank.model.load_state_dict(package["decoder"], strict=False)
+        bank.dropped = list(package["dropped"])
+        return bank
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "trainings": self.trainings, "dropped": list(self.dropped),
@@ -466,6 +486,20 @@ class GeneratorBank:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.trainings, self.dropped = state["trainings"], list(state["dropped"])
+
+
+@dataclass
+class SyntheticShare:
+    """What a node sends after training its generators: samples ``x [m, F]`` with class ids
+    ``y``, or (``decoder``) its decoders, from which the server draws ``counts[c]`` per class
+    with ``rng`` (seeded as the node would have)."""
+
+    node: int
+    counts: dict[int, int]
+    rng: torch.Generator
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    decoder: dict | None = None
 
 
 def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
