@@ -169,3 +169,17 @@ def test_load_from_reuses_generators_and_checks_them(
     with pytest.raises(ConfigError, match=r"node 0's generators there model"):
         gen_run("federation.rounds=1", f"generator.load_from={first}", "generator=unified",
                 folder="fifth")
+
+
+def test_generators_of_adapter_outputs(gen_run, make_config: Callable[..., DictConfig]) -> None:
+    """Generators in the text space: their samples are scored by their nearest prompt."""
+    from flcore.config import validate
+
+    results = gen_run("federation.rounds=3", "generator.training_data=adapter_output",
+                      "server.adapter_training=fedavg")
+    final = results["final"]
+    assert final["synthetic/samples"] == results["partition"]["train_clips"]
+    assert final["synthetic/acc"] >= 0.3, final
+    with pytest.raises(ConfigError, match=r"generator\.training_data=adapter_output: samples in "
+                                          r"the text space"):
+        validate(make_config("generator.training_data=adapter_output"))

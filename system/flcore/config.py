@@ -108,6 +108,11 @@ class OnNan(str, Enum):
     drop_generator = "drop_generator"
 
 
+class TrainingData(str, Enum):
+    audio = "audio"
+    adapter_output = "adapter_output"
+
+
 class ShareMode(str, Enum):
     samples = "samples"
     decoder = "decoder"
@@ -288,6 +293,7 @@ class GeneratorConfig:
     batch_size: int = 32
     grad_clip: float = 1.0
     train_every: int = 1
+    training_data: TrainingData = TrainingData.audio
     augmentation_noise: float = 0.0
     synthetic_samples_per_class: str = "auto"
     share: ShareMode = ShareMode.samples
@@ -555,6 +561,10 @@ def validate(cfg: DictConfig) -> Config:
             _require(granularity is Granularity.per_class or g.conditional, "generator.share",
                      "decoder", f"a {granularity.value} unconditional decoder cannot label its "
                      "samples; use per_class generators or generator.conditional=true")
+    if g.training_data is TrainingData.adapter_output:
+        _require(s.adapter_training == "fedavg", "generator.training_data", "adapter_output",
+                 "samples in the text space cannot train an audio adapter; set "
+                 "server.adapter_training=fedavg")
     if s.generator.granularity is ServerGranularity.per_group:
         _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")

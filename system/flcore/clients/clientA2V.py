@@ -11,7 +11,7 @@ from flcore.clients.clientbase import (
     proximal_term,
     training_seed,
 )
-from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode
+from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode, TrainingData
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.generators import (
@@ -76,17 +76,30 @@ class ClientA2V(ClientBase):
         spec = generator_spec(sorted(set(shared.labels[self.train_idx].tolist())),
                               shared.class_names, self.granularity or config.granularity,
                               config.class_groups)
-        features = config.sequence_length * shared.tokens.shape[-1]
+        width = (shared.prompts.shape[-1] if config.training_data is TrainingData.adapter_output
+                 else shared.tokens.shape[-1])
+        features = config.sequence_length * width
         cond = shared.prompts.shape[1] if config.conditional else 0
         return GeneratorBank(spec, features, config, cond, shared.tokens.device)
 
+    def generator_inputs(self, shared: SharedTensors, config: GeneratorConfig,
+                         adapter: AudioAdapter | None) -> torch.Tensor:
+        """What the generators model: the node's audio tokens, or (``training_data:
+        adapter_output``) its adapter's outputs, pooled to ``sequence_length`` and flattened."""
+        source = shared.tokens[self.train_idx]
+        if adapter is not None:
+            adapter.eval()
+            with torch.no_grad():
+                source = adapter(source)
+        return generator_rows(source, config.sequence_length)
+
     def train_generators(self, shared: SharedTensors, config: GeneratorConfig, total_epochs: int,
-                         round_: int, seed: int) -> tuple[list[EpochLog], SyntheticShare]:
-        """Train this node's generators on its training embeddings (pooled to
-        ``generator.sequence_length`` tokens); return the epoch logs and what the node shares:
-        synthetic samples with their class ids, or its decoders (``generator.share``). Audio and
-        real embeddings never leave the node."""
-        x = generator_rows(shared.tokens[self.train_idx], config.sequence_length)
+                         round_: int, seed: int, adapter: AudioAdapter | None = None
+                         ) -> tuple[list[EpochLog], SyntheticShare]:
+        """Train this node's generators on its training embeddings (or on ``adapter``'s outputs);
+        return the epoch logs and what the node shares: synthetic samples with their class ids,
+        or its decoders (``generator.share``). Audio and real embeddings never leave the node."""
+        x = self.generator_inputs(shared, config, adapter)
         labels = shared.labels[self.train_idx]
         prompts = shared.prompts if config.conditional else None
         self.generators = self.generators or self.new_generators(shared, config)

@@ -18,9 +18,14 @@ from flcore.config import (
     Granularity,
     ScheduleScope,
     ServerGranularity,
+    TrainingData,
 )
 from flcore.errors import ConfigError
-from flcore.metrics.classification import confusion_matrix, per_class_accuracy
+from flcore.metrics.classification import (
+    confusion_matrix,
+    per_class_accuracy,
+    zero_shot_scores,
+)
 from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.serverbase import ServerBase
 from flcore.tracking import Trackers
@@ -83,7 +88,8 @@ class ServerA2V(ServerBase):
         self.generator_epochs = g.training_epochs * (
             trainings if g.schedule_scope is ScheduleScope.whole_run else 1)
         self.synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.synthetic_state = _clone(self.global_state) if self.generators_on else None
+        self.synthetic_state = (_clone(self.global_state) if self.generators_on and
+                                g.training_data is TrainingData.audio else None)
         self.server_bank: GeneratorBank | None = None
         self.epoch_history: list[dict[str, Any]] = []
         self.generator_seconds = 0.0
@@ -100,19 +106,8 @@ class ServerA2V(ServerBase):
         generator_round = self.generators_on and round_ % self.config.generator.train_every == 0
         generator_logs: dict[int, list[EpochLog]] = {}
         for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False):
-            if generator_round:
-                tic = time.perf_counter()
-                logs, share = client.train_generators(self.shared, self.config.generator,
-                                                      self.generator_epochs, round_,
-                                                      self.config.seed)
-                x, y = self.receive(share)
-                self.generator_seconds += time.perf_counter() - tic
-                generator_logs[client.node] = logs
-                if len(x):
-                    self.synthetic[client.node] = (x, y)
-                else:
-                    self.synthetic.pop(client.node, None)
             if not train_adapters:
+                self.train_client_generators(client, round_, generator_logs)
                 continue
             start = client.model_state if self.stateful else self.global_state
             self.model.load_state_dict(start)
@@ -135,6 +130,8 @@ class ServerA2V(ServerBase):
                 average.add(update.state, 1.0 if unweighted else float(update.num_samples))
             elif self.algorithm is Algorithm.centralized:
                 self.global_state = update.state
+            if generator_round:
+                self.train_client_generators(client, round_, generator_logs)
         if self.algorithm is Algorithm.federated and train_adapters and not distill:
             self.global_state = (self.fedadam.step(self.global_state, average.result())
                                  if self.fedadam is not None else average.result())
@@ -151,6 +148,23 @@ class ServerA2V(ServerBase):
             if node_acc:
                 metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
         return metrics
+
+    def train_client_generators(self, client: ClientA2V, round_: int,
+                                logs: dict[int, list[EpochLog]]) -> None:
+        """Train a client's generators (on its audio embeddings, or on the outputs of the adapter
+        it just trained, in ``self.model``) and keep what it shares."""
+        tic = time.perf_counter()
+        adapter = (self.model if self.config.generator.training_data is TrainingData.adapter_output
+                   else None)
+        logs[client.node], share = client.train_generators(
+            self.shared, self.config.generator, self.generator_epochs, round_, self.config.seed,
+            adapter)
+        x, y = self.receive(share)
+        self.generator_seconds += time.perf_counter() - tic
+        if len(x):
+            self.synthetic[client.node] = (x, y)
+        else:
+            self.synthetic.pop(client.node, None)
 
     def log_generator_epochs(self, round_: int,
                              logs: dict[int, list[EpochLog]]) -> dict[str, float]:
@@ -217,7 +231,9 @@ class ServerA2V(ServerBase):
             bank = GeneratorBank.from_decoder(share.decoder, g, self.shared.tokens.device)
             prompts = self.shared.prompts if g.conditional else None
             x, y = bank.sample(share.counts, prompts, {}, share.rng)
-        return x.reshape(len(x), g.sequence_length, self.shared.tokens.shape[-1]), y
+        width = (self.shared.prompts.shape[-1] if g.training_data is TrainingData.adapter_output
+                 else self.shared.tokens.shape[-1])
+        return x.reshape(len(x), g.sequence_length, width), y
 
     def distill(self, x: torch.Tensor, y: torch.Tensor,
                 teachers: list[tuple[torch.Tensor, StateDict]], round_: int) -> StateDict:
@@ -254,6 +270,11 @@ class ServerA2V(ServerBase):
         """Train the global adapter (``synthetic``, ``fedavg+synthetic``, ``kd``) and the
         synthetic-only adapter behind ``synthetic/acc`` on the synthetic pool."""
         x, y = self.synthetic_pool(round_)
+        if self.config.generator.training_data is TrainingData.adapter_output:
+            scores = zero_shot_scores(x.mean(1), self.shared.prompts[self.shared.label_space])
+            position = torch.searchsorted(self.shared.label_space, y)
+            return {"synthetic/samples": float(len(x)),
+                    "synthetic/acc": (scores.argmax(1) == position).double().mean().item()}
         mode = self.config.server.adapter_training
         if mode in ("synthetic", "fedavg+synthetic"):
             self.global_state = self.train_on(self.global_state, x, y, round_, 1)
@@ -359,7 +380,9 @@ class ServerA2V(ServerBase):
                     client.generators.load_state_dict(state["generators"][str(client.node)])
             self.synthetic = {int(node): (x.to(device), y.to(device))
                               for node, (x, y) in state["synthetic"].items()}
-            self.synthetic_state = {k: v.to(device) for k, v in state["synthetic_state"].items()}
+            if state["synthetic_state"] is not None:
+                self.synthetic_state = {k: v.to(device)
+                                        for k, v in state["synthetic_state"].items()}
             self.epoch_history = list(state["epoch_history"])
             self.generator_seconds = state["generator_seconds"]
             if "server_generators" in state:
