@@ -69,6 +69,7 @@ def test_two_runs_started_together_get_different_folders(cache_dir: Path, tmp_pa
     """The folder name's time part is the same for both; the process id keeps them apart."""
     env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir)}
     command = [sys.executable, str(REPO / "main.py"), "logger=none", "federation.rounds=1",
+               "generator=none", "server.adapter_training=fedavg",
                "hydra.run.dir=outputs/same/fixed-time_${feda2v.process_id:}"]
     procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]
