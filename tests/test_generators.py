@@ -179,3 +179,20 @@ def test_training_reduces_the_loss_and_samples_have_the_data_shape() -> None:
     samples = model.sample(5, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 5, 12)
     assert samples[1].mean() > samples[0].mean() + 0.5
+
+
+def test_augmentation_noise_perturbs_the_inputs_reproducibly() -> None:
+    data = _data([16, 16])
+
+    def final_loss(noise: float, seed: int = 5) -> torch.Tensor:
+        torch.manual_seed(3)
+        model = VAEGenerator(2, 12, 16, 3)
+        optimizer = MaskedAdam(list(model.parameters()), 2, lr=0.01)
+        rngs = [torch.Generator().manual_seed(seed + k) for k in range(2)]
+        logs = train_generators(model, optimizer, VAELoss(3, 0.5), data, 3, 4, 1.0, rngs,
+                                noise_std=noise)
+        return logs[-1].total
+
+    torch.testing.assert_close(final_loss(0.5), final_loss(0.5))
+    assert not torch.allclose(final_loss(0.5), final_loss(0.0))
+    assert (final_loss(2.0) > final_loss(0.0)).all()
