@@ -60,6 +60,48 @@ def seed_torch(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: torch.Tensor,
+        config: AdapterConfig, epochs: int, seed: int, who: str,
+        optimizer_state: dict | None = None) -> tuple[float, dict]:
+    """Train ``model`` in place with AdamW on seeded minibatches of ``features``; return the last
+    epoch's mean loss and the optimizer state. ``seed`` fixes the minibatch order and dropout
+    masks. Raises TrainingError naming ``who`` and the epoch on a NaN or infinite loss."""
+    seed_torch(seed, features.device)
+    shuffle = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    n = features.shape[0]
+    steps = epochs * math.ceil(n / config.batch_size)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                if config.lr_schedule is LrSchedule.cosine else None)
+    model.train()
+    epoch_loss = math.nan
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=shuffle).to(features.device)
+        total = torch.zeros((), device=features.device)
+        for start in range(0, n, config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = step_loss(model, features[batch], labels[batch])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{who}, epoch {epoch + 1}: adapter loss is {loss.item()}; "
+                                    "lower adapter.lr or set adapter.grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            total += loss.detach() * len(batch)
+        epoch_loss = (total / n).item()
+    return epoch_loss, optimizer.state_dict()
+
+
 class ClientBase:
     """A node: its clips (index tensors per split) and, if stateful, its model and optimizer."""
 
@@ -74,45 +116,15 @@ class ClientBase:
     def num_train(self) -> int:
         return len(self.train_idx)
 
-    def fit(self, model: nn.Module, step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor],
-                                                        torch.Tensor],
-            features: torch.Tensor, labels: torch.Tensor, config: AdapterConfig, epochs: int,
-            round_: int, seed: int, keep_optimizer: bool) -> float:
-        """Train ``model`` in place with AdamW on minibatches; return the last epoch's mean loss.
-
-        Raises TrainingError on a NaN or infinite loss, naming the node, round and epoch.
-        """
-        seed_torch(training_seed(seed, round_, self.node), features.device)
-        shuffle = torch.Generator().manual_seed(training_seed(seed, round_, self.node))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
-        if keep_optimizer and self.optimizer_state is not None:
-            optimizer.load_state_dict(self.optimizer_state)
-        n = features.shape[0]
-        steps = epochs * math.ceil(n / config.batch_size)
-        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                    if config.lr_schedule is LrSchedule.cosine else None)
-        model.train()
-        epoch_loss = math.nan
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=shuffle).to(features.device)
-            total = torch.zeros((), device=features.device)
-            for start in range(0, n, config.batch_size):
-                batch = order[start : start + config.batch_size]
-                loss = step_loss(model, features[batch], labels[batch])
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"node {self.node}, round {round_}, epoch {epoch + 1}: adapter loss is "
-                        f"{loss.item()}; lower adapter.lr or set adapter.grad_clip")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                total += loss.detach() * len(batch)
-            epoch_loss = (total / n).item()
+    def fit(self, model: nn.Module, step_loss: StepLoss, features: torch.Tensor,
+            labels: torch.Tensor, config: AdapterConfig, epochs: int, round_: int, seed: int,
+            keep_optimizer: bool) -> float:
+        """Local training (see :func:`fit`) seeded by (seed, round, node); a stateful client
+        keeps its optimizer state between rounds."""
+        loss, state = fit(model, step_loss, features, labels, config, epochs,
+                          training_seed(seed, round_, self.node),
+                          f"node {self.node}, round {round_}",
+                          self.optimizer_state if keep_optimizer else None)
         if keep_optimizer:
-            self.optimizer_state = optimizer.state_dict()
-        return epoch_loss
+            self.optimizer_state = state
+        return loss

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
-from flcore.clients.clientbase import SharedTensors, StateDict, training_seed
+from flcore.clients.clientbase import SharedTensors, StateDict, fit, training_seed
 from flcore.config import (
     Aggregation,
     Algorithm,
@@ -216,10 +216,10 @@ class ServerA2V(ServerBase):
                  stream: int) -> StateDict:
         """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``."""
         self.model.load_state_dict(state)
-        learner = ClientA2V(SERVER_STREAM + stream, [], y, y[:0], y[:0])
-        learner.fit(self.model, lambda net, xb, yb: self.loss(net.embed(xb), yb), x, y,
-                    self.config.adapter, self.config.server.synthetic_epochs, round_,
-                    self.config.seed, keep_optimizer=False)
+        fit(self.model, lambda net, xb, yb: self.loss(net.embed(xb), yb), x, y,
+            self.config.adapter, self.config.server.synthetic_epochs,
+            training_seed(self.config.seed, round_, SERVER_STREAM + stream),
+            f"server, round {round_}")
         return _clone(self.model.state_dict())
 
     def receive(self, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,9 +260,8 @@ class ServerA2V(ServerBase):
 
         self.model.load_state_dict(self.global_state)
         rows = torch.arange(int(keep.sum()), device=x.device)
-        learner = ClientA2V(SERVER_STREAM + 3, [], rows, rows[:0], rows[:0])
-        learner.fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
-                    round_, self.config.seed, keep_optimizer=False)
+        fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
+            training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}")
         return _clone(self.model.state_dict())
 
     def learn_from_synthetic(self, round_: int,
