@@ -183,7 +183,8 @@ class VAEGenerator(nn.Module):
 class MaskedAdam:
     """Adam over parameters with a leading generator axis; ``step(active)`` updates only the
     generators that had data, each with its own step count, so the update equals K independent
-    Adam optimizers."""
+    Adam optimizers. When every generator is active at the same step count (most steps), the
+    step is torch's fused Adam over the shared moment buffers."""
 
     def __init__(self, params: list[nn.Parameter], k: int, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -191,7 +192,17 @@ class MaskedAdam:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(k, device=params[0].device)
-        self.denom: list[torch.Tensor] | None = None
+        try:
+            self.uniform = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+        except RuntimeError:
+            self.uniform = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+        self._link()
+
+    def _link(self) -> None:
+        """Point the fused optimizer's state at this optimizer's moments (shared storage)."""
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            self.uniform.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": m,
+                                     "exp_avg_sq": v}
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
@@ -200,7 +211,9 @@ class MaskedAdam:
         on = active.to(self.steps.dtype)
         self.steps += on
         if bool(active.all()) and bool((self.steps == self.steps[0]).all()):
-            self._uniform_step(float(self.steps[0]))
+            for p in self.params:
+                self.uniform.state[p]["step"].fill_(self.steps[0] - 1)
+            self.uniform.step()
             return
         t = self.steps.clamp(min=1)
         step_size = -self.lr * on / (1 - b1**t)
@@ -214,25 +227,6 @@ class MaskedAdam:
             denom = v.sqrt().mul_(inv_sqrt_bc2.view(view)).add_(self.eps)
             p.addcdiv_(m * step_size.view(view), denom)
 
-    @torch.no_grad()
-    def _uniform_step(self, t: float) -> None:
-        """Every generator active at the same step count: scalar coefficients, multi-tensor
-        kernels (what ``torch.optim.Adam(foreach=True)`` does)."""
-        b1, b2 = self.betas
-        grads = [p.grad for p in self.params]
-        torch._foreach_mul_(self.m, b1)
-        torch._foreach_add_(self.m, grads, alpha=1 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
-        if self.denom is None:
-            self.denom = [torch.empty_like(v) for v in self.v]
-        denom = self.denom
-        torch._foreach_copy_(denom, self.v)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_div_(denom, math.sqrt(1 - b2**t))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.params, self.m, denom, value=-self.lr / (1 - b1**t))
-
     def state_dict(self) -> dict[str, object]:
         return {"m": self.m, "v": self.v, "steps": self.steps}
 
@@ -240,6 +234,7 @@ class MaskedAdam:
         self.m = [t.to(p.device) for t, p in zip(state["m"], self.params, strict=True)]
         self.v = [t.to(p.device) for t, p in zip(state["v"], self.params, strict=True)]
         self.steps = state["steps"].to(self.params[0].device)
+        self._link()
 
 
 def clip_per_generator(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
