@@ -46,12 +46,11 @@ class ClientA2V(ClientBase):
     """A node that trains the adapter from its audio embeddings to its class prompts, and VAE
     generators of those embeddings."""
 
-    generators: GeneratorBank | None = None
-
     def __init__(self, node: int, classes: list[str], train: torch.Tensor, val: torch.Tensor,
                  test: torch.Tensor, granularity: Granularity | None = None) -> None:
         super().__init__(node, classes, train, val, test)
         self.granularity = granularity
+        self.generators: GeneratorBank | None = None
 
     def train(self, model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss,
               config: AdapterConfig, epochs: int, round_: int, seed: int,
