@@ -38,7 +38,7 @@ def batched(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: in
     model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim).to(device)
     model.load_state_dict(init)
     optimizer = MaskedAdam(list(model.parameters()), k, config.lr)
-    rngs = [torch.Generator().manual_seed(g) for g in range(k)]
+    rngs = [torch.Generator(device=device).manual_seed(g) for g in range(k)]
     logs = train_generators(model, optimizer, vae_loss(config, epochs), data, epochs, batch,
                             config.grad_clip, rngs)
     sync(device)
@@ -55,16 +55,17 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
         model = VAEGenerator(1, features, config.hidden_dim, config.latent_dim).to(device)
         model.load_state_dict({name: v[g : g + 1] for name, v in init.items()})
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        rng = torch.Generator().manual_seed(g)
+        rng = torch.Generator(device=device).manual_seed(g)
         x = data.x[g : g + 1]
         n = int(data.counts[g])
         for epoch in range(epochs):
-            order = torch.randperm(n, generator=rng)
+            order = torch.randperm(n, generator=rng, device=device)
             total, seen = 0.0, 0
             for start in range(0, n, batch):
-                idx = order[start : start + batch].to(device)
+                idx = order[start : start + batch]
                 xb = x[:, idx]
-                noise = torch.randn(1, len(idx), config.latent_dim, generator=rng).to(device)
+                noise = torch.randn(len(idx), config.latent_dim, generator=rng,
+                                    device=device)[None]
                 recon, mu, logvar = model(xb, noise)
                 terms = loss_fn(recon, xb, mu, logvar, epoch,
                                 torch.ones(1, len(idx), dtype=torch.bool, device=device))

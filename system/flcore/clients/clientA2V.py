@@ -103,7 +103,8 @@ class ClientA2V(ClientBase):
         prompts = shared.prompts if config.conditional else None
         self.generators = self.generators or self.new_generators(shared, config)
         base = training_seed(seed, round_, self.node)
-        rngs = [torch.Generator().manual_seed(base + g) for g in range(self.generators.model.k)]
+        rngs = [torch.Generator(device=x.device).manual_seed(base + g)
+                for g in range(self.generators.model.k)]
         logs = self.generators.fit(x, labels, prompts, vae_loss(config, total_epochs), rngs,
                                    where=f"node {self.node}, round {round_}: ")
         present = labels.unique().tolist()

@@ -195,7 +195,8 @@ class ServerA2V(ServerBase):
         rows = x.reshape(len(x), -1)
         self.server_bank = self.server_bank or self.new_server_bank(y, rows.shape[1])
         base = training_seed(self.config.seed, round_, SERVER_STREAM)
-        rngs = [torch.Generator().manual_seed(base + k) for k in range(self.server_bank.model.k)]
+        rngs = [torch.Generator(device=rows.device).manual_seed(base + k)
+                for k in range(self.server_bank.model.k)]
         self.server_bank.fit(rows, y, None, vae_loss(g, self.generator_epochs), rngs,
                              where=f"server, round {round_}: ")
         present = y.unique().tolist()

@@ -270,13 +270,14 @@ class EpochLog:
 
 
 def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
-          width: int) -> torch.Tensor:
-    """Standard normal draws ``[K, width, *shape]``: generator k draws only its ``valid[k]``
-    rows from ``rngs[k]`` (the rest are zeros), exactly as it would if trained alone."""
-    out = torch.zeros(len(rngs), width, *shape)
+          width: int, device: torch.device) -> torch.Tensor:
+    """Standard normal draws ``[K, width, *shape]`` on ``device``: generator k draws only its
+    ``valid[k]`` rows from ``rngs[k]`` (the rest are zeros), exactly as it would if trained
+    alone. Each ``rngs[k]`` lives on ``device``, so nothing crosses devices."""
+    out = torch.zeros(len(rngs), width, *shape, device=device)
     for g, n in enumerate(valid):
         if n:
-            out[g, :n] = torch.randn(n, *shape, generator=rngs[g])
+            out[g, :n] = torch.randn(n, *shape, generator=rngs[g], device=device)
     return out
 
 
@@ -285,20 +286,20 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
                      rngs: list[torch.Generator], epoch_offset: int = 0,
                      noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
                      on_nan: OnNan = OnNan.error) -> list[EpochLog]:
-    """Minibatch training of all K generators together; ``rngs[k]`` drives generator k's
-    shuffling and noise. On a NaN or infinite loss, raises TrainingError naming ``where``, the
-    generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
-    (its ``data.counts`` entry becomes 0) and goes on with the others."""
+    """Minibatch training of all K generators together; ``rngs[k]`` (on the data's device)
+    drives generator k's shuffling and noise. On a NaN or infinite loss, raises TrainingError
+    naming ``where``, the generator and the epoch, or with ``on_nan=drop_generator`` stops
+    training that generator (its ``data.counts`` entry becomes 0) and goes on with the others."""
     k, n_max, _ = data.x.shape
     device = data.x.device
     params = list(model.parameters())
     logs = []
     for epoch in range(epoch_offset, epoch_offset + epochs):
-        perms = torch.full((k, n_max), -1, dtype=torch.long)
+        order = torch.full((k, n_max), -1, dtype=torch.long)
         for g in range(k):
             n = int(data.counts[g])
-            perms[g, :n] = torch.randperm(n, generator=rngs[g])
-        perms = perms.to(device)
+            order[g, :n] = torch.randperm(n, generator=rngs[g], device=device).cpu()
+        perms = order.to(device)
         sums = torch.zeros(4, k, device=device)
         seen = torch.zeros(k, device=device)
         beta = 0.0
@@ -310,10 +311,11 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             cond = (None if data.cond is None else
                     torch.gather(data.cond, 1, safe[..., None].expand(-1, -1,
                                                                         data.cond.shape[-1])))
-            valid = mask.sum(1).tolist()
-            noise = _draw(rngs, valid, (model.latent,), index.shape[1]).to(device)
+            valid = (order[:, start : start + batch_size] >= 0).sum(1).tolist()
+            noise = _draw(rngs, valid, (model.latent,), index.shape[1], device)
             if noise_std > 0:
-                x = x + noise_std * _draw(rngs, valid, x.shape[2:], index.shape[1]).to(device)
+                jitter = _draw(rngs, valid, tuple(x.shape[2:]), index.shape[1], device)
+                x = x + noise_std * jitter
             recon, mu, logvar = model(x, noise, cond)
             terms = loss_fn(recon, x, mu, logvar, epoch, mask)
             active = mask.any(1)
@@ -329,6 +331,7 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
                             message)
                 data.counts[g] = 0
                 perms[g] = -1
+                order[g] = -1
             active = active & ~bad
             mask = mask & active[:, None]
             for p in params:
