@@ -504,10 +504,8 @@ def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
     """Generator ``g`` of a bank as a one-generator module sharing its weights."""
     one = VAEGenerator(1, model.features, model.enc.weight.shape[-1], model.latent, model.cond)
     one.to(model.enc.weight.device)
-    for (name, param), (_, source) in zip(one.named_parameters(), model.named_parameters(),
-                                          strict=True):
+    for param, source in zip(one.parameters(), model.parameters(), strict=True):
         param.data = source.data[g : g + 1]
-        del name
     return one
 
 
