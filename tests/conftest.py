@@ -53,23 +53,28 @@ def run_main(cache_dir: Path, tmp_path: Path) -> Callable[..., subprocess.Comple
 
 
 def write_esc50(root: Path, rows: list[tuple[str, int, int, str]], rate: int = 44100,
-                seconds: float = 0.5) -> Path:
-    """An ESC-50-layout folder: a noise burst WAV per row (filename, fold, target, category)."""
+                seconds: float = 1.0, src_file_column: bool = True) -> Path:
+    """An ESC-50-layout folder: a noise burst WAV per row (filename, fold, target, category).
+
+    Rows are named ``{fold}-{src_file}-{take}-{target}.wav``; the metadata's ``src_file`` column
+    holds the name's second field, or is left out with ``src_file_column=False``.
+    """
     (root / "audio").mkdir(parents=True, exist_ok=True)
     (root / "meta").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    lines = ["filename,fold,target,category,esc10,src_file,take"]
+    lines = ["filename,fold,target,category,esc10" + (",src_file,take" * src_file_column)]
     for filename, fold, target, category in rows:
         audio = 0.1 * rng.standard_normal(int(rate * seconds)).astype(np.float32)
         sf.write(root / "audio" / filename, audio, rate, subtype="PCM_16")
-        lines.append(f"{filename},{fold},{target},{category},False,{filename[2:8]},A")
+        src = f",{filename.split('-')[1]},A" if src_file_column else ""
+        lines.append(f"{filename},{fold},{target},{category},False{src}")
     (root / "meta" / "esc50.csv").write_text("\n".join(lines) + "\n")
     return root
 
 
 @pytest.fixture
 def tiny_esc50(tmp_path: Path) -> Path:
-    """Three classes x five folds x two clips, 44.1 kHz like the real ESC-50."""
+    """Three classes x five folds x two one-second clips, 44.1 kHz like the real ESC-50."""
     rows = [(f"{fold}-{target}{fold}{take}000-A-{target}.wav", fold, target, name)
             for target, name in enumerate(["dog", "rain", "siren"])
             for fold in range(1, 6) for take in range(2)]

@@ -1,4 +1,5 @@
-"""The embedding cache: hits, misses on any changed input, atomic writes, bypass, bad folders."""
+"""The embedding cache: hits, misses on any changed input, atomic writes, bad entries,
+bypass, bad folders."""
 
 import logging
 from pathlib import Path
@@ -75,6 +76,69 @@ def test_truncated_entry_is_recomputed(tiny_esc50: Path, tmp_path: Path,
     assert hit is False and "unreadable cache entry" in caplog.text
     torch.testing.assert_close(again, reference)
     assert embed(tiny_esc50, cache)[1] is True
+
+
+def rewrite_entry(path: Path, field: str, change) -> None:
+    """Store a loadable entry whose ``field`` was changed, under the same key."""
+    entry = torch.load(path, weights_only=True)
+    entry[field] = change(entry[field])
+    torch.save(entry, path)
+
+
+def with_nan(tensor: torch.Tensor) -> torch.Tensor:
+    tensor[0, 0, 0] = float("nan")
+    return tensor
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (with_nan, "tokens: NaN/inf values"),
+    (lambda t: t[:-1], "tokens: shape [29, 8, 120], expected [30, 8, 120]"),
+    (lambda t: t[:, :, :7], "tokens: shape [30, 8, 7], expected [30, 8, 120]"),
+    (lambda t: t[:, 0], "tokens: shape [30, 120], expected [30, 8, 120]"),
+    (lambda t: t.tolist(), "tokens: not a float tensor (list)"),
+])
+def test_bad_but_loadable_audio_entry_is_recomputed(tiny_esc50: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture, change,
+                                                    problem: str) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    reference, _ = embed(tiny_esc50, cache)
+    rewrite_entry(next((tmp_path / "cache").glob("*.pt")), "tokens", change)
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed(tiny_esc50, cache)
+    assert hit is False and "bad cache entry" in caplog.text and problem in caplog.text
+    assert torch.isfinite(again).all()
+    torch.testing.assert_close(again, reference)
+    assert embed(tiny_esc50, cache)[1] is True
+
+
+def test_entry_that_is_not_a_dict_is_recomputed(tiny_esc50: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    reference, _ = embed(tiny_esc50, cache)
+    entry = next((tmp_path / "cache").glob("*.pt"))
+    torch.save(reference, entry)
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed(tiny_esc50, cache)
+    assert hit is False and "(a Tensor, not a dict)" in caplog.text
+    torch.testing.assert_close(again, reference)
+
+
+def test_bad_but_loadable_text_entry_is_recomputed(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache(tmp_path)
+    encoder = MiniLMEncoder(TextEncoderConfig())
+    reference, _ = embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)
+    entry = next(tmp_path.glob("*.pt"))
+    rewrite_entry(entry, "embeddings", lambda t: t.fill_(float("inf")))
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)
+    assert hit is False and "embeddings: NaN/inf values" in caplog.text
+    torch.testing.assert_close(again, reference)
+    rewrite_entry(entry, "embeddings", lambda t: t[:1])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)[1] is False
+    assert "shape [1, 384], expected [2, *]" in caplog.text
 
 
 def test_bypass_writes_nothing(tiny_esc50: Path, tmp_path: Path) -> None:

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from flcore.config import OnBadFile
-from flcore.data.esc50 import load_esc50, load_waveform
+from conftest import write_esc50
+from flcore.config import (
+    AudioEncoderConfig,
+    AudioEncoderName,
+    DatasetConfig,
+    DatasetName,
+    OnBadFile,
+)
+from flcore.data import load_dataset
+from flcore.data.esc50 import Clip, load_esc50, load_waveform
+from flcore.encoders.audio import min_clip_seconds
 from flcore.errors import DataError
 
 
@@ -23,7 +32,7 @@ def test_resamples_44k_to_16k(tiny_esc50: Path) -> None:
     dataset = load_esc50(tiny_esc50)
     wave = load_waveform(dataset.path(dataset.clips[0]), 16000)
     assert wave.dtype.is_floating_point and wave.ndim == 1
-    assert wave.shape[0] == 8000
+    assert wave.shape[0] == 16000
 
 
 def test_stereo_is_averaged_and_8bit_is_converted(tmp_path: Path) -> None:
@@ -106,3 +115,46 @@ def test_bad_files_stop_the_run_or_are_skipped_and_counted(tiny_esc50: Path, dam
     assert len(dataset.clips) == 29
     assert list(dataset.skipped) == [victim.name]
     assert problem in dataset.skipped[victim.name]
+
+
+def test_src_file_from_metadata_else_file_name(tmp_path: Path) -> None:
+    rows = [("1-100032-A-0.wav", 1, 0, "dog"), ("2-100032-B-0.wav", 2, 0, "dog"),
+            ("take_three.wav", 3, 0, "dog")]
+    without = load_esc50(write_esc50(tmp_path / "a", rows, src_file_column=False))
+    assert [c.src_file for c in without.clips] == ["100032", "100032", "take_three.wav"]
+    root = write_esc50(tmp_path / "b", rows[:2])
+    meta = root / "meta" / "esc50.csv"
+    meta.write_text(meta.read_text().replace("2-100032-B-0.wav,2,0,dog,False,100032",
+                                             "2-100032-B-0.wav,2,0,dog,False,777"))
+    assert [c.src_file for c in load_esc50(root).clips] == ["100032", "777"]
+    assert Clip("3-42-C-7.WAV", 3, 7, "x").src_file == "42"
+
+
+def test_min_clip_seconds_needs_no_model() -> None:
+    assert min_clip_seconds(AudioEncoderConfig()) == pytest.approx(0.96)
+    assert min_clip_seconds(AudioEncoderConfig(name=AudioEncoderName.mfcc)) == 0.025
+    assert min_clip_seconds(AudioEncoderConfig(name=AudioEncoderName.ast,
+                                               path="/no/such/model")) == 0.025
+
+
+def test_clip_shorter_than_the_encoder_window_is_a_bad_file(tiny_esc50: Path,
+                                                            tmp_path: Path) -> None:
+    victim = sorted((tiny_esc50 / "audio").iterdir())[0]
+    sf.write(victim, np.zeros(441, dtype=np.float32), 44100, subtype="PCM_16")  # 10 ms
+    assert len(load_esc50(tiny_esc50).clips) == 30  # no minimum: read as before
+    config = DatasetConfig(name=DatasetName.esc50, root=str(tiny_esc50))
+    yamnet = min_clip_seconds(AudioEncoderConfig())
+    with pytest.raises(DataError) as err:
+        load_dataset(config, tmp_path, min_seconds=yamnet)
+    message = str(err.value)
+    assert "\n" not in message and victim.name in message
+    assert "too short (0.010 s; the audio encoder needs at least 0.960 s)" in message
+    config.on_bad_file = OnBadFile.skip
+    dataset = load_dataset(config, tmp_path, min_seconds=yamnet)
+    assert len(dataset.clips) == 29 and list(dataset.skipped) == [victim.name]
+    assert "too short" in dataset.skipped[victim.name]
+    mfcc = min_clip_seconds(AudioEncoderConfig(name=AudioEncoderName.mfcc))
+    assert "at least 0.025 s" in load_dataset(config, tmp_path, mfcc).skipped[victim.name]
+    sf.write(victim, np.zeros(22050, dtype=np.float32), 44100, subtype="PCM_16")  # 0.5 s
+    assert len(load_dataset(config, tmp_path, min_seconds=mfcc).clips) == 30
+    assert list(load_dataset(config, tmp_path, min_seconds=yamnet).skipped) == [victim.name]

@@ -1,10 +1,13 @@
-"""Node partitions: class assignment, disjoint clip splits, Dirichlet termination, bad input."""
+"""Node partitions: class assignment, disjoint clip splits that keep recordings whole,
+Dirichlet termination, warnings and bad input."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import write_esc50
 from flcore.config import (
     DatasetConfig,
     FederationConfig,
@@ -12,8 +15,10 @@ from flcore.config import (
     PartitionConfig,
     PartitionKind,
     SplitKind,
+    SyntheticConfig,
 )
-from flcore.data.esc50 import AudioDataset, Clip
+from flcore.data import synthetic
+from flcore.data.esc50 import AudioDataset, Clip, load_esc50
 from flcore.data.partition import build_partition, split_clips
 from flcore.errors import ConfigError, DataError
 
@@ -154,3 +159,120 @@ def test_table_and_stats() -> None:
     assert len(table) == 5 and table[-1].split()[-3:] == ["144", "48", "48"]
     stats = partition.stats()
     assert stats["num_nodes"] == 3 and stats["num_classes"] == 6 and stats["train_clips"] == 144
+
+
+RATIO = DatasetConfig(split=SplitKind.ratio, train_ratio=0.6, val_ratio=0.2)
+
+
+def recordings_folder(root: Path) -> Path:
+    """Three classes x 15 recordings of 1 to 4 clips each (36 clips a class), ESC-50 named."""
+    rows = [(f"{r % 5 + 1}-{target}{r:03d}-{take}-{target}.wav", r % 5 + 1, target, name)
+            for target, name in enumerate(["dog", "rain", "siren"])
+            for r in range(15) for take in "ABCD"[: r % 4 + 1]]
+    return write_esc50(root, rows, rate=8000, seconds=0.1)
+
+
+def splits_per_recording(dataset: AudioDataset, codes: np.ndarray) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {}
+    for clip, code in zip(dataset.clips, codes.tolist(), strict=True):
+        found.setdefault(clip.src_file, set()).add(code)
+    return found
+
+
+def clip_level_split(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The former ``split=ratio``: each class's clips shuffled and cut 60/20/20, clip by clip."""
+    rng, codes = np.random.default_rng(seed), np.empty(len(labels), dtype=np.int64)
+    for target in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == target))
+        codes[idx] = np.repeat([0, 1, 2], np.diff(np.round(np.array([0, 0.6, 0.8, 1.0])
+                                                           * len(idx)).astype(int)))
+    return codes
+
+
+def test_ratio_split_keeps_every_recording_in_one_split(tmp_path: Path) -> None:
+    dataset = load_esc50(recordings_folder(tmp_path / "esc"))
+    assert len(dataset.clips) == 108 and len({c.src_file for c in dataset.clips}) == 45
+    old = splits_per_recording(dataset, clip_level_split(dataset.labels, 0))
+    assert sum(len(s) > 1 for s in old.values()) == 27  # of 33 multi-clip recordings
+    for seed in range(5):
+        codes = split_clips(dataset, RATIO, seed)
+        assert all(len(s) == 1 for s in splits_per_recording(dataset, codes).values())
+        for target in range(3):  # 36 clips: shares 21.6 / 7.2 / 7.2, the nearest whole counts
+            assert np.bincount(codes[dataset.labels == target]).tolist() == [22, 7, 7]
+    codes = split_clips(dataset, RATIO, 3)
+    assert (split_clips(dataset, RATIO, 3) == codes).all()
+    assert (split_clips(dataset, RATIO, 4) != codes).any()
+
+
+def test_ratio_partition_lists_files_and_shares_no_recording(tmp_path: Path) -> None:
+    dataset = load_esc50(recordings_folder(tmp_path / "esc"))
+    partition = build_partition(dataset, RATIO, federation(PartitionKind.iid, num_nodes=2), 0)
+    assert partition.stats()["shared_recordings"] == 0
+    files = partition.files()
+    assert [f["node"] for f in files] == [0, 1]
+    for node, listed in zip(partition.nodes, files, strict=True):
+        for split in ("train", "val", "test"):
+            assert listed[split] == [dataset.clips[i].filename for i in getattr(node, split)]
+    sides = [{name.split("-")[1] for f in files for name in f[s]} for s in ("train", "val", "test")]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert sorted(n for f in files for s in ("train", "val", "test") for n in f[s]) == sorted(
+        c.filename for c in dataset.clips)
+
+
+def test_folds_that_break_recordings_are_counted_and_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [(f"{r + 1}-{target}{r:03d}-A-{target}.wav", r + 1, target, name)
+            for target, name in enumerate(["dog", "rain"]) for r in range(5)]
+    rows += [("5-0000-B-0.wav", 5, 0, "dog"), ("4-1001-B-1.wav", 4, 1, "rain"),
+             ("5-1001-C-1.wav", 5, 1, "rain")]  # 0000 in train and test; 1001 in all three
+    dataset = load_esc50(write_esc50(tmp_path / "esc", rows, rate=8000, seconds=0.1))
+    with caplog.at_level(logging.WARNING):
+        partition = build_partition(dataset, DatasetConfig(), federation(num_nodes=1,
+                                                                         classes_per_node=2), 0)
+    assert partition.stats()["shared_recordings"] == 2
+    assert "2 source recording(s) (src_file)" in caplog.text
+
+
+def test_a_mixed_recording_goes_with_its_majority_class() -> None:
+    """Recording M (two 'a' clips, one 'b' clip) is dealt among class a's recordings."""
+    clips = [Clip(f"a{i}.wav", 1, 0, "a") for i in range(4)]
+    clips += [Clip("m1.wav", 1, 0, "a", "M"), Clip("m2.wav", 1, 0, "a", "M"),
+              Clip("m3.wav", 1, 1, "b", "M")]
+    dataset = AudioDataset(root=Path("/nowhere"), clips=clips, class_names=["a", "b"])
+    config = DatasetConfig(split=SplitKind.ratio, train_ratio=0.3, val_ratio=0.3)
+    # Class a: 7 clips, shares 2.1 / 2.1 / 2.8: M (3 clips, dealt first) goes to test. As class
+    # b's only recording it would have been kept in train.
+    for seed in range(3):
+        assert split_clips(dataset, config, seed).tolist()[4:] == [2, 2, 2]
+    partition = build_partition(dataset, config, FederationConfig(nodes=[NodeConfig(["a", "b"])]),
+                                0)
+    assert partition.warnings() == ["node 0: class 'b' has no train clips (the node "
+                                    "never trains on it)"]
+
+
+def test_bundled_synthetic_data_has_one_recording_per_clip(cache_dir: Path) -> None:
+    dataset = load_esc50(synthetic.ensure_dataset(cache_dir, SyntheticConfig()))
+    assert [c.src_file for c in dataset.clips] == [c.filename.split("-")[1]
+                                                   for c in dataset.clips]
+    assert len({c.src_file for c in dataset.clips}) == len(dataset.clips) == 400
+    config = DatasetConfig(split=SplitKind.ratio)
+    partition = build_partition(dataset, config, federation(num_nodes=5), 0)
+    assert partition.stats()["shared_recordings"] == 0
+    codes = split_clips(dataset, config, 0)
+    for target in range(10):
+        assert np.bincount(codes[dataset.labels == target]).tolist() == [28, 4, 8]
+
+
+def test_warnings_name_nodes_without_train_clips_of_a_class_or_without_test_clips() -> None:
+    dataset = fake_dataset(clips_per_class=5)  # dog: 3 train, 1 val, 1 test clip
+    nodes = [NodeConfig([other, "dog"]) for other in ["rain", "siren", "engine", "sea_waves"]]
+    partition = build_partition(dataset, DatasetConfig(), FederationConfig(nodes=nodes), 0)
+    dog_train = [int((dataset.labels[n.train] == 0).sum()) for n in partition.nodes]
+    assert dog_train == [1, 1, 0, 1]
+    assert partition.warnings() == ["node 2: class 'dog' has no train clips (the node "
+                                    "never trains on it)"]
+    nodes = [NodeConfig(["dog"]), NodeConfig(["dog"])]
+    partition = build_partition(dataset, DatasetConfig(), FederationConfig(nodes=nodes), 0)
+    assert [len(n.test) for n in partition.nodes] == [0, 1]
+    assert partition.warnings() == ["node 0 has no test clips (its local accuracy is not "
+                                    "measured)"]

@@ -9,8 +9,10 @@ from flcore.data.esc50 import AudioDataset, Clip, load_esc50, load_waveform
 __all__ = ["AudioDataset", "Clip", "load_dataset", "load_waveform"]
 
 
-def load_dataset(config: DatasetConfig, cache_dir: str | Path) -> AudioDataset:
-    """The dataset the config names; the synthetic one is generated on first use."""
+def load_dataset(config: DatasetConfig, cache_dir: str | Path,
+                 min_seconds: float = 0.0) -> AudioDataset:
+    """The dataset the config names (the synthetic one generated on first use); clips shorter
+    than ``min_seconds`` are bad files."""
     if config.name is DatasetName.synthetic:
         if config.root is None:
             root = synthetic.ensure_dataset(Path(cache_dir), config.synthetic)
@@ -18,5 +20,5 @@ def load_dataset(config: DatasetConfig, cache_dir: str | Path) -> AudioDataset:
             root = Path(config.root).expanduser()
             if not (root / "meta" / "esc50.csv").is_file():
                 synthetic.write_dataset(root, config.synthetic)
-        return load_esc50(root, config.on_bad_file)
-    return load_esc50(config.root, config.on_bad_file)
+        return load_esc50(root, config.on_bad_file, min_seconds)
+    return load_esc50(config.root, config.on_bad_file, min_seconds)

@@ -3,7 +3,9 @@
 A cache entry's key hashes the dataset's fingerprint (metadata plus each file's name, size and
 modification time) and the encoder's fingerprint (its name, parameters and weights), so a changed
 dataset or encoder setting never reuses a stale entry. Entries are written atomically and read
-with ``torch.load(weights_only=True)``; an unreadable entry is a miss, never a crash.
+with ``torch.load(weights_only=True)``. A loaded entry is checked as a fresh result would be
+(finite, ``[N, tokens, D]`` for audio); an unreadable or bad entry is a warning and a miss, never
+a crash.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from flcore.config import TextOutput
 from flcore.data.esc50 import AudioDataset, load_waveform
 from flcore.encoders.text import class_prompts
 from flcore.errors import DataError
@@ -78,10 +81,15 @@ class EmbeddingCache:
         if self.folder is None or not self.path(key).is_file():
             return None
         try:
-            return torch.load(self.path(key), map_location="cpu", weights_only=True)
+            entry = torch.load(self.path(key), map_location="cpu", weights_only=True)
         except Exception as err:
             log.warning("Ignoring unreadable cache entry %s (%s); recomputing", self.path(key), err)
             return None
+        if not isinstance(entry, dict):
+            log.warning("Ignoring unreadable cache entry %s (a %s, not a dict); recomputing",
+                        self.path(key), type(entry).__name__)
+            return None
+        return entry
 
     def store(self, key: str, payload: dict[str, Any]) -> None:
         """Write ``payload`` atomically under ``key`` (a no-op when disabled)."""
@@ -96,16 +104,59 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _tensor_problem(value: Any, shape: tuple[int | None, ...]) -> str | None:
+    """Why ``value`` is not a finite float tensor of ``shape`` (None: any size), or None."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"not a float tensor ({type(value).__name__})"
+    if value.ndim != len(shape) or any(n not in (None, m)
+                                       for n, m in zip(shape, value.shape, strict=True)):
+        wanted = ", ".join("*" if n is None else str(n) for n in shape)
+        return f"shape {list(value.shape)}, expected [{wanted}]"
+    if not torch.isfinite(value).all():
+        return "NaN/inf values"
+    return None
+
+
+def _audio_dim(encoder: "AudioEncoder") -> int | None:
+    """The feature size D of ``encoder``'s tokens, known without loading its model (None for an
+    encoder this function does not know)."""
+    from flcore.encoders.audio import AstEncoder, MfccEncoder, YamnetEncoder
+
+    if isinstance(encoder, MfccEncoder):
+        return encoder.n_mfcc * (3 if encoder.deltas else 1)
+    if isinstance(encoder, YamnetEncoder):
+        return 1024
+    if isinstance(encoder, AstEncoder):
+        return int(json.loads((encoder.folder / "config.json").read_text())["hidden_size"])
+    return None
+
+
+def _cached(cache: EmbeddingCache, key: str, field: str, shape: tuple[int | None, ...],
+            **expected: Any) -> torch.Tensor | None:
+    """The tensor ``field`` of the entry under ``key`` if the entry matches ``expected`` and the
+    tensor is finite with ``shape``; a bad entry is a warning and a miss."""
+    entry = cache.load(key)
+    if entry is None or any(entry.get(k) != v for k, v in expected.items()):
+        return None
+    problem = _tensor_problem(entry.get(field), shape)
+    if problem is not None:
+        log.warning("Ignoring bad cache entry %s (%s: %s); recomputing", cache.path(key), field,
+                    problem)
+        return None
+    return entry[field]
+
+
 def embed_audio(dataset: AudioDataset, encoder: "AudioEncoder", cache: EmbeddingCache,
                 batch_size: int, progress: bool = True) -> tuple[torch.Tensor, bool]:
     """Token sequences ``[N, L, D]`` of every clip (in ``dataset.clips`` order), and whether
-    they came from the cache."""
+    they came from the cache (an entry is checked as a fresh result is)."""
     filenames = [clip.filename for clip in dataset.clips]
     key = cache_key(kind="audio", dataset=dataset_fingerprint(dataset),
                     encoder=encoder.fingerprint())
-    entry = cache.load(key)
-    if entry is not None and entry.get("filenames") == filenames:
-        return entry["tokens"], True
+    shape = (len(filenames), encoder.tokens, _audio_dim(encoder))
+    tokens = _cached(cache, key, "tokens", shape, filenames=filenames)
+    if tokens is not None:
+        return tokens, True
     parts = []
     with tqdm(total=len(filenames), desc=f"{encoder.name} embeddings", unit="clip",
               disable=not progress) as bar:
@@ -127,9 +178,11 @@ def embed_text(class_names: list[str], encoder: "TextEncoder", template: str,
     """One embedding (or token sequence) per class prompt, and whether it came from the cache."""
     prompts = class_prompts(class_names, template)
     key = cache_key(kind="text", prompts=prompts, encoder=encoder.fingerprint())
-    entry = cache.load(key)
-    if entry is not None and entry.get("prompts") == prompts:
-        return entry["embeddings"], True
+    shape = ((len(prompts), None) if encoder.output is TextOutput.pooled
+             else (len(prompts), encoder.max_length, None))
+    cached = _cached(cache, key, "embeddings", shape, prompts=prompts)
+    if cached is not None:
+        return cached, True
     embeddings = encoder.encode(prompts)
     cache.store(key, {"embeddings": embeddings, "prompts": prompts})
     return embeddings, False

@@ -7,6 +7,7 @@ metadata and every file header are checked once at load time so that a bad file 
 
 import csv
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +27,32 @@ HOW_TO_GET = (
     "ESC-50-master.zip) and pass dataset.root=/path/to/ESC-50-master, or run on the bundled "
     "synthetic data with dataset=synthetic"
 )
+ESC50_NAME = re.compile(r"^\d+-([^-]+)-[^-]+-\d+\.wav$", re.IGNORECASE)
+
+
+def recording_of(filename: str) -> str:
+    """The source recording of a clip named ``{fold}-{src_file}-{take}-{target}.wav``, else the
+    file itself (a clip of its own recording)."""
+    match = ESC50_NAME.match(filename)
+    return match.group(1) if match else filename
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One row of the metadata: a WAV file, its fold and its class."""
+    """One row of the metadata: a WAV file, its fold, its class and its source recording.
+
+    An empty ``src_file`` is filled from the file name (:func:`recording_of`).
+    """
 
     filename: str
     fold: int
     target: int
     category: str
+    src_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.src_file:
+            object.__setattr__(self, "src_file", recording_of(self.filename))
 
 
 @dataclass
@@ -74,7 +91,7 @@ def _read_metadata(root: Path) -> list[Clip]:
         for line, row in enumerate(reader, start=2):
             try:
                 clips.append(Clip(row["filename"], int(row["fold"]), int(row["target"]),
-                                  row["category"]))
+                                  row["category"], (row.get("src_file") or "").strip()))
             except (TypeError, ValueError) as err:
                 raise DataError(f"{meta}:{line}: fold and target must be integers ({err})") from err
     if not clips:
@@ -96,8 +113,9 @@ def _class_names(clips: list[Clip], meta: Path) -> list[str]:
     return [by_target[t] for t in targets]
 
 
-def _file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used as a clip, or None when its header reads and it has samples."""
+def _file_problem(path: Path, min_seconds: float) -> str | None:
+    """Why ``path`` cannot be used as a clip, or None when its header reads and it lasts at
+    least ``min_seconds`` (the audio encoder's shortest input)."""
     if not path.is_file():
         return "file not found"
     try:
@@ -106,11 +124,17 @@ def _file_problem(path: Path) -> str | None:
         return f"unreadable audio ({err})"
     if info.frames == 0:
         return "empty file (0 samples)"
+    seconds = info.frames / info.samplerate
+    if seconds < min_seconds:
+        return (f"too short ({seconds:.3f} s; the audio encoder needs at least "
+                f"{min_seconds:.3f} s)")
     return None
 
 
-def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error) -> AudioDataset:
-    """Read the metadata under ``root`` and check every listed WAV file's header."""
+def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
+               min_seconds: float = 0.0) -> AudioDataset:
+    """Read the metadata under ``root`` and check every listed WAV file's header; a clip shorter
+    than ``min_seconds`` is a bad file."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset.root={root}: folder not found; " + HOW_TO_GET)
@@ -118,7 +142,7 @@ def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error) -> Au
     class_names = _class_names(clips, root / "meta" / "esc50.csv")
     kept, skipped = [], {}
     for clip in clips:
-        problem = _file_problem(root / "audio" / clip.filename)
+        problem = _file_problem(root / "audio" / clip.filename, min_seconds)
         if problem is None:
             kept.append(clip)
         elif on_bad_file is OnBadFile.error:

@@ -1,20 +1,24 @@
 """Which classes each node holds, and each node's disjoint train / val / test clips.
 
-A partition is built in three steps: every clip gets a split (official folds or a stratified
-ratio), every class gets weights over the nodes that hold it (explicit lists, classes per node,
-IID or Dirichlet), and the clips of each (class, split) are dealt to those nodes by their weights.
-A class held by several nodes therefore has its clips split disjointly among them.
+A partition is built in three steps: every clip gets a split (official folds, or a stratified
+ratio over whole source recordings, so that no recording has clips on two sides), every class
+gets weights over the nodes that hold it (explicit lists, classes per node, IID or Dirichlet),
+and the clips of each (class, split) are dealt to those nodes by their weights. A class held by
+several nodes therefore has its clips split disjointly among them.
 """
 
 import difflib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from flcore.config import DatasetConfig, FederationConfig, Granularity, PartitionKind, SplitKind
-from flcore.data.esc50 import AudioDataset
+from flcore.data.esc50 import AudioDataset, Clip
 from flcore.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -36,10 +40,12 @@ class NodeSplit:
 
 @dataclass
 class Partition:
-    """The federation's nodes over one dataset."""
+    """The federation's nodes over one dataset; ``clips`` is the dataset's clip list, which the
+    nodes' indices point into."""
 
     nodes: list[NodeSplit]
     class_names: list[str]
+    clips: list[Clip]
 
     @property
     def classes(self) -> list[str]:
@@ -58,7 +64,32 @@ class Partition:
             "train_clips_per_node_max": int(train.max()),
             "classes_per_node_mean": float(np.mean([len(n.classes) for n in self.nodes])),
             "nodes_without_test_clips": sum(len(n.test) == 0 for n in self.nodes),
+            "shared_recordings": self.shared_recordings(),
         }
+
+    def shared_recordings(self) -> int:
+        """How many source recordings (``src_file``) have clips in more than one of train, val
+        and test over the whole federation: each one leaks between the splits."""
+        train, val, test = ({self.clips[i].src_file for n in self.nodes for i in getattr(n, s)}
+                            for s in SPLITS)
+        return len((train & val) | (train & test) | (val & test))
+
+    def files(self) -> list[dict[str, Any]]:
+        """Each node's train, val and test file names, for results.json."""
+        return [{"node": n.node, **{s: [self.clips[i].filename for i in getattr(n, s)]
+                                    for s in SPLITS}} for n in self.nodes]
+
+    def warnings(self) -> list[str]:
+        """One line per node class without train clips and per node without test clips."""
+        lines = []
+        for n in self.nodes:
+            trained = {self.class_names[self.clips[i].target] for i in n.train}
+            lines += [f"node {n.node}: class '{c}' has no train clips (the node never trains "
+                      "on it)" for c in n.classes if c not in trained]
+            if len(n.test) == 0:
+                lines.append(f"node {n.node} has no test clips (its local accuracy is not "
+                             "measured)")
+        return lines
 
     def table(self, width: int = 56) -> str:
         """A plain-text table: node, classes, train/val/test counts."""
@@ -77,10 +108,12 @@ class Partition:
 
 
 def split_clips(dataset: AudioDataset, config: DatasetConfig, seed: int) -> np.ndarray:
-    """The split of every clip: 0 train, 1 val, 2 test, -1 unused (a fold no split names)."""
-    labels = dataset.labels
-    split = np.full(len(labels), -1, dtype=np.int64)
+    """The split of every clip: 0 train, 1 val, 2 test, -1 unused (a fold no split names).
+
+    ``split=ratio`` keeps each source recording's clips in one split (see :func:`_ratio_split`).
+    """
     if config.split is SplitKind.folds:
+        split = np.full(len(dataset.clips), -1, dtype=np.int64)
         present = sorted(set(dataset.folds.tolist()))
         for code, key in enumerate(("train_folds", "val_folds", "test_folds")):
             folds = getattr(config, key)
@@ -90,15 +123,37 @@ def split_clips(dataset: AudioDataset, config: DatasetConfig, seed: int) -> np.n
                                   f"(folds present: {present})")
             split[np.isin(dataset.folds, folds)] = code
         return split
-    rng = np.random.default_rng([seed, 1])
-    for target in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == target))
-        n_train = max(1, round(len(idx) * config.train_ratio))
-        n_val = round(len(idx) * config.val_ratio)
-        split[idx[:n_train]] = 0
-        split[idx[n_train : n_train + n_val]] = 1
-        split[idx[n_train + n_val :]] = 2
-    return split
+    return _ratio_split(dataset, config, np.random.default_rng([seed, 1]))
+
+
+def _ratio_split(dataset: AudioDataset, config: DatasetConfig,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Whole recordings to train / val / test, stratified by each recording's majority class."""
+    names, recording = np.unique([c.src_file for c in dataset.clips], return_inverse=True)
+    by_class = np.zeros((len(names), len(dataset.class_names)), dtype=np.int64)
+    np.add.at(by_class, (recording, dataset.labels), 1)
+    sizes, majority = by_class.sum(1), by_class.argmax(1)
+    ratios = np.array([config.train_ratio, config.val_ratio,
+                       1.0 - config.train_ratio - config.val_ratio])
+    split_of = np.empty(len(names), dtype=np.int64)
+    for target in range(len(dataset.class_names)):
+        members = rng.permutation(np.flatnonzero(majority == target))
+        members = members[np.argsort(-sizes[members], kind="stable")]
+        split_of[members] = _deal_recordings(sizes[members], ratios)
+    return split_of[recording]
+
+
+def _deal_recordings(sizes: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """Split codes of one class's recordings (largest first): each goes to the split furthest
+    below its share of the class's clips; the smallest joins train if train got none."""
+    deficit = ratios * sizes.sum()
+    codes = np.empty(len(sizes), dtype=np.int64)
+    for i, size in enumerate(sizes):
+        codes[i] = np.argmax(deficit)
+        deficit[codes[i]] -= size
+    if len(codes) and not (codes == 0).any():
+        codes[-1] = 0
+    return codes
 
 
 def _class_index(name: str, class_names: list[str], key: str) -> int:
@@ -217,4 +272,12 @@ def build_partition(dataset: AudioDataset, dataset_config: DatasetConfig,
         nodes = _nodes(_deal(split, labels, weights, rng), weights, labels,
                        dataset.class_names, from_data=False)
         _check_nodes(nodes, p.min_samples_per_node)
-    return Partition(nodes=nodes, class_names=list(dataset.class_names))
+    partition = Partition(nodes=nodes, class_names=list(dataset.class_names),
+                          clips=list(dataset.clips))
+    shared = partition.shared_recordings()
+    if shared:
+        log.warning("%d source recording(s) (src_file) of %s have clips in more than one of "
+                    "train/val/test: its folds split recordings, so test clips may share a "
+                    "recording with training clips; use folds that keep recordings whole or "
+                    "dataset.split=ratio", shared, dataset.root)
+    return partition

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import zipfile
 from abc import ABC, abstractmethod
@@ -25,6 +26,7 @@ import torchaudio
 from flcore.config import AudioEncoderConfig, AudioEncoderName
 from flcore.encoders.local import local_model_dir, weights_digest
 from flcore.errors import ConfigError
+from flcore.files import new_file_mode
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -115,7 +117,9 @@ def prepare_yamnet(zip_path: Path, folder: Path) -> Path:
 
     The classifier's input (``/model/Reshape_output_0_qdq``) becomes a graph output; the batch
     dimension of inputs and outputs is renamed and the flatten target ``[1, -1]`` becomes
-    ``[-1, 1024]``, so many patches run in one call. Written once, atomically, into ``folder``.
+    ``[-1, 1024]``, so many patches run in one call. Written once, atomically, into ``folder``;
+    the files get the umask's mode (onnx writes external data ``0o600``), so other users of a
+    shared cache can load them. The staging name is unique across hosts sharing the cache.
     """
     target = folder / "model.onnx"
     if target.is_file():
@@ -124,7 +128,7 @@ def prepare_yamnet(zip_path: Path, folder: Path) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(staging / "src")
     source = next((staging / "src").rglob("*.onnx"))
@@ -141,6 +145,9 @@ def prepare_yamnet(zip_path: Path, folder: Path) -> Path:
     onnx.save_model(model, str(staging / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.data")
     shutil.rmtree(staging / "src")
+    mode = new_file_mode(staging)
+    for file in staging.iterdir():
+        file.chmod(mode)
     try:
         os.rename(staging, folder)
     except OSError:
@@ -253,6 +260,18 @@ class AstEncoder(AudioEncoder):
                                 return_tensors="pt")
         hidden = self.model(**inputs).last_hidden_state
         return list(hidden[:, :1] if self.cls_only else hidden[:, 2:])
+
+
+def min_clip_seconds(config: AudioEncoderConfig) -> float:
+    """Shortest clip the configured encoder sees without silence padding; loads no model.
+
+    YAMNet: one 0.96 s patch (96 frames of 10 ms). MFCC: one 25 ms window. AST: one 25 ms
+    window, the shortest input its Kaldi filterbank turns into a frame (the extractor pads the
+    frames to 10.24 s, so any clip shorter than that is padded anyway).
+    """
+    if config.name is AudioEncoderName.yamnet:
+        return YAMNET_PATCH_FRAMES * YAMNET_HOP / 16000
+    return 0.025
 
 
 def build_audio_encoder(config: AudioEncoderConfig, model_dir: Path) -> AudioEncoder:
