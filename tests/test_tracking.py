@@ -29,6 +29,52 @@ def test_csv_tracker_writes_a_row_per_step_and_grows_columns(tmp_path: Path) -> 
                     {"round": "2", "loss": "0.5", "global/acc": "0.75"}]
 
 
+def test_csv_rows_are_appended_and_on_disk_after_each_log(tmp_path: Path) -> None:
+    tracker = CsvTracker(CsvLoggerConfig(), tmp_path)
+    path = tmp_path / "metrics.csv"
+    tracker.log({"loss": 1.0, "acc": 0.5}, step=1)
+    inode, before = path.stat().st_ino, path.read_bytes()
+    for step in range(2, 6):
+        tracker.log({"acc": step / 10, "loss": 1.0 / step}, step=step)
+        after = path.read_bytes()
+        assert after.startswith(before) and after.count(b"\n") == step + 1
+        assert path.stat().st_ino == inode
+        before = after
+    assert [row["round"] for row in read_csv(path)] == ["1", "2", "3", "4", "5"]
+    assert read_csv(path)[3] == {"round": "4", "loss": "0.25", "acc": "0.4"}
+
+
+def test_csv_new_key_rewrites_with_the_new_column(tmp_path: Path) -> None:
+    tracker = CsvTracker(CsvLoggerConfig(), tmp_path)
+    path = tmp_path / "generator_metrics.csv"
+    tracker.log_epoch({"generator/epoch": 1.0, "generator/loss": 2.0}, step=1)
+    tracker.log_epoch({"generator/epoch": 2.0, "generator/loss": 1.5}, step=1)
+    inode = path.stat().st_ino
+    tracker.log_epoch({"generator/epoch": 3.0, "generator/kl": 0.25, "generator/loss": 1.0},
+                      step=2)
+    assert path.stat().st_ino != inode
+    assert path.read_text().splitlines() == [
+        "round,generator/epoch,generator/loss,generator/kl",
+        "1,1.0,2.0,", "1,2.0,1.5,", "2,3.0,1.0,0.25"]
+    tracker.log_epoch({"generator/epoch": 4.0, "generator/loss": 0.5}, step=2)
+    assert path.read_text().splitlines()[-1] == "2,4.0,0.5,"
+
+
+def test_csv_resume_keeps_rows_up_to_the_resume_round_and_then_appends(tmp_path: Path) -> None:
+    first = CsvTracker(CsvLoggerConfig(), tmp_path)
+    for step in range(4):
+        first.log({"acc": step / 4}, step=step)
+        first.log_epoch({"generator/loss": float(step)}, step=step)
+    with open(tmp_path / "metrics.csv", "a") as fh:
+        fh.write("4,0.")  # a row cut short when the run was killed
+    resumed = CsvTracker(CsvLoggerConfig(), tmp_path, resume_round=2)
+    assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1", "2"]
+    assert [r["round"] for r in read_csv(tmp_path / "generator_metrics.csv")] == ["0", "1", "2"]
+    resumed.log({"acc": 0.9}, step=3)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "round,acc", "0,0.0", "1,0.25", "2,0.5", "3,0.9"]
+
+
 class Exploding:
     def log(self, metrics, step: int) -> None:
         raise AssertionError("not called")

@@ -41,41 +41,53 @@ class JobInfo:
 
 
 class CsvFile:
-    """A CSV of logged rows whose columns grow as new keys appear; rewritten atomically."""
+    """A CSV of logged rows whose columns grow as new keys appear.
+
+    Each row is appended and flushed to the OS, so a killed run keeps every logged row. The file
+    is rewritten (atomically) only when a row brings a new column, and once at start when resuming
+    to drop the rows that ``keep_rows`` rejects. Without ``keep_rows`` the first row starts a new
+    file.
+    """
 
     def __init__(self, path: Path, keep_rows: Callable[[dict[str, str]], bool] | None) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
         if keep_rows is not None and path.is_file():
-            with open(path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = [row for row in reader if keep_rows(row)]
+            columns, rows = self._read()
+            self._rewrite(columns, [row for row in rows if keep_rows(row)])
 
     def append(self, row: Mapping[str, Any]) -> None:
-        self.rows.append(dict(row))
-        self.columns += [k for k in row if k not in self.columns]
+        new = [k for k in row if k not in self.columns]
+        if new:
+            rows = self._read()[1] if self.columns else []
+            self._rewrite(self.columns + new, [*rows, row])
+            return
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, lineterminator="\n").writerow(row)
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _rewrite(self, columns: list[str], rows: list[Mapping[str, Any]]) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(rows)
         atomic_write_text(self.path, buffer.getvalue())
+        self.columns = columns
 
 
 class CsvTracker:
     """``metrics.csv``: one row per round; ``generator_metrics.csv``: one row per generator
-    epoch. Columns grow as new keys appear."""
+    epoch. Columns grow as new keys appear; when resuming, rows after ``resume_round`` go."""
 
     def __init__(self, config: CsvLoggerConfig, run_dir: Path,
                  resume_round: int | None = None) -> None:
-        def keep(row: dict[str, str]) -> bool:
-            return resume_round is not None and int(row["round"]) <= resume_round
-
-        self.rounds = CsvFile(run_dir / config.filename, keep if resume_round is not None
-                              else None)
-        self.epochs = CsvFile(run_dir / "generator_metrics.csv",
-                              keep if resume_round is not None else None)
+        keep = None if resume_round is None else _rows_up_to(resume_round)
+        self.rounds = CsvFile(run_dir / config.filename, keep)
+        self.epochs = CsvFile(run_dir / "generator_metrics.csv", keep)
 
     def log(self, metrics: Scalars, step: int) -> None:
         self.rounds.append({"round": step, **metrics})
@@ -87,7 +99,13 @@ class CsvTracker:
         """Images stay in the run folder; a CSV has no place for them."""
 
     def finish(self, failed: bool) -> None:
-        """Rows are on disk after every ``log``; nothing is left to flush."""
+        """Rows are written after every ``log``; nothing is left to flush."""
+
+
+def _rows_up_to(round_: int) -> Callable[[dict[str, str]], bool]:
+    """Keeps the rows logged at rounds ``<= round_``; a row whose round is unreadable (garbage
+    left by a machine crash) is dropped rather than stopping the resume."""
+    return lambda row: (row.get("round") or "").isdigit() and int(row["round"]) <= round_
 
 
 class WandbTracker:
