@@ -3,16 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from flcore import FedA2VError
-from flcore.run import run
+from flcore.run import run_job
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except FedA2VError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_job(cfg)
 
 
 if __name__ == "__main__":

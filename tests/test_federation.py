@@ -47,7 +47,8 @@ def test_local_training_decreases_the_loss() -> None:
 def test_fedavg_run_learns_and_logs_every_round(fast_run, tmp_path: Path) -> None:
     results = fast_run("federation.rounds=6")
     final = results["final"]
-    assert final["global/acc"] >= 0.5, final  # measured 0.65 (MFCC tokens, 6 rounds)
+    chance = 1 / final["partition/num_classes"]  # zero-shot over the federation's classes
+    assert final["global/acc"] > 2 * chance, final
     assert {"global/balanced_acc", "global/macro_f1", "global/top5", "local/acc_mean",
             "node0/acc"} <= set(final)
     assert [r["round"] for r in results["rounds"]] == list(range(7))
@@ -79,7 +80,11 @@ def test_local_and_centralized_reference_points(fast_run) -> None:
     assert local["final"]["local/acc_mean"] > local["final"]["global/acc"]
     assert "local/acc_mean" not in central["final"]
     assert central["rounds"][-1]["train/clients"] == 1
-    assert central["final"]["global/acc"] >= 0.5
+    # Centralized training sees every class, each local adapter only its node's: on the
+    # federation's merged test clips centralized must beat local, and twice chance.
+    chance = 1 / central["final"]["partition/num_classes"]
+    assert central["final"]["global/acc"] > max(2 * chance, local["final"]["global/acc"]), (
+        central["final"], local["final"])
 
 
 def test_resume_gives_exactly_the_uninterrupted_results(fast_run, tmp_path: Path) -> None:

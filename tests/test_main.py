@@ -23,8 +23,10 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and results["experiment"] == "default"
     assert results["final"]["partition/num_nodes"] == 5
-    assert results["final"]["global/acc"] >= 0.75, results["final"]  # measured 0.9125
-    assert results["final"]["local/acc_mean"] >= 0.75
+    # Zero-shot over the federation's classes: chance is 1 / their number.
+    chance = 1 / results["final"]["partition/num_classes"]
+    assert results["final"]["global/acc"] > 2 * chance, results["final"]
+    assert results["final"]["local/acc_mean"] > 2 * chance, results["final"]
     assert (folder / "metrics.csv").read_text().count("\n") == 12
     assert (folder / "confusion_matrix.png").is_file()
     assert (folder / "checkpoints" / "round_0010.pt").is_file()

@@ -19,3 +19,8 @@ class TrainingError(FedA2VError):
 
 class CheckpointError(FedA2VError):
     """A checkpoint is missing, corrupted, or was written by a different config."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; the message names the last round and how to resume.
+    A KeyboardInterrupt, so that it also stops a sweep instead of moving to the next job."""

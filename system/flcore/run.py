@@ -1,6 +1,11 @@
 """Build everything from the config, run it, and write the run's outputs (DESIGN.md)."""
 
+import json
 import logging
+import shlex
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -13,12 +18,25 @@ from omegaconf import DictConfig, OmegaConf
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.clientbase import SharedTensors
-from flcore.config import Algorithm, Config, LabelSpace, validate, without_hydra
+from flcore.config import (
+    Algorithm,
+    Config,
+    LabelSpace,
+    ScheduleScope,
+    validate,
+    without_hydra,
+)
 from flcore.data import load_dataset
 from flcore.data.embeddings import encode_dataset
 from flcore.data.partition import Partition, build_partition
-from flcore.errors import ConfigError
-from flcore.files import write_json
+from flcore.encoders.audio import min_clip_seconds
+from flcore.errors import CheckpointError, ConfigError, FedA2VError, RunInterrupted
+from flcore.files import (
+    atomic_write_text,
+    remove_stale_temporaries,
+    require_writable_dir,
+    write_json,
+)
 from flcore.metrics.classification import save_confusion_png
 from flcore.runtime import environment, resolve_device, seed_everything
 from flcore.servers.serverA2V import ServerA2V
@@ -36,13 +54,23 @@ class Results:
     config: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     partition: dict[str, Any] = field(default_factory=dict)
     embeddings: dict[str, Any] = field(default_factory=dict)
     per_class: dict[str, float] = field(default_factory=dict)
     generator_epochs: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
+
+    def summarize(self, history: list[dict[str, Any]]) -> None:
+        """Rounds after round 0, ``final`` (each key's latest value: every evaluated key of the
+        last round, generator keys of the last generator round) and ``best``."""
+        self.rounds = [*self.rounds[:1], *history]
+        self.final = {k: v for row in self.rounds for k, v in row.items()
+                      if k != "round" and not k.startswith("time/")}
+        self.best = best_block(self.rounds)
 
     def to_dict(self) -> dict[str, Any]:
         payload = dict(self.__dict__)
@@ -110,29 +138,155 @@ def label_space(config: Config, partition: Partition) -> list[int]:
     return [partition.class_names.index(c) for c in partition.classes]
 
 
+def job_overrides(cfg: DictConfig) -> list[str]:
+    """The job's own command-line overrides (one job's, in a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def resume_command(overrides: list[str], run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    words = ["python", "main.py", *kept, f"hydra.run.dir={run_dir}", "resume=true"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run: checkpoints, or results of a run that got past
+    its checks (a run refused before any round leaves only a ``failed`` stub)."""
+    if checkpoint.checkpoints(run_dir):
+        return True
+    previous = read_results(run_dir)
+    return previous is not None and (previous.get("status") != "failed"
+                                     or bool(previous.get("rounds")))
+
+
+def read_results(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's results.json, or None when absent or unreadable."""
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, written only once the job
+    owns its folder (Hydra's own copy is off, so that a refused resume cannot overwrite them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(without_hydra(cfg)))
+    if HydraConfig.initialized():
+        hydra_cfg = OmegaConf.create({"hydra": HydraConfig.get()})
+        atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+        atomic_write_text(folder / "overrides.yaml",
+                          OmegaConf.to_yaml(OmegaConf.create(job_overrides(cfg))))
+
+
+def check_resume(resumed: dict[str, Any], results_config: dict[str, Any], config: Config,
+                 run_dir: Path) -> None:
+    """Refuse a resume that could not continue the run exactly, with the reason."""
+    checkpoint.check_config(resumed["config"], results_config)
+    rounds, done = config.federation.rounds, resumed["round"]
+    if done > rounds:
+        raise CheckpointError(f"federation.rounds={rounds}: {run_dir} already ran {done} rounds; "
+                              f"resume with federation.rounds>={done}")
+    saved_rounds = resumed["config"]["federation"]["rounds"]
+    if (config.generator.enabled and saved_rounds != rounds
+            and config.generator.schedule_scope is ScheduleScope.whole_run):
+        raise CheckpointError(f"federation.rounds={rounds}: generator.schedule_scope=whole_run "
+                              f"spreads the beta schedule over the run's {saved_rounds} rounds, "
+                              f"so its length cannot change on resume; resume with "
+                              f"federation.rounds={saved_rounds} or start a new run")
+    if not resumed.get("optimizer_state", True):
+        raise CheckpointError(f"{run_dir}: its checkpoints were saved with "
+                              "checkpoint.optimizer_state=false, so a resume could not be exact; "
+                              "start a new run (or save with checkpoint.optimizer_state=true)")
+
+
+def best_block(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test metrics of the round with the best ``val/acc`` (the first on ties); empty without a
+    validation split. Never selected on test."""
+    scored = [r for r in rounds if "val/acc" in r]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: r["val/acc"])
+    keep = ("global/", "val/", "synthetic/acc", "local/acc_mean")
+    return {"round": best["round"], **{k: v for k, v in best.items() if k.startswith(keep)}}
+
+
+def interrupt_message(run_dir: Path, completed: int, overrides: list[str]) -> str:
+    """One line: the last completed round and how to continue."""
+    saved = checkpoint.checkpoints(run_dir)
+    if not saved:
+        return (f"stopped after round {completed}, before any checkpoint; nothing to resume "
+                f"(results so far in {run_dir / 'results.json'})")
+    last = int(saved[-1].stem.split("_")[1])
+    return (f"stopped after round {completed} (checkpoint of round {last}); resume with: "
+            f"{resume_command(overrides, run_dir)}")
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run one job; return the results.json payload. Raises FedA2VError on bad input."""
+    """Run one job; return the results.json payload. Raises FedA2VError on bad input and
+    RunInterrupted on Ctrl-C or SIGTERM, after writing results.json with the rounds so far.
+
+    A folder that already holds a run is never overwritten: a new run there is refused, and a
+    resume writes nothing until its checkpoint and config are accepted."""
     job = job_info(cfg, run_dir)
-    results = Results(experiment=str(cfg.get("name", "default")))
+    overrides = job_overrides(cfg)
+    results = Results(experiment=str(cfg.get("name", "default")),
+                      environment={"overrides": overrides})
+    owned = not holds_run(job.run_dir)
+    resume = bool(cfg.get("resume", False))
+    if not owned and not resume:
+        raise ConfigError(f"hydra.run.dir={job.run_dir}: this folder already holds a run; pass "
+                          "resume=true to continue it, or another hydra.run.dir for a new run")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = (signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread
+                        else None)
     trackers: Trackers | None = None
+    server: ServerA2V | None = None
     started = time.perf_counter()
+    previous_total = 0.0
     try:
         config = validate(cfg)
         results.config = resolved_config(cfg)
+        require_writable_dir(Path(config.cache_dir), "cache_dir", env="FEDA2V_CACHE_DIR")
+        require_writable_dir(job.run_dir, "hydra.run.dir")
         seed_everything(config.seed)
         device = resolve_device(config.device)
-        results.environment = environment(device)
+        results.environment = environment(device, overrides)
         resumed = None
-        if config.resume:
+        if resume:
             resumed = checkpoint.load_latest(job.run_dir)
-            checkpoint.check_config(resumed["config"], results.config)
+            check_resume(resumed, results.config, config, job.run_dir)
+            earlier = read_results(job.run_dir)
+            if (earlier is not None and earlier.get("status") == "completed"
+                    and resumed["round"] == config.federation.rounds):
+                log.info("%s already finished all %d rounds; nothing to do (raise "
+                         "federation.rounds to continue it)", job.run_dir, resumed["round"])
+                return earlier
+            previous_total = float((earlier or {}).get("timings", {}).get("total_s", 0.0))
             log.info("Resuming %s after round %d", job.run_dir, resumed["round"])
+        owned = True
+        for stale in [*remove_stale_temporaries(job.run_dir),
+                      *remove_stale_temporaries(checkpoint.folder(job.run_dir))]:
+            log.info("Removed %s, left by an interrupted write", stale)
+        write_hydra_files(cfg, job.run_dir)
         trackers = build_trackers(config.logger, job, results.config,
                                   resume_round=resumed["round"] if resumed else None,
                                   run_id=resumed.get("tracker_run_id") if resumed else None)
 
         tic = time.perf_counter()
-        dataset = load_dataset(config.dataset, config.cache_dir)
+        dataset = load_dataset(config.dataset, config.cache_dir,
+                               min_seconds=min_clip_seconds(config.audio_encoder))
         partition = build_partition(dataset, config.dataset, config.federation, config.seed)
         results.timings["data_s"] = time.perf_counter() - tic
         log.info("Dataset %s: %d clips, %d classes\n%s", dataset.root, len(dataset.clips),
@@ -153,10 +307,15 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             **stats,
             "dataset_root": str(dataset.root),
             "skipped": dataset.skipped,
-            "nodes": [{"node": n.node, "classes": n.classes, **n.counts()}
-                      for n in partition.nodes],
+            "nodes": [{"node": n.node, "classes": n.classes, **n.counts(),
+                       "files": {s: files[s] for s in ("train", "val", "test")}}
+                      for n, files in zip(partition.nodes, partition.files(), strict=True)],
         }
+        results.warnings = partition.warnings()
+        for warning in results.warnings:
+            log.warning("%s", warning)
         scalars = {f"partition/{k}": v for k, v in stats.items()}
+        results.rounds = [{"round": 0, **scalars}]
         if resumed is None:
             trackers.log(scalars, step=0)
 
@@ -176,17 +335,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         if resumed is not None:
             server.load_state_dict(resumed["server"])
             server.history = list(resumed["history"])
+            server.rounds_seconds = float(resumed["rounds_s"])
             checkpoint.restore_rng(resumed["rng"])
             start = resumed["round"]
-        tic = time.perf_counter()
         history = server.run(start)
-        results.timings["rounds_s"] = time.perf_counter() - tic
+        results.timings["rounds_s"] = server.rounds_seconds
         results.timings["generator_train_s"] = server.generator_seconds
         results.generator_epochs = server.epoch_history
-
-        results.rounds = [{"round": 0, **scalars}, *history]
-        results.final = {k: v for row in results.rounds for k, v in row.items()
-                         if k != "round" and not k.startswith("time/")}
+        results.summarize(history)
         report = server.final_report(dataset.class_names)
         if report is not None:
             results.per_class, matrix = report
@@ -195,21 +351,55 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             trackers.log_image("global/confusion_matrix", png, step=config.federation.rounds)
             log.info("Per-class accuracy of the global adapter:\n%s", "\n".join(
                 f"  {name:<28} {acc:6.3f}" for name, acc in results.per_class.items()))
-        headline = ("global/", "local/acc_mean", "synthetic/acc")
+        headline = ("global/", "val/acc", "local/acc_mean", "synthetic/acc")
         log.info("Final: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.final.items()
                                         if k.startswith(headline)))
         results.status = "completed"
         return results.to_dict()
+    except KeyboardInterrupt as err:
+        results.status = "interrupted"
+        completed = server.completed_round if server is not None else 0
+        if server is not None:
+            results.summarize(server.history)
+        message = interrupt_message(job.run_dir, completed, overrides)
+        results.error = f"interrupted ({err or 'Ctrl-C'}): {message}"
+        raise RunInterrupted(message) from None
     except BaseException as err:
         results.status = "failed"
         results.error = f"{type(err).__name__}: {err}"
         log.debug("Run failed:\n%s", traceback.format_exc())
         raise
     finally:
-        results.timings["total_s"] = time.perf_counter() - started
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        results.timings["total_s"] = previous_total + time.perf_counter() - started
         try:
             if trackers is not None:
                 trackers.finish(failed=results.status != "completed")
         finally:
-            write_json(job.run_dir / "results.json", results.to_dict())
-            log.info("Results (%s) in %s", results.status, job.run_dir / "results.json")
+            if owned:
+                write_json(job.run_dir / "results.json", results.to_dict())
+                log.info("Results (%s) in %s", results.status, job.run_dir / "results.json")
+
+
+def run_job(cfg: DictConfig) -> None:
+    """``main.py``'s job: one line on stderr for bad input (exit 1) or an interrupt (exit 130).
+    In a sweep (``-m``) a failed job logs its line and returns, so the other jobs still run;
+    :class:`flcore.sweep.SweepReport` lists the failures at the end and exits non-zero."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        run(cfg)
+    except RunInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except FedA2VError as err:
+        if not sweeping:
+            raise SystemExit(f"error: {err}") from None
+        log.error("error: %s", err)
+    except Exception as err:
+        if not sweeping:
+            raise
+        log.exception("job failed with %s: %s", type(err).__name__, err)

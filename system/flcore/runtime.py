@@ -33,17 +33,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of a git command run beside this package, or None outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", *args], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware, for results.json."""
+def environment(device: torch.device, overrides: list[str]) -> dict[str, Any]:
+    """Versions, hardware, the job's own overrides and the git commit, for results.json."""
     import hydra
 
     return {
@@ -55,6 +56,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
-        "argv": sys.argv,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "overrides": list(overrides),
     }

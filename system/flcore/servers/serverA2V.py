@@ -1,4 +1,5 @@
-"""The A2V server: adapter aggregation, the reference algorithms, zero-shot evaluation."""
+"""The A2V server: the round loop of adapters, generators and synthetic samples, and zero-shot
+evaluation."""
 
 import time
 from pathlib import Path
@@ -12,7 +13,6 @@ from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
 from flcore.clients.clientbase import SharedTensors, StateDict, fit, training_seed
 from flcore.config import (
-    Aggregation,
     Algorithm,
     Config,
     Granularity,
@@ -22,12 +22,13 @@ from flcore.config import (
 )
 from flcore.errors import ConfigError
 from flcore.metrics.classification import (
+    classification_metrics,
     confusion_matrix,
     per_class_accuracy,
     zero_shot_scores,
 )
-from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.serverbase import ServerBase
+from flcore.servers.strategies import build_strategy
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.generators import (
@@ -43,110 +44,99 @@ GENERATOR_SHAPE_KEYS = ("generator.sequence_length", "generator.latent_dim",
                         "generator.hidden_dim", "generator.conditional")
 
 
+def generator_trainings(config: Config) -> int:
+    """How many rounds of the run train generators (every ``generator.train_every``-th)."""
+    return config.federation.rounds // config.generator.train_every
+
+
 def _clone(state: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
-    """The fix report's keys, averaged over the generators of ``epochs``."""
+    """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
+    are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
+    trained different numbers of times under ``whole_run``) and ``weighted_kl`` the mean of each
+    generator's own beta x KL."""
     def mean(values: list[torch.Tensor]) -> float:
         return float(torch.cat([v.flatten() for v in values]).mean())
 
-    beta = epochs[0].beta
     kl = mean([e.kl for e in epochs])
     return {f"{prefix}generator/recon_loss": mean([e.recon for e in epochs]),
             f"{prefix}generator/kl_loss": kl,
-            f"{prefix}generator/beta": beta,
-            f"{prefix}generator/weighted_kl": beta * kl,
+            f"{prefix}generator/beta": float(np.mean([e.beta for e in epochs])),
+            f"{prefix}generator/weighted_kl": mean([e.beta * e.kl for e in epochs]),
             f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs])}
 
 
 class ServerA2V(ServerBase):
-    """FedAvg / mean / FedProx / FedAdam over client adapters, or the ``local`` and
-    ``centralized`` reference points, evaluated zero-shot against the class prompts."""
+    """Runs the A2V round: the strategy of ``federation.algorithm`` and
+    ``server.adapter_training`` trains the global adapter from client adapters and synthetic
+    samples; clients train generators every ``generator.train_every`` rounds; evaluation is
+    zero-shot against the class prompts on val, test and each node's test clips."""
 
     def __init__(self, config: Config, clients: list[ClientA2V], shared: SharedTensors,
                  trackers: Trackers, run_dir: Path, checkpoint_extra: dict[str, Any]) -> None:
         super().__init__(config, clients, trackers, run_dir, checkpoint_extra)
         self.shared = shared
         self.algorithm = config.federation.algorithm
-        self.stateful = self.algorithm is not Algorithm.federated
+        self.strategy = build_strategy(config)
         torch.manual_seed(config.seed)
         self.model = AudioAdapter(shared.tokens.shape[-1], shared.prompts.shape[-1],
                                   config.adapter).to(shared.tokens.device)
         self.global_state = _clone(self.model.state_dict())
         self.loss = AdapterLoss(config.adapter, shared.prompts, shared.label_space)
-        f = config.federation
-        self.fedadam = (FedAdam(f.server_lr, (f.server_betas[0], f.server_betas[1]),
-                                f.server_tau) if f.aggregation is Aggregation.fedadam else None)
-        if self.stateful:
+        if self.strategy.stateful:
             for client in clients:
                 client.model_state = _clone(self.global_state)
         g = config.generator
         self.generators_on = g.enabled
-        trainings = f.rounds // g.train_every
         self.generator_epochs = g.training_epochs * (
-            trainings if g.schedule_scope is ScheduleScope.whole_run else 1)
+            generator_trainings(config) if g.schedule_scope is ScheduleScope.whole_run else 1)
+        self.generator_rounds_done = 0
         self.synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.synthetic_state = (_clone(self.global_state) if self.generators_on and
-                                g.training_data is TrainingData.audio else None)
+        self.pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tstr_state = (_clone(self.global_state) if self.generators_on and
+                           g.training_data is TrainingData.audio else None)
         self.server_bank: GeneratorBank | None = None
         self.epoch_history: list[dict[str, Any]] = []
         self.generator_seconds = 0.0
 
+    def is_generator_round(self, round_: int) -> bool:
+        return self.generators_on and round_ % self.config.generator.train_every == 0
+
     def train_round(self, round_: int, selected: list[ClientA2V]) -> dict[str, float]:
         f = self.config.federation
-        evaluate_now = self.is_eval_round(round_)
-        fedprox = f.aggregation is Aggregation.fedprox
-        average, losses, node_acc = RunningAverage(), [], {}
-        unweighted = f.aggregation is Aggregation.mean
-        train_adapters = self.config.server.adapter_training != "synthetic"
-        distill = self.config.server.adapter_training == "kd"
-        teachers: list[tuple[torch.Tensor, StateDict]] = []
-        generator_round = self.generators_on and round_ % self.config.generator.train_every == 0
+        strategy = self.strategy
+        strategy.begin_round()
+        losses: list[float] = []
+        generator_round = self.is_generator_round(round_)
         generator_logs: dict[int, list[EpochLog]] = {}
-        for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False):
-            if not train_adapters:
-                self.train_client_generators(client, round_, generator_logs)
-                continue
-            start = client.model_state if self.stateful else self.global_state
-            self.model.load_state_dict(start)
-            update = client.train(self.model, self.shared, self.loss, self.config.adapter,
-                                  f.local_epochs, round_, self.config.seed,
-                                  anchor=self.global_state if fedprox else None,
-                                  mu=f.fedprox_mu, keep_optimizer=self.stateful)
-            if self.stateful:
-                client.model_state = update.state
-            if evaluate_now and self.algorithm is not Algorithm.centralized and len(
-                    client.test_idx):
-                node_acc[f"node{client.node}/acc"] = evaluate(self.model, self.shared,
-                                                              client.test_idx)["acc"]
-            losses.append(update.loss)
-            if distill:
-                held = torch.tensor([self.shared.class_names.index(c) for c in client.classes],
-                                    device=self.shared.tokens.device)
-                teachers.append((held, update.state))
-            elif self.algorithm is Algorithm.federated:
-                average.add(update.state, 1.0 if unweighted else float(update.num_samples))
-            elif self.algorithm is Algorithm.centralized:
-                self.global_state = update.state
+        for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False,
+                           disable=None):
+            if strategy.trains_clients:
+                self.model.load_state_dict(strategy.start(self, client))
+                update = client.train(self.model, self.shared, self.loss, self.config.adapter,
+                                      f.local_epochs, round_, self.config.seed,
+                                      anchor=strategy.anchor(self), mu=f.fedprox_mu,
+                                      keep_optimizer=strategy.stateful)
+                strategy.accept(self, client, update)
+                losses.append(update.loss)
             if generator_round:
                 self.train_client_generators(client, round_, generator_logs)
-        if self.algorithm is Algorithm.federated and train_adapters and not distill:
-            self.global_state = (self.fedadam.step(self.global_state, average.result())
-                                 if self.fedadam is not None else average.result())
+        strategy.conclude(self)
         metrics = {"train/clients": float(len(selected))}
         if losses:
             metrics["train/loss_mean"] = float(np.mean(losses))
         if generator_logs:
             metrics.update(self.log_generator_epochs(round_, generator_logs))
-        if self.synthetic:
-            metrics.update(self.learn_from_synthetic(round_, teachers))
-        if evaluate_now:
-            metrics.update(self.evaluate_global())
-            metrics.update(node_acc)
-            if node_acc:
-                metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
+            self.generator_rounds_done += 1
+        if generator_round and self.synthetic:
+            self.pool = self.synthetic_pool(round_)
+        if self.pool is not None:
+            metrics.update(self.learn_from_synthetic(round_, *self.pool))
+        if self.is_eval_round(round_):
+            metrics.update(self.evaluate_all())
         return metrics
 
     def train_client_generators(self, client: ClientA2V, round_: int,
@@ -169,16 +159,18 @@ class ServerA2V(ServerBase):
     def log_generator_epochs(self, round_: int,
                              logs: dict[int, list[EpochLog]]) -> dict[str, float]:
         """One tracker row per generator epoch: means over all generators (``generator/*``)
-        and over each node's (``node{i}/generator/*``); returns the last epoch's values."""
-        g = self.config.generator
-        before = (round_ // g.train_every - 1) * g.training_epochs
+        and over each node's (``node{i}/generator/*``); returns the last epoch's values.
+        ``generator/epoch`` counts epochs over the run's generator rounds, so no two rows share
+        one."""
+        epochs = self.config.generator.training_epochs
+        before = self.generator_rounds_done * epochs
         row: dict[str, float] = {}
-        for e in range(g.training_epochs):
+        for e in range(epochs):
             row = {"generator/epoch": float(before + e + 1)}
             parts = {"": [log[e] for log in logs.values()]}
             parts.update({f"node{node}/": [log[e]] for node, log in logs.items()})
-            for prefix, epochs in parts.items():
-                row.update(_generator_scalars(epochs, prefix))
+            for prefix, epoch_logs in parts.items():
+                row.update(_generator_scalars(epoch_logs, prefix))
             self.trackers.log_epoch(row, step=round_)
             self.epoch_history.append({"round": round_, **row})
         return {k: v for k, v in row.items() if k.startswith("generator/")}
@@ -188,12 +180,11 @@ class ServerA2V(ServerBase):
         generators the server trained on them (as many per class as it received)."""
         x = torch.cat([s[0] for s in self.synthetic.values()])
         y = torch.cat([s[1] for s in self.synthetic.values()])
-        granularity = self.config.server.generator.granularity
-        if granularity is ServerGranularity.none:
+        if self.config.server.generator.granularity is ServerGranularity.none:
             return x, y
         g = self.config.generator
         rows = x.reshape(len(x), -1)
-        self.server_bank = self.server_bank or self.new_server_bank(y, rows.shape[1])
+        self.server_bank = self.server_bank or self.new_server_bank(rows.shape[1])
         base = training_seed(self.config.seed, round_, SERVER_STREAM)
         rngs = [torch.Generator(device=rows.device).manual_seed(base + k)
                 for k in range(self.server_bank.model.k)]
@@ -204,14 +195,20 @@ class ServerA2V(ServerBase):
         centroids = {c: rows[y == c].mean(0) for c in present}
         sx, sy = self.server_bank.sample(counts, None, centroids,
                                          torch.Generator().manual_seed(base))
-        return sx.reshape(x.shape[0], *x.shape[1:]), sy
+        return sx.reshape(len(sx), *x.shape[1:]), sy
 
-    def new_server_bank(self, labels: torch.Tensor, features: int) -> GeneratorBank:
-        """The server's generators over the classes it received samples of."""
+    def federation_classes(self) -> list[int]:
+        """Dataset ids of every class some node trains on (sorted)."""
+        held = torch.cat([self.shared.labels[c.train_idx] for c in self.clients])
+        return sorted(set(held.tolist()))
+
+    def new_server_bank(self, features: int) -> GeneratorBank:
+        """The server's generators over every class of the federation, so that a round whose
+        sampled clients hold only some classes trains the same bank."""
         granularity = Granularity(self.config.server.generator.granularity.value)
-        spec = generator_spec(sorted(set(labels.tolist())), self.shared.class_names,
+        spec = generator_spec(self.federation_classes(), self.shared.class_names,
                               granularity, self.config.generator.class_groups)
-        return GeneratorBank(spec, features, self.config.generator, 0, labels.device)
+        return GeneratorBank(spec, features, self.config.generator, 0, self.shared.tokens.device)
 
     def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
                  stream: int) -> StateDict:
@@ -265,30 +262,29 @@ class ServerA2V(ServerBase):
             training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}")
         return _clone(self.model.state_dict())
 
-    def learn_from_synthetic(self, round_: int,
-                             teachers: list[tuple[torch.Tensor, StateDict]]) -> dict[str, float]:
-        """Train the global adapter (``synthetic``, ``fedavg+synthetic``, ``kd``) and the
-        synthetic-only adapter behind ``synthetic/acc`` on the synthetic pool."""
-        x, y = self.synthetic_pool(round_)
+    def learn_from_synthetic(self, round_: int, x: torch.Tensor,
+                             y: torch.Tensor) -> dict[str, float]:
+        """The strategy's use of the synthetic pool for the global adapter, and the
+        synthetic-only adapter behind ``synthetic/acc`` (train on synthetic, test on real)."""
+        metrics = {"synthetic/samples": float(len(x))}
         if self.config.generator.training_data is TrainingData.adapter_output:
             scores = zero_shot_scores(x.mean(1), self.shared.prompts[self.shared.label_space])
             position = torch.searchsorted(self.shared.label_space, y)
-            return {"synthetic/samples": float(len(x)),
-                    "synthetic/acc": (scores.argmax(1) == position).double().mean().item()}
-        mode = self.config.server.adapter_training
-        if mode in ("synthetic", "fedavg+synthetic"):
-            self.global_state = self.train_on(self.global_state, x, y, round_, 1)
-        elif mode == "kd" and teachers:
-            self.global_state = self.distill(x, y, teachers, round_)
-        assert self.synthetic_state is not None
-        self.synthetic_state = (self.global_state if mode == "synthetic"
-                                else self.train_on(self.synthetic_state, x, y, round_, 2))
-        return {"synthetic/samples": float(len(x))}
+            metrics["synthetic/prompt_acc"] = (scores.argmax(1) == position).double().mean().item()
+            return metrics
+        self.strategy.learn(self, round_, x, y)
+        assert self.tstr_state is not None
+        self.tstr_state = (self.global_state if self.strategy.global_is_synthetic_only
+                           else self.train_on(self.tstr_state, x, y, round_, 2))
+        return metrics
 
     def load_generators(self, folder: str, config_now: dict[str, Any]) -> None:
         """Start from the generators of an earlier run (``generator.load_from``): the latest
         checkpoint of ``folder``, refused unless its encoder, generator shapes and every node's
-        generator classes match this run."""
+        generator classes match this run. Their ``whole_run`` schedule restarts with this run."""
+        if not checkpoint.checkpoints(Path(folder)):
+            raise ConfigError(f"generator.load_from={folder}: no checkpoint there; point it at "
+                              "the folder of a run that saved checkpoints")
         saved = checkpoint.load_latest(Path(folder))
         old, new = checkpoint.flatten(saved["config"]), checkpoint.flatten(config_now)
         keys = [k for k in new if k.startswith("audio_encoder.") or k in GENERATOR_SHAPE_KEYS]
@@ -308,24 +304,49 @@ class ServerA2V(ServerBase):
                                   f"generators there model {', '.join(state['names'])}; here "
                                   f"it needs {', '.join(bank.spec.names)}")
             bank.load_state_dict(state)
+            bank.trainings = 0
             client.generators = bank
 
-    def merged_test(self) -> torch.Tensor:
-        return torch.cat([c.test_idx for c in self.clients])
+    def merged(self, split: str) -> torch.Tensor:
+        """Clip indices of ``split`` (train, val or test) over every node."""
+        return torch.cat([getattr(c, f"{split}_idx") for c in self.clients])
 
-    def evaluate_global(self) -> dict[str, float]:
-        """``global/*`` on the merged test splits: the global adapter, or for ``local`` the mean
-        over nodes of each node's own adapter."""
-        test = self.merged_test()
-        states = ([c.model_state for c in self.clients] if self.algorithm is Algorithm.local
-                  else [self.global_state])
-        results = []
-        for state in states:
+    def evaluate_all(self) -> dict[str, float]:
+        """The round's zero-shot evaluation: ``global/*`` on the merged test splits, ``val/*`` on
+        the merged val splits (when there are any), ``node{i}/acc`` on each node's test clips
+        and their mean ``local/acc_mean``, and ``synthetic/acc``. Every node is scored, sampled
+        this round or not, with the adapter it holds now: the global one, or under ``local``
+        its own (then ``global/*`` and ``val/*`` are means over the nodes' adapters)."""
+        test, val = self.merged("test"), self.merged("val")
+        per_node = self.algorithm is not Algorithm.centralized
+        if self.strategy.stateful and per_node:
+            states = [c.model_state for c in self.clients]
+        else:
+            states = [self.global_state]
+        runs: list[dict[str, float]] = []
+        node_acc: dict[str, float] = {}
+        for i, state in enumerate(states):
             self.model.load_state_dict(state)
-            results.append(evaluate(self.model, self.shared, test))
-        metrics = {f"global/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
-        if self.synthetic_state is not None and self.synthetic:
-            self.model.load_state_dict(self.synthetic_state)
+            scores, position = zero_shot(self.model, self.shared, test)
+            row = {f"global/{k}": v for k, v in classification_metrics(position, scores).items()}
+            if len(val):
+                row.update({f"val/{k}": v for k, v in evaluate(self.model, self.shared,
+                                                               val).items()})
+            runs.append(row)
+            if not per_node:
+                continue
+            correct = (scores.argmax(1) == position).double().split(
+                [len(c.test_idx) for c in self.clients])
+            owners = [self.clients[i]] if len(states) > 1 else self.clients
+            hits = [correct[self.clients.index(c)] for c in owners]
+            node_acc.update({f"node{c.node}/acc": h.mean().item()
+                             for c, h in zip(owners, hits, strict=True) if len(h)})
+        metrics = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        if node_acc:
+            metrics.update(node_acc)
+            metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
+        if self.tstr_state is not None and self.pool is not None:
+            self.model.load_state_dict(self.tstr_state)
             metrics["synthetic/acc"] = evaluate(self.model, self.shared, test)["acc"]
         return metrics
 
@@ -335,7 +356,7 @@ class ServerA2V(ServerBase):
         if self.algorithm is Algorithm.local:
             return None
         self.model.load_state_dict(self.global_state)
-        scores, position = zero_shot(self.model, self.shared, self.merged_test())
+        scores, position = zero_shot(self.model, self.shared, self.merged("test"))
         k = len(self.shared.label_space)
         predicted = scores.argmax(1)
         accuracy = per_class_accuracy(position, predicted, k).cpu().tolist()
@@ -343,50 +364,67 @@ class ServerA2V(ServerBase):
         matrix = confusion_matrix(position, predicted, k).cpu().numpy()
         return dict(zip(names, accuracy, strict=True)), matrix
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, optimizers: bool = True) -> dict[str, Any]:
+        """Everything a resume needs; ``optimizers=False`` leaves out optimizer states (smaller,
+        but a resume from it could not be exact)."""
         state: dict[str, Any] = {"global": self.global_state}
-        if self.fedadam is not None:
-            state["fedadam"] = self.fedadam.state_dict()
-        if self.stateful:
+        if optimizers:
+            state["strategy"] = self.strategy.state_dict()
+        if self.strategy.stateful:
             state["clients"] = {str(c.node): {"model": c.model_state,
-                                              "optimizer": c.optimizer_state}
+                                              **({"optimizer": c.optimizer_state}
+                                                 if optimizers else {})}
                                 for c in self.clients}
         if self.generators_on:
-            state["generators"] = {str(c.node): c.generators.state_dict()
+            def bank(b: GeneratorBank) -> dict[str, Any]:
+                saved = b.state_dict()
+                return saved if optimizers else {k: v for k, v in saved.items()
+                                                 if k != "optimizer"}
+
+            state["generators"] = {str(c.node): bank(c.generators)
                                    for c in self.clients if c.generators is not None}
             state["synthetic"] = {str(node): list(pair) for node, pair in self.synthetic.items()}
-            state["synthetic_state"] = self.synthetic_state
+            state["tstr_state"] = self.tstr_state
             state["epoch_history"] = self.epoch_history
             state["generator_seconds"] = self.generator_seconds
+            state["generator_rounds_done"] = self.generator_rounds_done
             if self.server_bank is not None:
-                state["server_generators"] = self.server_bank.state_dict()
+                state["server_generators"] = bank(self.server_bank)
+                state["pool"] = list(self.pool) if self.pool is not None else None
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.shared.tokens.device
-        self.global_state = {k: v.to(device) for k, v in state["global"].items()}
-        if self.fedadam is not None:
-            self.fedadam.load_state_dict({part: {k: v.to(device) for k, v in values.items()}
-                                          for part, values in state["fedadam"].items()})
-        if self.stateful:
+
+        def to(tensors: StateDict) -> StateDict:
+            return {k: v.to(device) for k, v in tensors.items()}
+
+        self.global_state = to(state["global"])
+        self.strategy.load_state_dict(state["strategy"], device)
+        if self.strategy.stateful:
             for client in self.clients:
                 saved = state["clients"][str(client.node)]
-                client.model_state = {k: v.to(device) for k, v in saved["model"].items()}
+                client.model_state = to(saved["model"])
                 client.optimizer_state = saved["optimizer"]
-        if self.generators_on:
-            for client in self.clients:
-                if str(client.node) in state["generators"]:
-                    client.generators = client.new_generators(self.shared, self.config.generator)
-                    client.generators.load_state_dict(state["generators"][str(client.node)])
-            self.synthetic = {int(node): (x.to(device), y.to(device))
-                              for node, (x, y) in state["synthetic"].items()}
-            if state["synthetic_state"] is not None:
-                self.synthetic_state = {k: v.to(device)
-                                        for k, v in state["synthetic_state"].items()}
-            self.epoch_history = list(state["epoch_history"])
-            self.generator_seconds = state["generator_seconds"]
-            if "server_generators" in state:
-                x = torch.cat([s[0] for s in self.synthetic.values()])
-                y = torch.cat([s[1] for s in self.synthetic.values()])
-                self.server_bank = self.new_server_bank(y, x[0].numel())
-                self.server_bank.load_state_dict(state["server_generators"])
+        if not self.generators_on:
+            return
+        for client in self.clients:
+            if str(client.node) in state["generators"]:
+                client.generators = client.new_generators(self.shared, self.config.generator)
+                client.generators.load_state_dict(state["generators"][str(client.node)])
+        self.synthetic = {int(node): (x.to(device), y.to(device))
+                          for node, (x, y) in state["synthetic"].items()}
+        if state["tstr_state"] is not None:
+            self.tstr_state = to(state["tstr_state"])
+        self.epoch_history = list(state["epoch_history"])
+        self.generator_seconds = state["generator_seconds"]
+        self.generator_rounds_done = state["generator_rounds_done"]
+        if "server_generators" in state:
+            features = state["server_generators"]["model"]["dec_out.weight"].shape[-1]
+            self.server_bank = self.new_server_bank(features)
+            self.server_bank.load_state_dict(state["server_generators"])
+            if state["pool"] is not None:
+                self.pool = (state["pool"][0].to(device), state["pool"][1].to(device))
+        elif self.synthetic:
+            self.pool = (torch.cat([s[0] for s in self.synthetic.values()]),
+                         torch.cat([s[1] for s in self.synthetic.values()]))

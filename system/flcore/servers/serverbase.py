@@ -1,7 +1,9 @@
 """The round loop every server shares: client selection, logging and checkpoints."""
 
+import logging
 import time
 from abc import ABC, abstractmethod
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,16 @@ from flcore.config import Config
 from flcore.errors import ConfigError
 from flcore.tracking import Trackers
 
+log = logging.getLogger(__name__)
+
 
 def clients_per_round(config: Config, num_clients: int) -> int:
-    """``federation.clients_per_round``, or ``client_fraction`` of the clients (at least one)."""
+    """``federation.clients_per_round``, or ``max(1, round-half-up(client_fraction x nodes))``
+    (decimal arithmetic: 0.5 x 5 nodes gives 3, 0.35 x 10 gives 4)."""
     f = config.federation
     if f.clients_per_round is None:
-        return max(1, round(f.client_fraction * num_clients))
+        picked = (Decimal(str(f.client_fraction)) * num_clients).to_integral_value(ROUND_HALF_UP)
+        return max(1, int(picked))
     if f.clients_per_round > num_clients:
         raise ConfigError(f"federation.clients_per_round={f.clients_per_round}: the federation "
                           f"has only {num_clients} nodes")
@@ -35,6 +41,9 @@ class ServerBase(ABC):
         self.per_round = clients_per_round(config, len(clients))
         self.checkpoint_extra = checkpoint_extra
         self.history: list[dict[str, Any]] = []
+        self.completed_round = 0
+        self.rounds_seconds = 0.0
+        self.checkpoint_size_logged = False
 
     def select(self, round_: int) -> list[ClientBase]:
         """A seeded sample of clients for ``round_`` (a pure function of seed and round)."""
@@ -54,24 +63,41 @@ class ServerBase(ABC):
         scalars."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the current round."""
+    def state_dict(self, optimizers: bool = True) -> dict[str, Any]:
+        """Everything needed to continue after the current round (``optimizers=False``: less
+        the optimizer states)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def save_checkpoint(self, round_: int) -> None:
+        """Write the round's checkpoint; the first one's size goes to the log."""
+        c = self.config.checkpoint
+        path = checkpoint.save(self.run_dir, round_,
+                               {"server": self.state_dict(c.optimizer_state),
+                                "history": self.history, "rounds_s": self.rounds_seconds,
+                                "optimizer_state": c.optimizer_state,
+                                **self.checkpoint_extra}, c.keep)
+        if not self.checkpoint_size_logged:
+            log.info("Checkpoint %s: %.1f MB (checkpoint.every=%d, keep=%d)", path.name,
+                     path.stat().st_size / 1e6, c.every, c.keep)
+            self.checkpoint_size_logged = True
+
     def run(self, start: int = 0) -> list[dict[str, Any]]:
-        """Rounds ``start+1 .. rounds``: one tracker call per round, checkpoints as configured."""
+        """Rounds ``start+1 .. rounds``: one tracker call per round, checkpoints as configured
+        (``checkpoint.every=0``: none). ``completed_round`` tracks progress for an interrupt."""
         rounds = self.config.federation.rounds
+        every = self.config.checkpoint.every
+        self.completed_round = start
         for round_ in tqdm(range(start + 1, rounds + 1), desc="rounds", unit="round",
-                           initial=start, total=rounds):
+                           initial=start, total=rounds, disable=None):
             tic = time.perf_counter()
             metrics = self.train_round(round_, self.select(round_))
             metrics["time/round_s"] = time.perf_counter() - tic
+            self.rounds_seconds += metrics["time/round_s"]
             self.trackers.log(metrics, step=round_)
             self.history.append({"round": round_, **metrics})
-            if round_ % self.config.checkpoint.every == 0 or round_ == rounds:
-                checkpoint.save(self.run_dir, round_,
-                                {"server": self.state_dict(), "history": self.history,
-                                 **self.checkpoint_extra}, self.config.checkpoint.keep)
+            self.completed_round = round_
+            if every > 0 and (round_ % every == 0 or round_ == rounds):
+                self.save_checkpoint(round_)
         return self.history

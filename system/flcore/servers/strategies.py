@@ -1,0 +1,169 @@
+"""How a round turns the clients' adapters and the synthetic pool into the global adapter.
+
+One small object per mode (``federation.algorithm`` x ``server.adapter_training``), all behind
+:class:`AdapterStrategy`, as Flower's strategies are: the server's round loop asks the strategy
+where each client starts, hands it each update, and lets it conclude the round.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from flcore.clients.clientbase import LocalUpdate, StateDict
+from flcore.config import Aggregation, Algorithm, Config
+from flcore.servers.aggregation import FedAdam, RunningAverage
+
+if TYPE_CHECKING:
+    from flcore.clients.clientA2V import ClientA2V
+    from flcore.servers.serverA2V import ServerA2V
+
+
+class AdapterStrategy:
+    """The base every mode refines. Its defaults: clients start from the global adapter,
+    nothing is aggregated and the synthetic pool is not used for the global adapter."""
+
+    #: Whether selected clients train adapters at all (``synthetic``: the server never sees one).
+    trains_clients = True
+    #: Whether clients keep their own adapter and optimizer between rounds.
+    stateful = False
+    #: Whether the global adapter is itself trained on synthetic samples only (then it is the
+    #: adapter behind ``synthetic/acc``).
+    global_is_synthetic_only = False
+
+    def begin_round(self) -> None:
+        """Reset what a round accumulates."""
+
+    def start(self, server: "ServerA2V", client: "ClientA2V") -> StateDict:
+        """The weights ``client`` starts local training from."""
+        return server.global_state
+
+    def anchor(self, server: "ServerA2V") -> StateDict | None:
+        """FedProx's anchor (the round's global weights), or None."""
+        return None
+
+    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+        """Take one client's update."""
+
+    def conclude(self, server: "ServerA2V") -> None:
+        """After every selected client trained: update ``server.global_state``."""
+
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Use the synthetic pool ``x [m, S, D]``, ``y [m]`` for the global adapter."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+
+class FedAvg(AdapterStrategy):
+    """Average of the clients' adapters weighted by their training clips (``mean``: equal
+    weights), optionally FedProx's proximal term, or FedAdam on the averaged update."""
+
+    def __init__(self, config: Config) -> None:
+        f = config.federation
+        self.weighted = f.aggregation is not Aggregation.mean
+        self.fedprox = f.aggregation is Aggregation.fedprox
+        self.fedadam = (FedAdam(f.server_lr, (f.server_betas[0], f.server_betas[1]),
+                                f.server_tau) if f.aggregation is Aggregation.fedadam else None)
+        self.average = RunningAverage()
+
+    def begin_round(self) -> None:
+        self.average = RunningAverage()
+
+    def anchor(self, server: "ServerA2V") -> StateDict | None:
+        return server.global_state if self.fedprox else None
+
+    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+        self.average.add(update.state, float(update.num_samples) if self.weighted else 1.0)
+
+    def conclude(self, server: "ServerA2V") -> None:
+        if self.average.weight == 0:
+            return
+        average = self.average.result()
+        server.global_state = (self.fedadam.step(server.global_state, average)
+                               if self.fedadam is not None else average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fedadam": self.fedadam.state_dict()} if self.fedadam is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if self.fedadam is not None:
+            self.fedadam.load_state_dict({part: {k: v.to(device) for k, v in values.items()}
+                                          for part, values in state["fedadam"].items()})
+
+
+class FedAvgThenSynthetic(FedAvg):
+    """FedAvg, then fine-tuning of the averaged adapter on the synthetic pool."""
+
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        server.global_state = server.train_on(server.global_state, x, y, round_, 1)
+
+
+class SyntheticOnly(AdapterStrategy):
+    """The global adapter learns from synthetic samples alone; clients train generators only."""
+
+    trains_clients = False
+    global_is_synthetic_only = True
+
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        server.global_state = server.train_on(server.global_state, x, y, round_, 1)
+
+
+class Distillation(AdapterStrategy):
+    """Knowledge distillation: the round's client adapters label the synthetic samples of the
+    classes they hold, and the global adapter learns those outputs."""
+
+    def __init__(self) -> None:
+        self.teachers: list[tuple[torch.Tensor, StateDict]] = []
+
+    def begin_round(self) -> None:
+        self.teachers = []
+
+    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+        held = torch.tensor([server.shared.class_names.index(c) for c in client.classes],
+                            device=server.shared.tokens.device)
+        self.teachers.append((held, update.state))
+
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.teachers:
+            server.global_state = server.distill(x, y, self.teachers, round_)
+
+
+class Local(AdapterStrategy):
+    """Each node trains its own adapter and never shares it (the lower reference point)."""
+
+    stateful = True
+
+    def start(self, server: "ServerA2V", client: "ClientA2V") -> StateDict:
+        assert client.model_state is not None
+        return client.model_state
+
+    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+        client.model_state = update.state
+
+
+class Centralized(Local):
+    """One client holds every node's training clips (the upper reference point); its adapter is
+    the global one."""
+
+    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+        client.model_state = update.state
+        server.global_state = update.state
+
+
+def build_strategy(config: Config) -> AdapterStrategy:
+    """The strategy of ``federation.algorithm`` and ``server.adapter_training``."""
+    if config.federation.algorithm is Algorithm.local:
+        return Local()
+    if config.federation.algorithm is Algorithm.centralized:
+        return Centralized()
+    mode = config.server.adapter_training
+    if mode == "synthetic":
+        return SyntheticOnly()
+    if mode == "kd":
+        return Distillation()
+    if mode == "fedavg+synthetic":
+        return FedAvgThenSynthetic(config)
+    return FedAvg(config)

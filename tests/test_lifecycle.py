@@ -1,0 +1,173 @@
+"""Runs that never lose a result: sweeps with a bad job, refused resumes, occupied folders,
+interrupts, checkpoint switches and filesystem trouble."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from conftest import REPO
+from flcore import checkpoint
+from flcore.errors import CheckpointError, ConfigError
+from flcore.run import run
+
+FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
+        "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
+FAST_CLI = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
+            "federation.local_epochs=1", "checkpoint.every=1")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (main.log aside: refusals are logged)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "main.log"}
+
+
+@pytest.fixture
+def fast_run(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
+    def _run(*overrides: str, folder: str = "run") -> dict:
+        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
+
+    return _run
+
+
+def test_a_bad_job_does_not_stop_the_sweep(run_main, tmp_path: Path) -> None:
+    proc = run_main("-m", *FAST_CLI, "federation.rounds=1", "generator.training_epochs=2",
+                    "generator.beta_warmup_ratio=1.5,0.5")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    sweep = next((tmp_path / "outputs" / "default" / "multiruns").iterdir())
+    first = json.loads((sweep / "0" / "results.json").read_text())
+    second = json.loads((sweep / "1" / "results.json").read_text())
+    assert first["status"] == "failed" and "must be in (0, 1]" in first["error"]
+    assert second["status"] == "completed" and "global/acc" in second["final"]
+    assert "error: generator.beta_warmup_ratio=1.5: must be in (0, 1]" in proc.stdout
+    summary = proc.stderr[proc.stderr.index("1 of 2 jobs did not complete"):]
+    assert ("job 0 (failed) generator.beta_warmup_ratio=1.5: ConfigError: "
+            "generator.beta_warmup_ratio=1.5: must be in (0, 1]") in summary
+    assert "job 1" not in summary
+
+
+def test_a_refused_resume_leaves_the_folder_as_it_was(run_main, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    args = (*FAST_CLI, "generator=none", f"hydra.run.dir={folder}")
+    assert run_main(*args, "federation.rounds=2").returncode == 0
+    before = snapshot(folder)
+    assert ".hydra/config.yaml" in before and "checkpoints/round_0002.pt" in before
+    proc = run_main(*args, "federation.rounds=3", "resume=true", "adapter.lr=0.01")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the checkpoint was written under a different config: adapter.lr")
+    assert snapshot(folder) == before
+    latest = folder / "checkpoints" / "round_0002.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    corrupted = snapshot(folder)
+    proc = run_main(*args, "federation.rounds=3", "resume=true")
+    assert "round_0002.pt is corrupted" in proc.stderr.strip().splitlines()[-1]
+    assert snapshot(folder) == corrupted
+
+
+def test_a_new_run_refuses_a_folder_that_holds_one(fast_run, tmp_path: Path) -> None:
+    first = fast_run("federation.rounds=2")
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume=true"):
+        fast_run("federation.rounds=2", "seed=1")
+    assert snapshot(tmp_path / "run") == before
+    with pytest.raises(CheckpointError, match=r"federation.rounds=1: .* already ran 2 rounds"):
+        fast_run("federation.rounds=1", "resume=true")
+    again = fast_run("federation.rounds=2", "resume=true")
+    assert again["timings"] == first["timings"] and again["final"] == first["final"]
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_timings_add_up_over_a_resume(fast_run) -> None:
+    first = fast_run("federation.rounds=1")
+    resumed = fast_run("federation.rounds=2", "resume=true")
+    assert resumed["timings"]["total_s"] > first["timings"]["total_s"]
+    assert resumed["timings"]["rounds_s"] == pytest.approx(
+        sum(r["time/round_s"] for r in resumed["rounds"][1:]))
+
+
+def test_sigterm_stops_with_the_resume_command(cache_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir)}
+    command = [sys.executable, str(REPO / "main.py"), *FAST_CLI, "generator=none",
+               "federation.rounds=500", f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (folder / "checkpoints" / "round_0002.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("interrupted: stopped after round "), line
+    assert f"hydra.run.dir={folder}" in line and line.endswith("resume=true")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    done = int(line.split("after round ")[1].split()[0])
+    assert [r["round"] for r in results["rounds"]] == list(range(done + 1))
+    stale = folder / "checkpoints" / ".round_0009.pt.0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    resume = shlex.split(line.split("resume with: ")[1])[2:]
+    finish = subprocess.run([sys.executable, str(REPO / "main.py"),
+                             *[a for a in resume if not a.startswith("federation.rounds=")],
+                             f"federation.rounds={done + 1}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert finish.returncode == 0, finish.stderr
+    assert not stale.exists()
+    assert json.loads((folder / "results.json").read_text())["status"] == "completed"
+
+
+def test_checkpoints_off_and_without_optimizer_state(fast_run, tmp_path: Path) -> None:
+    fast_run("federation.rounds=2", "checkpoint.every=0", folder="off")
+    assert checkpoint.checkpoints(tmp_path / "off") == []
+    fast_run("federation.rounds=2", "federation.algorithm=local", folder="full")
+    fast_run("federation.rounds=2", "federation.algorithm=local",
+             "checkpoint.optimizer_state=false", folder="lean")
+    full = checkpoint.checkpoints(tmp_path / "full")[-1]
+    lean = checkpoint.checkpoints(tmp_path / "lean")[-1]
+    assert lean.stat().st_size < full.stat().st_size
+    assert "optimizer" not in torch.load(lean, weights_only=True)["server"]["clients"]["0"]
+    with pytest.raises(CheckpointError, match=r"checkpoint\.optimizer_state=false, so a resume "
+                                              r"could not be exact"):
+        fast_run("federation.rounds=3", "federation.algorithm=local",
+                 "checkpoint.optimizer_state=false", "resume=true", folder="lean")
+
+
+def test_whole_run_schedule_refuses_a_new_length_on_resume(
+        make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    gen = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
+           "federation.local_epochs=1", "checkpoint.every=1", "generator.training_epochs=2",
+           "generator.hidden_dim=16", "generator.latent_dim=4",
+           "generator.schedule_scope=whole_run")
+    run(make_config(*gen, "federation.rounds=2"), run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="whole_run spreads the beta schedule over the "
+                                              "run's 2 rounds"):
+        run(make_config(*gen, "federation.rounds=4", "resume=true"), run_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("make_args", "line"), [
+    (lambda f: [f"cache_dir={f}"], "error: cache_dir={f}: is a file, not a folder"),
+    (lambda f: [f"hydra.run.dir={f}/run"], "error: hydra.run.dir={f}/run: cannot create the "
+                                           "folder"),
+])
+def test_unusable_folders_are_one_line(run_main, tmp_path: Path, make_args, line: str) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_main(*make_args(blocker), "logger=none", "generator=none")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(line.format(f=blocker)), proc.stderr

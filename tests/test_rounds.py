@@ -1,0 +1,124 @@
+"""What a round reports: val and best, per-node accuracies, client sampling, generator rounds and
+their logging, and the meaning of ``synthetic/*``."""
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from flcore.config import validate
+from flcore.run import run
+from flcore.servers.serverbase import clients_per_round
+
+FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
+        "federation.local_epochs=1", "checkpoint.every=0", "generator.training_epochs=2",
+        "generator.hidden_dim=16", "generator.latent_dim=4")
+
+
+@pytest.fixture
+def quick(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
+    def _run(*overrides: str, folder: str = "run") -> dict:
+        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
+
+    return _run
+
+
+def epoch_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "generator_metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_val_is_scored_and_best_is_chosen_on_val(quick) -> None:
+    results = quick("federation.rounds=4", "generator=none")
+    rounds = results["rounds"][1:]
+    assert all("val/acc" in r and "global/acc" in r for r in rounds)
+    best = results["best"]
+    top = max(r["val/acc"] for r in rounds)
+    chosen = next(r for r in rounds if r["val/acc"] == top)
+    assert best["round"] == chosen["round"]
+    assert best["global/acc"] == chosen["global/acc"] and best["val/acc"] == top
+    assert results["final"]["global/acc"] == rounds[-1]["global/acc"]
+
+
+def test_no_val_split_gives_no_best_block(quick) -> None:
+    results = quick("federation.rounds=1", "generator=none", "dataset.val_folds=[]")
+    assert results["best"] == {} and "val/acc" not in results["final"]
+
+
+def test_every_node_is_scored_in_the_final_round(quick) -> None:
+    """With 2 of 5 nodes sampled per round, ``final`` still holds every node's accuracy of
+    the final global adapter: their test-size-weighted mean is the global accuracy."""
+    results = quick("federation.rounds=3", "generator=none", "federation.client_fraction=0.4")
+    final = results["final"]
+    assert all(r["train/clients"] == 2 for r in results["rounds"][1:])
+    nodes = results["partition"]["nodes"]
+    weighted = sum(final[f"node{n['node']}/acc"] * n["test"] for n in nodes)
+    assert weighted / sum(n["test"] for n in nodes) == pytest.approx(final["global/acc"])
+    last = results["rounds"][-1]
+    assert all(f"node{n['node']}/acc" in last for n in nodes)
+
+
+@pytest.mark.parametrize(("fraction", "nodes", "expected"), [
+    (0.5, 5, 3), (0.3, 5, 2), (0.35, 10, 4), (0.1, 5, 1), (0.01, 5, 1), (1.0, 7, 7),
+])
+def test_client_fraction_rounds_half_up(make_config: Callable[..., DictConfig], fraction: float,
+                                        nodes: int, expected: int) -> None:
+    config = validate(make_config(f"federation.client_fraction={fraction}"))
+    assert clients_per_round(config, nodes) == expected
+
+
+def test_server_generators_cover_every_class_under_client_sampling(quick) -> None:
+    results = quick("federation.rounds=3", "federation.client_fraction=0.4",
+                    "server.generator.granularity=per_class")
+    assert results["status"] == "completed"
+    assert "synthetic/acc" in results["final"]
+
+
+@pytest.mark.parametrize("mode", ["synthetic", "fedavg+synthetic"])
+def test_train_every_is_honoured_and_epochs_never_repeat(quick, tmp_path: Path,
+                                                         mode: str) -> None:
+    quick("federation.rounds=4", "generator.train_every=2",
+          f"server.adapter_training={mode}")
+    rows = epoch_rows(tmp_path / "run")
+    assert [int(r["round"]) for r in rows] == [2, 2, 4, 4]
+    assert [float(r["generator/epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_whole_run_schedule_stays_within_its_length(quick, tmp_path: Path) -> None:
+    quick("federation.rounds=5", "generator.train_every=2", "generator.schedule_scope=whole_run",
+          "generator.beta_schedule=cyclical", "generator.n_cycles=1", "generator.cycle_ratio=1")
+    betas = [float(r["generator/beta"]) for r in epoch_rows(tmp_path / "run")]
+    # Rounds 2 and 4 train (5 // 2 = 2 generator rounds), so one cycle spans 2 x 2 = 4 epochs.
+    assert betas == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_beta_is_logged_per_node_when_nodes_differ(quick, tmp_path: Path) -> None:
+    """Under ``whole_run`` with client sampling, nodes reach different schedule epochs: each
+    row logs every trained node's beta and their mean, not the first node's."""
+    quick("federation.rounds=4", "federation.client_fraction=0.4",
+          "generator.schedule_scope=whole_run", "generator.beta_warmup_ratio=1")
+    differing = 0
+    for row in epoch_rows(tmp_path / "run"):
+        node_betas = [float(v) for k, v in row.items()
+                      if k.startswith("node") and k.endswith("/generator/beta") and v != ""]
+        assert len(node_betas) == 2
+        assert float(row["generator/beta"]) == pytest.approx(sum(node_betas) / 2)
+        differing += len(set(node_betas)) > 1
+    assert differing > 0
+
+
+def test_text_space_generators_report_prompt_accuracy_only(quick) -> None:
+    final = quick("federation.rounds=1", "generator.training_data=adapter_output",
+                  "server.adapter_training=fedavg")["final"]
+    assert "synthetic/prompt_acc" in final and "synthetic/acc" not in final
+
+
+def test_results_list_every_split_file_and_no_shared_recording(quick) -> None:
+    results = quick("federation.rounds=1", "generator=none")
+    partition = results["partition"]
+    assert partition["shared_recordings"] == 0
+    for node in partition["nodes"]:
+        assert {k: len(v) for k, v in node["files"].items()} == {
+            s: node[s] for s in ("train", "val", "test")}

@@ -1,0 +1,294 @@
+"""The A2V server's round on a hand-built federation: what ``train_round`` makes of the clients'
+adapters (FedAvg weights, FedProx, FedAdam, distillation) against computations written here, and
+generators that never read a val or test clip.
+
+Every federation here is built from random tensors, so node sizes are exact and a round takes
+milliseconds. Reference states are computed by training copies of the adapter with the same
+``client.train`` call (same seeds, dropout off), then combined by hand.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from flcore.clients.clientA2V import ClientA2V
+from flcore.clients.clientbase import SharedTensors
+from flcore.config import Config, validate
+from flcore.servers.serverA2V import ServerA2V
+from flcore.tracking import Trackers
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+
+NAMES = ["a", "b", "c"]
+TOKENS, AUDIO_DIM, TEXT_DIM = 4, 8, 16
+# Node i holds two classes and TRAIN[i] training clips (unequal on purpose), plus 2 val and 4
+# test clips.
+HOLDS = [["a", "b"], ["b", "c"], ["a", "c"]]
+TRAIN = [8, 24, 56]
+BASE = ("logger=none", "audio_encoder=mfcc", "generator=none", "server.adapter_training=fedavg",
+        "adapter.hidden_dim=32", "adapter.dropout=0", "adapter.batch_size=16",
+        "adapter.lr=0.01", "federation.local_epochs=2", "federation.rounds=4")
+
+State = dict[str, torch.Tensor]
+
+
+def federation(nan_heldout: bool = False) -> tuple[SharedTensors, list[ClientA2V]]:
+    """Clips whose tokens are their class's prompt (first AUDIO_DIM dims) plus noise; with
+    ``nan_heldout`` every val and test clip's tokens are NaN."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = F.normalize(torch.randn(len(NAMES), TEXT_DIM, generator=gen), dim=-1)
+    labels, splits, heldout = [], [], []
+    for classes, n_train in zip(HOLDS, TRAIN, strict=True):
+        ids = [NAMES.index(c) for c in classes]
+        split = {}
+        for name, n in (("train", n_train), ("val", 2), ("test", 4)):
+            split[name] = torch.arange(len(labels), len(labels) + n)
+            labels += [ids[i % len(ids)] for i in range(n)]
+            if name != "train":
+                heldout.append(split[name])
+        splits.append(split)
+    label_tensor = torch.tensor(labels)
+    tokens = (3 * prompts[label_tensor, None, :AUDIO_DIM]
+              + torch.randn(len(labels), TOKENS, AUDIO_DIM, generator=gen))
+    if nan_heldout:
+        tokens[torch.cat(heldout)] = float("nan")
+    shared = SharedTensors(tokens, label_tensor, prompts, torch.arange(len(NAMES)), NAMES)
+    clients = [ClientA2V(node, classes, s["train"], s["val"], s["test"])
+               for node, (classes, s) in enumerate(zip(HOLDS, splits, strict=True))]
+    return shared, clients
+
+
+@pytest.fixture
+def build(make_config: Callable[..., DictConfig], tmp_path: Path
+          ) -> Callable[..., tuple[ServerA2V, SharedTensors, list[ClientA2V]]]:
+    def _build(*overrides: str, nan_heldout: bool = False
+               ) -> tuple[ServerA2V, SharedTensors, list[ClientA2V]]:
+        config = validate(make_config(*BASE, *overrides))
+        shared, clients = federation(nan_heldout)
+        server = ServerA2V(config, clients, shared, Trackers([]), tmp_path, {})
+        return server, shared, clients
+
+    return _build
+
+
+def clone(state: State) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def trained_copy(config: Config, shared: SharedTensors, client: ClientA2V, start: State,
+                 round_: int) -> State:
+    """``client``'s local training from ``start``, on a model of our own."""
+    a = config.adapter
+    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, a)
+    model.load_state_dict(start)
+    loss = AdapterLoss(a, shared.prompts, shared.label_space)
+    return client.train(model, shared, loss, a, config.federation.local_epochs, round_,
+                        config.seed).state
+
+
+def combine(states: list[State], weights: list[float]) -> State:
+    """sum_i w_i state_i / sum_i w_i, key by key."""
+    return {k: sum(w * s[k] for s, w in zip(states, weights, strict=True)) / sum(weights)
+            for k in states[0]}
+
+
+def distance(a: State, b: State) -> float:
+    """L2 distance over every parameter."""
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
+
+
+def assert_states_close(actual: State, expected: State) -> None:
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(actual[k], expected[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda text, k=k: f"{k}: {text}")
+
+
+# Two states count as different when they are this many times farther apart than the tolerance
+# of assert_states_close.
+MEASURABLY = 1000 * 1e-6
+
+
+def test_fedavg_weights_nodes_by_their_training_clips(build) -> None:
+    server, shared, clients = build()
+    start = clone(server.global_state)
+    states = [trained_copy(server.config, shared, c, start, 1) for c in clients]
+    server.train_round(1, clients)
+    weighted = combine(states, [8.0, 24.0, 56.0])
+    unweighted = combine(states, [1.0, 1.0, 1.0])
+    assert_states_close(server.global_state, weighted)
+    assert distance(server.global_state, unweighted) > MEASURABLY
+
+    # Round 2 with two of the three nodes: only their counts weigh.
+    start = clone(server.global_state)
+    pair = [clients[0], clients[2]]
+    states = [trained_copy(server.config, shared, c, start, 2) for c in pair]
+    server.train_round(2, pair)
+    assert_states_close(server.global_state, combine(states, [8.0, 56.0]))
+    assert distance(server.global_state, combine(states, [1.0, 1.0])) > MEASURABLY
+
+
+def test_mean_aggregation_gives_every_node_the_same_weight(build) -> None:
+    server, shared, clients = build("federation.aggregation=mean")
+    start = clone(server.global_state)
+    states = [trained_copy(server.config, shared, c, start, 1) for c in clients]
+    server.train_round(1, clients)
+    assert_states_close(server.global_state, combine(states, [1.0, 1.0, 1.0]))
+    assert distance(server.global_state, combine(states, [8.0, 24.0, 56.0])) > MEASURABLY
+
+
+def test_fedprox_keeps_the_round_closer_to_the_global_model(build) -> None:
+    """Same data, seeds and start: a large proximal weight keeps the aggregate nearer the
+    previous global model than FedAvg's; with mu=0 FedProx is FedAvg exactly."""
+    longer = ("federation.local_epochs=6",)
+    ends = {}
+    for name, overrides in [("fedavg", ()),
+                            ("prox0", ("federation.aggregation=fedprox",
+                                       "federation.fedprox_mu=0")),
+                            ("prox", ("federation.aggregation=fedprox",
+                                      "federation.fedprox_mu=100"))]:
+        server, _, clients = build(*longer, *overrides)
+        start = clone(server.global_state)
+        server.train_round(1, clients)
+        ends[name] = (start, clone(server.global_state))
+    start = ends["fedavg"][0]
+    assert all(distance(s, start) == 0 for s, _ in ends.values())
+    assert_states_close(ends["prox0"][1], ends["fedavg"][1])
+    fedavg_drift = distance(ends["fedavg"][1], start)
+    prox_drift = distance(ends["prox"][1], start)
+    assert fedavg_drift > MEASURABLY
+    assert prox_drift < 0.5 * fedavg_drift, (prox_drift, fedavg_drift)
+
+
+def test_fedadam_over_two_rounds_by_hand(build) -> None:
+    """Reddi et al. 2021 without bias correction, from the sample-weighted average ``a`` of the
+    round: delta = a - w; m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2;
+    w += lr m / (sqrt(v) + tau)."""
+    lr, b1, b2, tau = 0.05, 0.8, 0.95, 0.002
+    server, shared, clients = build("federation.aggregation=fedadam",
+                                    f"federation.server_lr={lr}",
+                                    f"federation.server_betas=[{b1},{b2}]",
+                                    f"federation.server_tau={tau}")
+    w = clone(server.global_state)
+    m = {k: torch.zeros_like(v) for k, v in w.items()}
+    v = {k: torch.zeros_like(t) for k, t in w.items()}
+    for round_ in (1, 2):
+        states = [trained_copy(server.config, shared, c, w, round_) for c in clients]
+        average = combine(states, [8.0, 24.0, 56.0])
+        for k in w:
+            delta = average[k] - w[k]
+            m[k] = b1 * m[k] + (1 - b1) * delta
+            v[k] = b2 * v[k] + (1 - b2) * delta * delta
+            w[k] = w[k] + lr * m[k] / (torch.sqrt(v[k]) + tau)
+        server.train_round(round_, clients)
+        assert_states_close(server.global_state, w)
+        assert distance(server.global_state, average) > MEASURABLY
+        # Round 2's clients start from the server's weights, equal to ours up to rounding only
+        # (Adam would amplify that rounding in parameters whose gradient is ~0, such as the
+        # attention's key bias); m and v stay ours.
+        w = clone(server.global_state)
+
+
+GENERATORS = ("generator=per_class", "generator.training_epochs=3", "generator.hidden_dim=32",
+              "generator.latent_dim=8", "generator.batch_size=16", "generator.lr=0.01")
+
+
+def kd_loss(state: State, config: Config, x: torch.Tensor, targets: torch.Tensor) -> float:
+    """MSE + cosine distance between ``state``'s outputs on ``x`` and ``targets``."""
+    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, config.adapter)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        out = model.embed(x)
+    return float(((out - targets) ** 2).mean() + 1 - F.cosine_similarity(out, targets).mean())
+
+
+def outputs(state: State, config: Config, x: torch.Tensor) -> torch.Tensor:
+    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, config.adapter)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return model.embed(x)
+
+
+def test_distillation_moves_the_global_adapter_towards_the_teachers(build) -> None:
+    server, shared, clients = build(*GENERATORS, "server.adapter_training=kd")
+    config = server.config
+    before = clone(server.global_state)
+    teachers = [trained_copy(config, shared, c, before, 1) for c in clients]
+    server.train_round(1, clients)
+    assert server.pool is not None
+    x, y = server.pool
+    # Each synthetic sample's target: the mean output of the teachers whose node holds its class.
+    total = torch.zeros(len(x), TEXT_DIM)
+    count = torch.zeros(len(x), 1)
+    for client, state in zip(clients, teachers, strict=True):
+        holds = torch.tensor([NAMES[int(c)] in client.classes for c in y])
+        total[holds] += outputs(state, config, x[holds])
+        count[holds] += 1
+    assert bool((count == 2).all())  # every class is held by two nodes
+    targets = total / count
+    loss_before = kd_loss(before, config, x, targets)
+    loss_after = kd_loss(server.global_state, config, x, targets)
+    assert loss_after < loss_before, (loss_before, loss_after)
+    # The change of the outputs points towards the targets, sample by sample on average.
+    moved = outputs(server.global_state, config, x) - outputs(before, config, x)
+    wanted = targets - outputs(before, config, x)
+    assert float(F.cosine_similarity(moved, wanted).mean()) > 0
+
+
+def finite(state: State) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+@pytest.mark.parametrize("overrides", [
+    ("generator=per_class",),
+    ("generator=unified",),
+    ("generator=unified", "generator.conditional=true"),
+    ("generator=per_class", "server.generator.granularity=per_class"),
+    ("generator=unified", "server.generator.granularity=per_class"),
+    ("generator=per_class", "generator.training_data=adapter_output",
+     "server.adapter_training=fedavg"),
+], ids=["per_class", "unified", "unified_conditional", "per_class+server_per_class",
+        "unified+server_per_class", "adapter_output"])
+def test_generators_never_read_val_or_test_clips(build, overrides: tuple[str, ...]) -> None:
+    """Every val and test clip is NaN: a generator, centroid or synthetic sample that read one
+    would be NaN (or raise a NaN-loss error). Rounds 1 and 2 of 4 run no evaluation."""
+    server, shared, clients = build(*GENERATORS, *overrides, nan_heldout=True)
+    train = torch.cat([c.train_idx for c in clients])
+    assert bool(torch.isfinite(shared.tokens[train]).all())
+    assert not bool(torch.isfinite(shared.tokens).all())
+    for round_ in (1, 2):
+        metrics = server.train_round(round_, clients)
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+        assert "synthetic/samples" in metrics
+        assert server.pool is not None
+        x, y = server.pool
+        assert len(x) == sum(TRAIN) and bool(torch.isfinite(x).all())
+        assert set(y.tolist()) <= set(range(len(NAMES)))
+        assert sorted(server.synthetic) == [0, 1, 2]
+        for node, (sx, _) in server.synthetic.items():
+            assert bool(torch.isfinite(sx).all()), node
+        for client in clients:
+            assert client.generators is not None
+            assert finite(client.generators.model.state_dict()), client.node
+        assert finite(server.global_state)
+        if server.tstr_state is not None:
+            assert finite(server.tstr_state)
+        if server.server_bank is not None:
+            assert finite(server.server_bank.model.state_dict())
+    if overrides == ("generator=unified",):
+        # Unconditional unified generators label each draw by the nearest centroid of the
+        # node's training clips (tokens are already sequence_length long, so rows are the
+        # flattened tokens).
+        for client in clients:
+            sx, sy = server.synthetic[client.node]
+            rows = shared.tokens[client.train_idx].reshape(len(client.train_idx), -1)
+            held = shared.labels[client.train_idx]
+            classes = held.unique()
+            table = torch.stack([rows[held == c].mean(0) for c in classes])
+            nearest = classes[torch.cdist(sx.reshape(len(sx), -1), table).argmin(1)]
+            assert torch.equal(sy, nearest), client.node
