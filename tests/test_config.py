@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flcore.config import Config, Granularity, validate
 from flcore.errors import ConfigError
 
 EXPERIMENT_DIR = Path(__file__).parents[1] / "configs" / "experiment"
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+CONFIGURATION_DOC = Path(__file__).parents[1] / "docs" / "configuration.md"
 
 
 def test_default_config_validates(make_config: Callable[..., DictConfig]) -> None:
@@ -76,6 +77,9 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
     (["federation.partition.min_samples_per_node=0"], "min_samples_per_node=0: must be >= 1"),
     (["federation.nodes=[{classes:[]}]"], "federation.nodes[0].classes=[]: must name at least"),
     (["federation.nodes=[{classes:[dog,dog]}]"], "lists a class twice"),
+    (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0 (0 = no checkpoints)"),
+    (["generator=none", "server.adapter_training=synthetic"],
+     "server.adapter_training=synthetic: needs synthetic samples: set generator.enabled=true"),
 ])
 def test_range_errors_name_key_value_and_rule(make_config: Callable[..., DictConfig],
                                               overrides: list[str], message: str) -> None:
@@ -98,6 +102,7 @@ def _chain(err: BaseException) -> str:
     ("generator.granularity=bad", ["expected one of [unified, per_class, per_group]"]),
     ("federation.partition.kind=ring", ["expected one of [classes_per_node, dirichlet, iid]"]),
     ("dataset.train_folds=one", ["dataset.train_folds=one"]),
+    ("checkpoint.optimizer_state=maybe", ["Value 'maybe' is not a valid bool"]),
 ])
 def test_type_errors_are_rejected(make_config: Callable[..., DictConfig], override: str,
                                   expected: list[str]) -> None:
@@ -112,6 +117,92 @@ def test_unknown_keys_are_rejected(make_config: Callable[..., DictConfig], overr
     with pytest.raises(ConfigCompositionException) as err:
         make_config(override)
     assert "not in struct" in _chain(err.value) or "Key '" in _chain(err.value)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+generator.beta_warmup=0.25", "generator.beta_warmup: not a config key; did you mean "
+                                    "generator.beta_warmup_ratio? (docs/configuration.md lists "
+                                    "every key)"),
+    ("+beta_warmup_ratio=0.25", "beta_warmup_ratio: not a config key; did you mean "
+                                "generator.beta_warmup_ratio?"),
+    ("+federation.partition.alpah=0.3", "did you mean federation.partition.alpha?"),
+    ("+checkpoint.optimizer=false", "did you mean checkpoint.optimizer_state?"),
+    ("+foo=1", "foo: not a config key (docs/configuration.md lists every key)"),
+])
+def test_keys_added_with_plus_must_be_in_the_schema(make_config: Callable[..., DictConfig],
+                                                    override: str, message: str) -> None:
+    cfg = make_config(override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["generator.class_groups", "+generator.class_groups"])
+def test_class_groups_are_set_with_or_without_plus(make_config: Callable[..., DictConfig],
+                                                   key: str) -> None:
+    groups = "{tonal:[rising_chirp,siren_wail],impulsive:[bell_ring]}"
+    config = validate(make_config("generator=per_group", f"{key}={groups}"))
+    assert config.generator.class_groups == {"tonal": ["rising_chirp", "siren_wail"],
+                                             "impulsive": ["bell_ring"]}
+
+
+def test_class_groups_override_merges_into_an_experiments_groups(
+        make_config: Callable[..., DictConfig]) -> None:
+    groups = validate(make_config("+experiment=synthetic_pergroup",
+                                  "generator.class_groups={tonal:[rising_chirp]}")
+                      ).generator.class_groups
+    assert groups["tonal"] == ["rising_chirp"]
+    assert set(groups) == {"tonal", "impulsive", "noisy"}
+
+
+def test_class_groups_still_refuse_a_wrong_type(make_config: Callable[..., DictConfig]) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        make_config("generator.class_groups={tonal:bell_ring}")
+    assert "incompatible with type hint" in _chain(err.value)
+
+
+def test_load_from_must_be_a_run_folder_with_a_checkpoint(
+        make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match=rf"^generator\.load_from={missing}: no such folder"):
+        validate(make_config(f"generator.load_from={missing}"))
+    with pytest.raises(ConfigError, match=rf"^generator\.load_from={tmp_path}: has no "
+                                          r"checkpoints/round_\*\.pt"):
+        validate(make_config(f"generator.load_from={tmp_path}"))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "round_0001.pt").touch()
+    assert validate(make_config(f"generator.load_from={tmp_path}")).generator.load_from == str(
+        tmp_path)
+
+
+def test_load_from_expands_the_home_folder(make_config: Callable[..., DictConfig],
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "round_0002.pt").touch()
+    config = validate(make_config("generator.load_from='~/run'"))
+    assert config.generator.load_from == str(tmp_path / "run")
+
+
+def test_checkpoints_can_be_turned_off_or_made_without_optimizer_states(
+        make_config: Callable[..., DictConfig]) -> None:
+    assert validate(make_config()).checkpoint.optimizer_state is True
+    config = validate(make_config("checkpoint.every=0", "checkpoint.optimizer_state=false"))
+    assert config.checkpoint.every == 0
+    assert config.checkpoint.optimizer_state is False
+
+
+def _leaves(tree: object, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict) and tree:
+        return [k for key, value in tree.items() for k in _leaves(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_configuration_doc_lists_every_key(make_config: Callable[..., DictConfig]) -> None:
+    doc = CONFIGURATION_DOC.read_text()
+    keys = _leaves(OmegaConf.to_container(make_config()))
+    assert [k for k in keys if f"`{k}`" not in doc] == []
 
 
 def test_unknown_encoder_lists_the_available_ones(make_config: Callable[..., DictConfig]) -> None:

@@ -1,12 +1,14 @@
 """Config schemas registered in Hydra's ConfigStore, and the range checks that run before any work.
 
 The dataclasses are the contract of ``configs/``: Hydra rejects unknown keys and wrong types while
-composing, and :func:`validate` rejects out-of-range values with one line that names the key, the
-value and what is allowed. Nothing downstream reads the config with fallbacks.
+composing, and :func:`validate` rejects keys that ``+key=`` added and out-of-range values with one
+line that names the key, the value and what is allowed. Nothing downstream reads the config with
+fallbacks.
 """
 
+import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,19 @@ class ServerGranularity(str, Enum):
 
 
 SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic", "kd")
+
+# The default of server.adapter_training (schema and configs/server/default.yaml): it follows the
+# generators and the algorithm through the resolver that flcore/__init__.py registers.
+ADAPTER_TRAINING_DEFAULT = (
+    "${feda2v.default_adapter_training:${generator.enabled},${federation.algorithm}}")
+
+
+def default_adapter_training(generators: bool, algorithm: Any) -> str:
+    """``fedavg+synthetic`` when there are synthetic samples and a global adapter to fine-tune on
+    them, else ``fedavg``: so ``generator=none`` and ``federation.algorithm=local|centralized``
+    run without also naming server.adapter_training, while an explicit value still wins."""
+    federated = Algorithm(algorithm) is Algorithm.federated
+    return "fedavg+synthetic" if generators and federated else "fedavg"
 
 
 class WandbMode(str, Enum):
@@ -263,10 +278,11 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Resumable state, saved every ``every`` rounds into ``<run>/checkpoints``."""
+    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``."""
 
     every: int = 5
     keep: int = 2
+    optimizer_state: bool = True
 
 
 @dataclass
@@ -312,7 +328,7 @@ class ServerGeneratorConfig:
 class ServerConfig:
     """How the server trains the global adapter."""
 
-    adapter_training: str = "fedavg+synthetic"
+    adapter_training: str = ADAPTER_TRAINING_DEFAULT
     synthetic_epochs: int = 5
     generator: ServerGeneratorConfig = field(default_factory=ServerGeneratorConfig)
 
@@ -362,8 +378,14 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema that ``configs/config.yaml`` extends (its first defaults entry)."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Register the schema that ``configs/config.yaml`` extends (its first defaults entry).
+
+    ``generator.class_groups`` holds user data, so it is not in struct mode: Hydra merges a
+    ``generator.class_groups={tonal:[a,b]}`` override into it, which struct mode would refuse
+    (new keys) unless written as ``+generator.class_groups=...``."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema.generator.class_groups, False)
+    ConfigStore.instance().store(name="base_config", node=schema)
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -512,6 +534,42 @@ def _check_generator(g: GeneratorConfig) -> None:
             owner[name] = group
 
 
+def _check_load_from(folder: str) -> None:
+    """The run folder whose checkpoint the generators start from exists and has one (else the
+    checkpoint loader's error would blame resume=true)."""
+    _require(Path(folder).is_dir(), "generator.load_from", folder,
+             "no such folder; give the folder of an earlier run (it holds checkpoints/)")
+    _require(any((Path(folder) / "checkpoints").glob("round_*.pt")), "generator.load_from",
+             folder, "has no checkpoints/round_*.pt; give the folder of one earlier run that "
+             "saved checkpoints")
+
+
+def _keys(node: Any, prefix: str = "") -> dict[str, bool]:
+    """Every dotted path of an attribute of the schema dataclasses under ``node``, mapped to
+    whether the schema declares it (``+key=`` adds keys the schema lacks; to_object keeps them
+    as attributes). Dict fields (user data such as generator.class_groups) are not entered."""
+    found: dict[str, bool] = {}
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            found.update(_keys(item, f"{prefix}[{i}]."))
+    elif is_dataclass(node):
+        declared = {f.name for f in fields(node)}
+        for key, value in vars(node).items():
+            found[f"{prefix}{key}"] = key in declared
+            found.update(_keys(value, f"{prefix}{key}."))
+    return found
+
+
+def _check_known_keys(config: Config) -> None:
+    keys = _keys(config)
+    for key, known in keys.items():
+        if not known:
+            match = difflib.get_close_matches(key, [k for k, ok in keys.items() if ok], n=1)
+            hint = f"; did you mean {match[0]}?" if match else ""
+            raise ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists "
+                              "every key)")
+
+
 def without_hydra(cfg: DictConfig) -> DictConfig:
     """``cfg`` less the ``hydra`` node that compose(return_hydra_config=True) adds."""
     if "hydra" not in cfg:
@@ -526,6 +584,7 @@ def validate(cfg: DictConfig) -> Config:
     """Resolve ``cfg`` into a typed :class:`Config` and check every range; raise ConfigError."""
     config = OmegaConf.to_object(without_hydra(cfg))
     assert isinstance(config, Config), "compose the config through configs/config.yaml"
+    _check_known_keys(config)
     _require(config.seed >= 0, "seed", config.seed, "must be >= 0")
     _require(bool(_DEVICE.match(config.device)), "device", config.device,
              "must be auto, cpu, cuda or cuda:N")
@@ -536,11 +595,14 @@ def validate(cfg: DictConfig) -> Config:
     config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
     _check_federation(config.federation)
     _check_adapter(config.adapter)
-    _require(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every,
-             "must be >= 1")
+    _require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every,
+             "must be >= 0 (0 = no checkpoints)")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,
              "must be >= 1")
     _check_generator(config.generator)
+    if config.generator.load_from is not None:
+        config.generator.load_from = str(Path(config.generator.load_from).expanduser())
+        _check_load_from(config.generator.load_from)
     s = config.server
     _require(s.adapter_training in SERVER_ADAPTER_TRAINING, "server.adapter_training",
              s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
