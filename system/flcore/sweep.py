@@ -47,6 +47,30 @@ def failure_report(sweep_dir: Path) -> str | None:
             + "\n".join(lines))
 
 
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """Keys that the sweep's command line varies (``key=a,b``, ``range(...)``, ``choice(...)``),
+    read from the ``multirun.yaml`` Hydra writes before the first job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.is_file():
+        return set()
+    task = list(OmegaConf.load(saved).hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(task)
+    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+
+
+def short_name(overrides: list[str], keys: set[str] | None = None) -> str:
+    """``key=value`` pairs of ``overrides`` (only ``keys`` when given) joined by commas, each key
+    shortened to its last part where that stays unambiguous: ``beta_warmup_ratio=0.25,seed=1``."""
+    pairs = [o.lstrip("+~").split("=", 1) for o in overrides if "=" in o]
+    pairs = [(k, v) for k, v in pairs if keys is None or k in keys]
+    last = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    return ",".join(f"{short if last.count(short) == 1 else key}={value}"
+                    for (key, value), short in zip(pairs, last, strict=True))
+
+
 def _check_output_dir(path: str, key: str) -> None:
     try:
         require_writable_dir(Path(path), key)

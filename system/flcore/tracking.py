@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ class Tracker(Protocol):
     def log_epoch(self, metrics: Scalars, step: int) -> None: ...
 
     def log_image(self, key: str, path: Path, step: int) -> None: ...
+
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None: ...
 
     def finish(self, failed: bool) -> None: ...
 
@@ -98,6 +101,9 @@ class CsvTracker:
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Images stay in the run folder; a CSV has no place for them."""
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Tables are written to the run folder by the run itself."""
+
     def finish(self, failed: bool) -> None:
         """Rows are written after every ``log``; nothing is left to flush."""
 
@@ -106,6 +112,14 @@ def _rows_up_to(round_: int) -> Callable[[dict[str, str]], bool]:
     """Keeps the rows logged at rounds ``<= round_``; a row whose round is unreadable (garbage
     left by a machine crash) is dropped rather than stopping the resume."""
     return lambda row: (row.get("round") or "").isdigit() and int(row["round"]) <= round_
+
+
+# Run summaries (the figure a wandb table shows per run): the best round of each accuracy and
+# the lowest of each loss or distance, instead of the last value. wandb applies a summary to
+# exact names only, so each key is matched against these patterns when it first appears.
+SUMMARIES = (("global/*", "max"), ("val/*", "max"), ("local/acc_mean", "max"), ("node*/acc", "max"),
+             ("synthetic/acc", "max"), ("synthetic/prompt_acc", "max"),
+             ("train/loss_mean", "min"), ("gen/fd", "min"), ("gen/mmd", "min"))
 
 
 class WandbTracker:
@@ -134,10 +148,16 @@ class WandbTracker:
         self.run.define_metric("round")
         self.run.define_metric("generator/epoch")
         self.run.define_metric("*", step_metric="round")
+        self.summarized: set[str] = set()
         self.epoch_keys: set[str] = set()
         log.info("wandb run %s (%s mode) in %s", self.run.id, mode, job.run_dir / "wandb")
 
     def log(self, metrics: Scalars, step: int) -> None:
+        for key in metrics.keys() - self.summarized:
+            summary = next((s for pattern, s in SUMMARIES if fnmatch(key, pattern)), None)
+            if summary is not None:
+                self.run.define_metric(key, step_metric="round", summary=summary)
+            self.summarized.add(key)
         self.run.log({**metrics, "round": step})
 
     def log_epoch(self, metrics: Scalars, step: int) -> None:
@@ -152,6 +172,13 @@ class WandbTracker:
         import wandb
 
         self.run.log({key: wandb.Image(str(path)), "round": step})
+
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        import wandb
+
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self.run.log({key: table, "round": step})
 
     def finish(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -179,6 +206,10 @@ class Trackers:
     def log_image(self, key: str, path: Path, step: int) -> None:
         for tracker in self.trackers:
             tracker.log_image(key, path, step)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_table(key, rows, step)
 
     def finish(self, failed: bool) -> None:
         """Finish every tracker, even if one of them raises; re-raise the first error."""

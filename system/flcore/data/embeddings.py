@@ -159,7 +159,7 @@ def embed_audio(dataset: AudioDataset, encoder: "AudioEncoder", cache: Embedding
         return tokens, True
     parts = []
     with tqdm(total=len(filenames), desc=f"{encoder.name} embeddings", unit="clip",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:
         for batch in _batches(dataset.clips, batch_size):
             waves = [load_waveform(dataset.path(clip), encoder.sample_rate) for clip in batch]
             parts.append(encoder.encode(waves))

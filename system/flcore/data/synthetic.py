@@ -192,7 +192,8 @@ def write_dataset(root: Path, config: SyntheticConfig, progress: bool = True) ->
     jobs = [(target, clip) for target in range(len(CLASSES))
             for clip in range(config.clips_per_class)]
     names = list(CLASSES)
-    for target, clip in tqdm(jobs, desc="synthetic dataset", unit="clip", disable=not progress):
+    for target, clip in tqdm(jobs, desc="synthetic dataset", unit="clip",
+                             disable=None if progress else True):
         fold = clip % NUM_FOLDS + 1
         src_file = f"{target + 1:02d}{clip:04d}"
         filename = clip_filename(fold, src_file, "A", target)

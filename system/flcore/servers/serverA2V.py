@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from flcore import checkpoint
-from flcore.clients.clientA2V import ClientA2V, evaluate, zero_shot
+from flcore.clients.clientA2V import ClientA2V, GeneratorEvaluation, evaluate, zero_shot
 from flcore.clients.clientbase import SharedTensors, StateDict, fit, training_seed
 from flcore.config import (
     Algorithm,
@@ -27,6 +27,7 @@ from flcore.metrics.classification import (
     per_class_accuracy,
     zero_shot_scores,
 )
+from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
 from flcore.tracking import Trackers
@@ -56,8 +57,8 @@ def _clone(state: StateDict) -> StateDict:
 def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
     """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
     are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
-    trained different numbers of times under ``whole_run``) and ``weighted_kl`` the mean of each
-    generator's own beta x KL."""
+    trained different numbers of times under ``whole_run``), ``weighted_kl`` the mean of each
+    generator's own beta x KL, and the optimizer steps an epoch took (mean over nodes)."""
     def mean(values: list[torch.Tensor]) -> float:
         return float(torch.cat([v.flatten() for v in values]).mean())
 
@@ -66,10 +67,11 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
             f"{prefix}generator/kl_loss": kl,
             f"{prefix}generator/beta": float(np.mean([e.beta for e in epochs])),
             f"{prefix}generator/weighted_kl": mean([e.beta * e.kl for e in epochs]),
-            f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs])}
+            f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs]),
+            f"{prefix}generator/steps_per_epoch": float(np.mean([e.steps for e in epochs]))}
 
 
-class ServerA2V(ServerBase):
+class ServerA2V(ServerBase, GeneratorEvaluation):
     """Runs the A2V round: the strategy of ``federation.algorithm`` and
     ``server.adapter_training`` trains the global adapter from client adapters and synthetic
     samples; clients train generators every ``generator.train_every`` rounds; evaluation is
@@ -101,9 +103,18 @@ class ServerA2V(ServerBase):
         self.server_bank: GeneratorBank | None = None
         self.epoch_history: list[dict[str, Any]] = []
         self.generator_seconds = 0.0
+        self.quality: GeneratorQuality | None = None
 
     def is_generator_round(self, round_: int) -> bool:
         return self.generators_on and round_ % self.config.generator.train_every == 0
+
+    def is_generator_scoring_round(self, round_: int) -> bool:
+        """``gen/*`` rounds: every ``eval.generator_every`` and the last, for generators of
+        audio embeddings (text-space samples have no held-out real rows to compare with)."""
+        every = self.config.eval.generator_every
+        return (self.generators_on and every > 0
+                and self.config.generator.training_data is TrainingData.audio
+                and (round_ % every == 0 or round_ == self.config.federation.rounds))
 
     def train_round(self, round_: int, selected: list[ClientA2V]) -> dict[str, float]:
         f = self.config.federation
@@ -135,6 +146,10 @@ class ServerA2V(ServerBase):
             self.pool = self.synthetic_pool(round_)
         if self.pool is not None:
             metrics.update(self.learn_from_synthetic(round_, *self.pool))
+        if self.is_generator_scoring_round(round_) and self.synthetic:
+            self.quality = score_generators(self.clients, self.synthetic, self.shared,
+                                            self.config, round_)
+            metrics.update(self.quality.scalars)
         if self.is_eval_round(round_):
             metrics.update(self.evaluate_all())
         return metrics

@@ -32,6 +32,17 @@ def clients_per_round(config: Config, num_clients: int) -> int:
     return f.clients_per_round
 
 
+SUMMARY_KEYS = (("global/acc", "global acc"), ("val/acc", "val acc"),
+                ("synthetic/acc", "synthetic acc"), ("generator/kl_loss", "KL"),
+                ("gen/active_units", "active units"))
+
+
+def round_summary(round_: int, rounds: int, metrics: dict[str, float]) -> str:
+    """One line per evaluated round for the console and main.log."""
+    parts = [f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_KEYS if key in metrics]
+    return f"round {round_}/{rounds}: {', '.join(parts)} ({metrics['time/round_s']:.1f} s)"
+
+
 class ServerBase(ABC):
     """Runs rounds ``start+1 .. federation.rounds``; subclasses define what a round does."""
 
@@ -95,6 +106,8 @@ class ServerBase(ABC):
             metrics = self.train_round(round_, self.select(round_))
             metrics["time/round_s"] = time.perf_counter() - tic
             self.rounds_seconds += metrics["time/round_s"]
+            if self.is_eval_round(round_):
+                log.info("%s", round_summary(round_, rounds, metrics))
             self.trackers.log(metrics, step=round_)
             self.history.append({"round": round_, **metrics})
             self.completed_round = round_

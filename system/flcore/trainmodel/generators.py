@@ -259,7 +259,8 @@ class GeneratorData:
 
 @dataclass
 class EpochLog:
-    """Per-generator means of one epoch's loss terms ``[K]`` and the epoch's beta."""
+    """Per-generator means of one epoch's loss terms ``[K]``, the epoch's beta and its optimizer
+    steps (minibatches of the generator with the most rows)."""
 
     epoch: int
     beta: float
@@ -267,6 +268,7 @@ class EpochLog:
     recon: torch.Tensor
     kl: torch.Tensor
     similarity: torch.Tensor
+    steps: int = 0
 
 
 def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
@@ -303,7 +305,9 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
         sums = torch.zeros(4, k, device=device)
         seen = torch.zeros(k, device=device)
         beta = 0.0
+        steps = 0
         for start in range(0, max(int(data.counts.max()), 1), batch_size):
+            steps += 1
             index = perms[:, start : start + batch_size]
             mask = index >= 0
             safe = index.clamp(min=0)
@@ -346,7 +350,7 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             seen += batch
             beta = terms.beta
         means = sums / seen.clamp(min=1)
-        logs.append(EpochLog(epoch, beta, *means))
+        logs.append(EpochLog(epoch, beta, *means, steps=steps))
     return logs
 
 

@@ -1,0 +1,79 @@
+"""PNG plots of a run for a person reading its folder: metrics over rounds, and the generators'
+loss terms and beta over generator epochs."""
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROUND_METRICS = ("global/acc", "val/acc", "local/acc_mean", "synthetic/acc",
+                 "synthetic/prompt_acc")
+EPOCH_METRICS = ("generator/recon_loss", "generator/kl_loss", "generator/weighted_kl",
+                 "generator/similarity_loss", "generator/beta")
+
+
+def _series(rows: list[dict[str, Any]], x: str, key: str) -> tuple[list[float], list[float]]:
+    points = [(row[x], row[key]) for row in rows if row.get(key) is not None and x in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracies over rounds (one line per key present); None when no round was evaluated."""
+    present = [k for k in ROUND_METRICS if any(k in r for r in rounds)]
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in present:
+        ax.plot(*_series(rounds, "round", key), marker="o", markersize=3, label=key)
+    ax.set_xlabel("round")
+    ax.set_ylabel("zero-shot top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_generator_epochs(epochs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Each loss term (log scale where positive) and beta over generator epochs, one panel
+    each; None without generator epochs."""
+    present = [k for k in EPOCH_METRICS if any(k in e for e in epochs)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(len(present), 1, figsize=(6, 1.8 * len(present)), sharex=True,
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], present, strict=True):
+        x, y = _series(epochs, "generator/epoch", key)
+        ax.plot(x, y, linewidth=1)
+        if key != "generator/beta" and y and min(y) > 0:
+            ax.set_yscale("log")
+        ax.set_ylabel(key.split("/")[-1], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("generator epoch")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_kl_per_dimension(kl: dict[str, list[float]], path: Path) -> Path | None:
+    """KL per latent dimension of each generator, sorted high to low (a collapsed generator is
+    a flat line at 0; an active unit stands out); None without generators."""
+    if not kl:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in kl.items():
+        ax.plot(sorted(values, reverse=True), linewidth=1, label=name if len(kl) <= 12 else None)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("KL (nats)")
+    ax.grid(alpha=0.3)
+    if len(kl) <= 12:
+        ax.legend(fontsize=6)
+    return _save(fig, path)
