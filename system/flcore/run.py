@@ -147,6 +147,10 @@ def label_space(config: Config, partition: Partition) -> list[int]:
     return [partition.class_names.index(c) for c in partition.classes]
 
 
+HEADLINE = ("global/acc", "global/balanced_acc", "global/macro_f1", "val/acc", "local/acc_mean",
+            "synthetic/acc", "gen/fd", "gen/spread_ratio", "gen/active_units", "gen/kl")
+
+
 def job_overrides(cfg: DictConfig) -> list[str]:
     """The job's own command-line overrides (one job's, in a sweep)."""
     from hydra.core.hydra_config import HydraConfig
@@ -395,9 +399,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         if server.quality is not None and server.quality.per_class:
             save_generator_quality(server.quality, results, job.run_dir, trackers,
                                    config.federation.rounds)
-        headline = ("global/", "val/acc", "local/acc_mean", "synthetic/acc", "gen/")
-        log.info("Final: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.final.items()
-                                        if k.startswith(headline)))
+        log.info("Final: %s", ", ".join(f"{k}={results.final[k]:.4g}" for k in HEADLINE
+                                        if k in results.final))
         results.status = "completed"
         return results.to_dict()
     except KeyboardInterrupt as err:
@@ -406,7 +409,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         if server is not None:
             results.summarize(server.history)
         message = interrupt_message(job.run_dir, completed, overrides)
-        results.error = f"interrupted ({err or 'Ctrl-C'}): {message}"
+        results.error = f"interrupted ({str(err) or 'Ctrl-C'}): {message}"
         raise RunInterrupted(message) from None
     except BaseException as err:
         results.status = "failed"
