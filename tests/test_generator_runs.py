@@ -130,9 +130,9 @@ def test_decoder_sharing_needs_labelled_generators(make_config: Callable[..., Di
     from flcore.config import validate
 
     with pytest.raises(ConfigError, match=r"generator\.share=decoder: a unified unconditional"):
-        validate(make_config("generator=unified", "generator.share=decoder"))
-    assert validate(make_config("generator=unified", "generator.share=decoder",
-                                "generator.conditional=true"))
+        validate(make_config("generator=unified", "generator.share=decoder",
+                             "generator.conditional=false"))
+    assert validate(make_config("generator=unified", "generator.share=decoder"))
 
 
 def test_knowledge_distillation_trains_the_global_adapter(gen_run) -> None:

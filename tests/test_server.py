@@ -246,8 +246,8 @@ def finite(state: State) -> bool:
 
 @pytest.mark.parametrize("overrides", [
     ("generator=per_class",),
+    ("generator=unified", "generator.conditional=false"),
     ("generator=unified",),
-    ("generator=unified", "generator.conditional=true"),
     ("generator=per_class", "server.generator.granularity=per_class"),
     ("generator=unified", "server.generator.granularity=per_class"),
     ("generator=per_class", "generator.training_data=adapter_output",
@@ -282,7 +282,7 @@ def test_generators_never_read_val_or_test_clips(build, overrides: tuple[str, ..
             assert finite(server.tstr_state)
         if server.server_bank is not None:
             assert finite(server.server_bank.model.state_dict())
-    if overrides == ("generator=unified",):
+    if overrides == ("generator=unified", "generator.conditional=false"):
         # Unconditional unified generators label each draw by the nearest centroid of the
         # node's training clips (tokens are already sequence_length long, so rows are the
         # flattened tokens).

@@ -40,6 +40,16 @@ class PartitionKind(str, Enum):
     iid = "iid"
 
 
+class GeneratorModel(str, Enum):
+    vae = "vae"
+    gaussian = "gaussian"
+
+
+class GaussianCovariance(str, Enum):
+    diagonal = "diagonal"
+    low_rank = "low_rank"
+
+
 class Granularity(str, Enum):
     unified = "unified"
     per_class = "per_class"
@@ -98,6 +108,11 @@ ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
 class KlReduction(str, Enum):
     sum = "sum"
     mean = "mean"
+
+
+class Likelihood(str, Enum):
+    mse = "mse"
+    gaussian = "gaussian"
 
 
 class ScheduleScope(str, Enum):
@@ -294,6 +309,9 @@ class GeneratorConfig:
     """VAE generators of each node's audio embeddings and the synthetic samples they share."""
 
     enabled: bool = True
+    model: GeneratorModel = GeneratorModel.vae
+    gaussian_covariance: GaussianCovariance = GaussianCovariance.diagonal
+    gaussian_rank: int = 0
     granularity: Granularity = Granularity.per_class
     class_groups: dict[str, list[str]] = field(default_factory=dict)
     training_epochs: int = 10
@@ -305,10 +323,13 @@ class GeneratorConfig:
     schedule_scope: ScheduleScope = ScheduleScope.per_round
     kl_reduction: KlReduction = KlReduction.sum
     similarity_weight: float = 0.1
+    likelihood: Likelihood = Likelihood.gaussian
+    variance_floor: float = 1e-4
+    free_bits: float = 0.0
     sequence_length: int = 4
     latent_dim: int = 32
     hidden_dim: int = 128
-    conditional: bool = False
+    conditional: bool = True
     lr: float = 0.001
     batch_size: int = 32
     grad_clip: float = 1.0
@@ -334,6 +355,10 @@ class ServerConfig:
 
     adapter_training: str = ADAPTER_TRAINING_DEFAULT
     synthetic_epochs: int = 5
+    synthetic_balance: bool = True
+    synthetic_mu: float = 0.1
+    skip_failed_classes: bool = True
+    synthetic_guard: bool = True
     generator: ServerGeneratorConfig = field(default_factory=ServerGeneratorConfig)
 
 
@@ -511,6 +536,16 @@ def _check_federation(f: FederationConfig) -> None:
 
 
 def _check_generator(g: GeneratorConfig) -> None:
+    if g.gaussian_covariance is GaussianCovariance.low_rank:
+        _require(g.gaussian_rank >= 1, "generator.gaussian_rank", g.gaussian_rank,
+                 "generator.gaussian_covariance=low_rank needs a rank >= 1")
+    else:
+        _require(g.gaussian_rank == 0, "generator.gaussian_rank", g.gaussian_rank,
+                 "only generator.gaussian_covariance=low_rank has a rank; set it to 0")
+    if g.model is GeneratorModel.vae:
+        _require(g.gaussian_covariance is GaussianCovariance.diagonal,
+                 "generator.gaussian_covariance", g.gaussian_covariance,
+                 "applies to generator.model=gaussian only")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
@@ -520,6 +555,9 @@ def _check_generator(g: GeneratorConfig) -> None:
     _require(0 < g.cycle_ratio <= 1, "generator.cycle_ratio", g.cycle_ratio, "must be in (0, 1]")
     _require(g.similarity_weight >= 0, "generator.similarity_weight", g.similarity_weight,
              "must be >= 0")
+    _require(g.variance_floor > 0, "generator.variance_floor", g.variance_floor, "must be > 0")
+    _require(g.free_bits >= 0, "generator.free_bits", g.free_bits,
+             "must be >= 0 (nats per latent dimension; 0 = off)")
     for key in ("sequence_length", "latent_dim", "hidden_dim", "batch_size", "train_every"):
         _require(getattr(g, key) >= 1, f"generator.{key}", getattr(g, key), "must be >= 1")
     _require(g.lr > 0, "generator.lr", g.lr, "must be > 0")
@@ -619,6 +657,7 @@ def validate(cfg: DictConfig) -> Config:
              s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
     _require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
              "must be >= 1")
+    _require(s.synthetic_mu >= 0, "server.synthetic_mu", s.synthetic_mu, "must be >= 0 (0 = off)")
     if s.adapter_training != "fedavg":
         _require(config.generator.enabled, "server.adapter_training", s.adapter_training,
                  "needs synthetic samples: set generator.enabled=true")

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 
 ROUND_METRICS = ("global/acc", "val/acc", "local/acc_mean", "synthetic/acc",
                  "synthetic/prompt_acc")
-EPOCH_METRICS = ("generator/recon_loss", "generator/kl_loss", "generator/weighted_kl",
+EPOCH_METRICS = ("generator/recon_loss", "generator/mse", "generator/kl_loss",
+                 "generator/weighted_kl",
                  "generator/similarity_loss", "generator/beta")
 
 

@@ -17,9 +17,9 @@ from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.metrics.generative import evaluate_diversity, evaluate_quality
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+from flcore.trainmodel.banks import Bank, new_bank
 from flcore.trainmodel.generators import (
     EpochLog,
-    GeneratorBank,
     SyntheticShare,
     generator_rows,
     generator_spec,
@@ -72,7 +72,7 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
                  test: torch.Tensor, granularity: Granularity | None = None) -> None:
         super().__init__(node, classes, train, val, test)
         self.granularity = granularity
-        self.generators: GeneratorBank | None = None
+        self.generators: Bank | None = None
 
     def train(self, model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss,
               config: AdapterConfig, epochs: int, round_: int, seed: int,
@@ -92,16 +92,19 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return LocalUpdate(self.node, state, self.num_train, last)
 
-    def new_generators(self, shared: SharedTensors, config: GeneratorConfig) -> GeneratorBank:
-        """This node's generators, untrained: one per class, per group, or one for all."""
+    def new_generators(self, shared: SharedTensors, config: GeneratorConfig) -> Bank:
+        """This node's generators, untrained: one per class, per group, or one for all. With
+        ``generator.conditional`` the generators of several classes (unified, per group) are
+        conditioned on the class prompt, so each draw is of the class it was drawn for."""
+        granularity = self.granularity or config.granularity
         spec = generator_spec(sorted(set(shared.labels[self.train_idx].tolist())),
-                              shared.class_names, self.granularity or config.granularity,
-                              config.class_groups)
+                              shared.class_names, granularity, config.class_groups)
         width = (shared.prompts.shape[-1] if config.training_data is TrainingData.adapter_output
                  else shared.tokens.shape[-1])
         features = config.sequence_length * width
-        cond = shared.prompts.shape[1] if config.conditional else 0
-        return GeneratorBank(spec, features, config, cond, shared.tokens.device)
+        several = granularity is not Granularity.per_class
+        cond = shared.prompts.shape[1] if config.conditional and several else 0
+        return new_bank(spec, features, config, cond, shared.tokens.device)
 
     def generator_inputs(self, shared: SharedTensors, config: GeneratorConfig,
                          adapter: AudioAdapter | None) -> torch.Tensor:
@@ -122,8 +125,8 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
         or its decoders (``generator.share``). Audio and real embeddings never leave the node."""
         x = self.generator_inputs(shared, config, adapter)
         labels = shared.labels[self.train_idx]
-        prompts = shared.prompts if config.conditional else None
         self.generators = self.generators or self.new_generators(shared, config)
+        prompts = shared.prompts if self.generators.model.cond else None
         base = training_seed(seed, round_, self.node)
         rngs = [torch.Generator(device=x.device).manual_seed(base + g)
                 for g in range(self.generators.model.k)]

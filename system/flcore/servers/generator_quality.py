@@ -16,7 +16,7 @@ from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.clientbase import SharedTensors
 from flcore.config import Config
 from flcore.metrics.generative import generator_report, kl_per_dimension, latent_usage
-from flcore.trainmodel.generators import generator_rows
+from flcore.trainmodel.generators import GeneratorBank, generator_rows
 
 
 @dataclass
@@ -38,13 +38,15 @@ def held_out(client: ClientA2V) -> tuple[torch.Tensor, str]:
 
 def _latent(client: ClientA2V, shared: SharedTensors, config: Config,
             quality: GeneratorQuality) -> list[dict[str, float | None]]:
-    """Active units and total KL of each of the node's generators on its training rows; fills
+    """Active units and total KL of each of the node's VAE generators on its training rows
+    (none for the Gaussian floor, which has no latent code); fills
     ``quality.kl_per_dimension``."""
     bank = client.generators
-    assert bank is not None
+    if not isinstance(bank, GeneratorBank):
+        return []
     rows = client.generator_inputs(shared, config.generator, None)
     labels = shared.labels[client.train_idx]
-    prompts = shared.prompts if config.generator.conditional else None
+    prompts = shared.prompts if bank.model.cond else None
     data = bank.data(rows, labels, prompts)
     with torch.no_grad():
         mu, logvar = bank.model.encode(data.x, data.cond)

@@ -1,6 +1,7 @@
 """The A2V server: the round loop of adapters, generators and synthetic samples, and zero-shot
 evaluation."""
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,13 @@ from tqdm import tqdm
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V, GeneratorEvaluation, evaluate, zero_shot
-from flcore.clients.clientbase import SharedTensors, StateDict, fit, training_seed
+from flcore.clients.clientbase import (
+    SharedTensors,
+    StateDict,
+    fit,
+    proximal_term,
+    training_seed,
+)
 from flcore.config import (
     Algorithm,
     Config,
@@ -32,6 +39,7 @@ from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+from flcore.trainmodel.banks import Bank, bank_features, bank_from_decoder, new_bank
 from flcore.trainmodel.generators import (
     EpochLog,
     GeneratorBank,
@@ -40,9 +48,20 @@ from flcore.trainmodel.generators import (
     vae_loss,
 )
 
+log = logging.getLogger(__name__)
+
 SERVER_STREAM = 1_000_000
-GENERATOR_SHAPE_KEYS = ("generator.sequence_length", "generator.latent_dim",
-                        "generator.hidden_dim", "generator.conditional")
+GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.sequence_length",
+                        "generator.latent_dim",
+                        "generator.hidden_dim", "generator.conditional",
+                        "generator.gaussian_covariance", "generator.gaussian_rank")
+
+
+def labels_by_centroid(bank: Bank | None) -> bool:
+    """Whether ``bank`` labels its draws by the nearest class centroid: an unconditional VAE
+    with a generator of several classes (``generator.conditional=false``)."""
+    return (isinstance(bank, GeneratorBank) and bank.model.cond == 0
+            and any(len(c) > 1 for c in bank.spec.classes))
 
 
 def generator_trainings(config: Config) -> int:
@@ -68,6 +87,7 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
             f"{prefix}generator/beta": float(np.mean([e.beta for e in epochs])),
             f"{prefix}generator/weighted_kl": mean([e.beta * e.kl for e in epochs]),
             f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs]),
+            f"{prefix}generator/mse": mean([e.mse for e in epochs]),
             f"{prefix}generator/steps_per_epoch": float(np.mean([e.steps for e in epochs]))}
 
 
@@ -100,10 +120,11 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.pool: tuple[torch.Tensor, torch.Tensor] | None = None
         self.tstr_state = (_clone(self.global_state) if self.generators_on and
                            g.training_data is TrainingData.audio else None)
-        self.server_bank: GeneratorBank | None = None
+        self.server_bank: Bank | None = None
         self.epoch_history: list[dict[str, Any]] = []
         self.generator_seconds = 0.0
         self.quality: GeneratorQuality | None = None
+        self.majority_shares: dict[int, float] = {}
 
     def is_generator_round(self, round_: int) -> bool:
         return self.generators_on and round_ % self.config.generator.train_every == 0
@@ -142,6 +163,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         if generator_logs:
             metrics.update(self.log_generator_epochs(round_, generator_logs))
             self.generator_rounds_done += 1
+        metrics.update({f"node{n}/synthetic/majority_share": v
+                        for n, v in self.majority_shares.items()})
         if generator_round and self.synthetic:
             self.pool = self.synthetic_pool(round_)
         if self.pool is not None:
@@ -161,15 +184,29 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         tic = time.perf_counter()
         adapter = (self.model if self.config.generator.training_data is TrainingData.adapter_output
                    else None)
-        logs[client.node], share = client.train_generators(
+        epochs, share = client.train_generators(
             self.shared, self.config.generator, self.generator_epochs, round_, self.config.seed,
             adapter)
+        if epochs:
+            logs[client.node] = epochs
         x, y = self.receive(share)
         self.generator_seconds += time.perf_counter() - tic
+        if labels_by_centroid(client.generators):
+            self.report_label_shares(client.node, y)
         if len(x):
             self.synthetic[client.node] = (x, y)
         else:
             self.synthetic.pop(client.node, None)
+
+    def report_label_shares(self, node: int, y: torch.Tensor) -> None:
+        """Log the share of a node's centroid-labelled draws per class: a collapsed generator
+        puts nearly all of them in one class. Its largest share becomes
+        ``node{i}/synthetic/majority_share``."""
+        counts = torch.bincount(y, minlength=len(self.shared.class_names)).double()
+        shares = counts / counts.sum().clamp(min=1)
+        self.majority_shares[node] = float(shares.max())
+        log.info("node %d: share of centroid-labelled draws per class: %s", node, ", ".join(
+            f"{self.shared.class_names[c]} {shares[c]:.2f}" for c in y.unique().tolist()))
 
     def log_generator_epochs(self, round_: int,
                              logs: dict[int, list[EpochLog]]) -> dict[str, float]:
@@ -217,23 +254,87 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         held = torch.cat([self.shared.labels[c.train_idx] for c in self.clients])
         return sorted(set(held.tolist()))
 
-    def new_server_bank(self, features: int) -> GeneratorBank:
+    def new_server_bank(self, features: int) -> Bank:
         """The server's generators over every class of the federation, so that a round whose
         sampled clients hold only some classes trains the same bank."""
         granularity = Granularity(self.config.server.generator.granularity.value)
         spec = generator_spec(self.federation_classes(), self.shared.class_names,
                               granularity, self.config.generator.class_groups)
-        return GeneratorBank(spec, features, self.config.generator, 0, self.shared.tokens.device)
+        return new_bank(spec, features, self.config.generator, 0, self.shared.tokens.device)
 
     def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
-                 stream: int) -> StateDict:
-        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``."""
+                 stream: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
+        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``;
+        with ``anchor``, plus the proximal pull ``mu / 2 * ||w - anchor||^2``."""
+        def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            value = self.loss(net.embed(xb), yb)
+            if anchor is not None and mu > 0:
+                value = value + proximal_term(net, anchor, mu)
+            return value
+
         self.model.load_state_dict(state)
-        fit(self.model, lambda net, xb, yb: self.loss(net.embed(xb), yb), x, y,
-            self.config.adapter, self.config.server.synthetic_epochs,
+        fit(self.model, step_loss, x, y, self.config.adapter, self.config.server.synthetic_epochs,
             training_seed(self.config.seed, round_, SERVER_STREAM + stream),
             f"server, round {round_}")
         return _clone(self.model.state_dict())
+
+    def curate(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The synthetic pool as fine-tuning data: classes whose generator failed dropped, the
+        rest balanced to the median class count (seeded draws; with replacement only below
+        it). A class failed when the adapter ``state`` recognises the nodes' real validation
+        clips of it above chance but its synthetic samples no better than chance."""
+        s = self.config.server
+        classes = y.unique()
+        kept = classes
+        if s.skip_failed_classes:
+            real = self.class_recall(state, self.merged("val"))
+            fake = self.class_recall(state, None, x, y)
+            chance = 1 / len(self.shared.label_space)
+            kept = classes[[not (real.get(c, 0.0) > chance >= fake[c])
+                            for c in classes.tolist()]]
+        info = {"synthetic/skipped_classes": float(len(classes) - len(kept))}
+        if len(kept) == 0:
+            return x[:0], y[:0], info
+        rows = [torch.nonzero(y == c).flatten() for c in kept]
+        if s.synthetic_balance:
+            target = int(torch.tensor([len(r) for r in rows]).median())
+            rng = torch.Generator().manual_seed(
+                training_seed(self.config.seed, round_, SERVER_STREAM + 4))
+            rows = [r[torch.randperm(len(r), generator=rng)[:target].to(r.device)]
+                    if len(r) >= target else
+                    r[torch.randint(len(r), (target,), generator=rng).to(r.device)]
+                    for r in rows]
+        index = torch.cat(rows)
+        return x[index], y[index], info
+
+    def class_recall(self, state: StateDict, idx: torch.Tensor | None,
+                     x: torch.Tensor | None = None, y: torch.Tensor | None = None
+                     ) -> dict[int, float]:
+        """Zero-shot recall of each class (dataset id) by ``state``: on real clips ``idx``, or
+        on rows ``x`` labelled ``y``."""
+        if idx is not None:
+            x, y = self.shared.tokens[idx], self.shared.labels[idx]
+        assert x is not None and y is not None
+        if not len(y):
+            return {}
+        self.model.load_state_dict(state)
+        self.model.eval()
+        with torch.no_grad():
+            scores = torch.cat([zero_shot_scores(self.model.embed(chunk),
+                                                 self.shared.prompts[self.shared.label_space])
+                                for chunk in x.split(1024)])
+        hit = (self.shared.label_space[scores.argmax(1)] == y).double()
+        return {c: hit[y == c].mean().item() for c in y.unique().tolist()}
+
+    def val_accuracy(self, state: StateDict) -> float | None:
+        """Accuracy of ``state`` on the nodes' validation clips (federated evaluation: each node
+        scores its own clips), or None without any."""
+        val = self.merged("val")
+        if not len(val):
+            return None
+        self.model.load_state_dict(state)
+        return evaluate(self.model, self.shared, val)["acc"]
 
     def receive(self, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
         """A node's synthetic samples ``[m, S, D]``: as sent, or drawn from its decoders."""
@@ -241,8 +342,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         if share.decoder is None:
             x, y = share.x, share.y
         else:
-            bank = GeneratorBank.from_decoder(share.decoder, g, self.shared.tokens.device)
-            prompts = self.shared.prompts if g.conditional else None
+            bank = bank_from_decoder(share.decoder, g, self.shared.tokens.device)
+            prompts = self.shared.prompts if bank.model.cond else None
             x, y = bank.sample(share.counts, prompts, {}, share.rng)
         width = (self.shared.prompts.shape[-1] if g.training_data is TrainingData.adapter_output
                  else self.shared.tokens.shape[-1])
@@ -287,7 +388,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             position = torch.searchsorted(self.shared.label_space, y)
             metrics["synthetic/prompt_acc"] = (scores.argmax(1) == position).double().mean().item()
             return metrics
-        self.strategy.learn(self, round_, x, y)
+        metrics.update(self.strategy.learn(self, round_, x, y))
         assert self.tstr_state is not None
         self.tstr_state = (self.global_state if self.strategy.global_is_synthetic_only
                            else self.train_on(self.tstr_state, x, y, round_, 2))
@@ -391,7 +492,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                                                  if optimizers else {})}
                                 for c in self.clients}
         if self.generators_on:
-            def bank(b: GeneratorBank) -> dict[str, Any]:
+            def bank(b: Bank) -> dict[str, Any]:
                 saved = b.state_dict()
                 return saved if optimizers else {k: v for k, v in saved.items()
                                                  if k != "optimizer"}
@@ -435,8 +536,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.generator_seconds = state["generator_seconds"]
         self.generator_rounds_done = state["generator_rounds_done"]
         if "server_generators" in state:
-            features = state["server_generators"]["model"]["dec_out.weight"].shape[-1]
-            self.server_bank = self.new_server_bank(features)
+            self.server_bank = self.new_server_bank(bank_features(state["server_generators"]))
             self.server_bank.load_state_dict(state["server_generators"])
             if state["pool"] is not None:
                 self.pool = (state["pool"][0].to(device), state["pool"][1].to(device))

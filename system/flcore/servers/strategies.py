@@ -47,8 +47,11 @@ class AdapterStrategy:
     def conclude(self, server: "ServerA2V") -> None:
         """After every selected client trained: update ``server.global_state``."""
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Use the synthetic pool ``x [m, S, D]``, ``y [m]`` for the global adapter."""
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, float]:
+        """Use the synthetic pool ``x [m, S, D]``, ``y [m]`` for the global adapter; return
+        what to log about it."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -95,10 +98,25 @@ class FedAvg(AdapterStrategy):
 
 
 class FedAvgThenSynthetic(FedAvg):
-    """FedAvg, then fine-tuning of the averaged adapter on the synthetic pool."""
+    """FedAvg, then fine-tuning of the averaged adapter on the synthetic pool, built so that it
+    cannot make the global adapter worse than FedAvg alone: classes whose samples the FedAvg
+    adapter does not recognise are skipped, the rest balanced, a proximal term keeps the weights
+    near FedAvg's (as FedProx does for clients, Li et al. 2020), and the result is kept only if
+    the nodes' validation accuracy does not drop (``server.synthetic_guard``)."""
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        server.global_state = server.train_on(server.global_state, x, y, round_, 1)
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, float]:
+        s = server.config.server
+        averaged = server.global_state
+        x, y, info = server.curate(averaged, x, y, round_)
+        if not len(x):
+            return {**info, "synthetic/accepted": 0.0}
+        tuned = server.train_on(averaged, x, y, round_, 1, anchor=averaged, mu=s.synthetic_mu)
+        before = server.val_accuracy(averaged) if s.synthetic_guard else None
+        accepted = before is None or server.val_accuracy(tuned) >= before
+        if accepted:
+            server.global_state = tuned
+        return {**info, "synthetic/accepted": float(accepted)}
 
 
 class SyntheticOnly(AdapterStrategy):
@@ -107,8 +125,10 @@ class SyntheticOnly(AdapterStrategy):
     trains_clients = False
     global_is_synthetic_only = True
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, float]:
         server.global_state = server.train_on(server.global_state, x, y, round_, 1)
+        return {}
 
 
 class Distillation(AdapterStrategy):
@@ -126,9 +146,11 @@ class Distillation(AdapterStrategy):
                             device=server.shared.tokens.device)
         self.teachers.append((held, update.state))
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, float]:
         if self.teachers:
             server.global_state = server.distill(x, y, self.teachers, round_)
+        return {}
 
 
 class Local(AdapterStrategy):

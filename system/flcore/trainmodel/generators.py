@@ -20,6 +20,7 @@ from flcore.config import (
     GeneratorConfig,
     Granularity,
     KlReduction,
+    Likelihood,
     OnNan,
     ScheduleScope,
 )
@@ -74,12 +75,15 @@ class BetaScheduler:
 
 @dataclass
 class VAELossTerms:
-    """Per-generator loss terms ``[K]``: total = recon + beta * kl + w * similarity."""
+    """Per-generator loss terms ``[K]``: ``recon`` is the reconstruction term optimized (the MSE
+    or the Gaussian NLL), ``kl`` the (free-bits) KL term, ``mse`` the mean squared error of every
+    likelihood (one scale to compare them on) and ``similarity`` the mean ``1 - cosine``."""
 
     total: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
     similarity: torch.Tensor
+    mse: torch.Tensor
     beta: float
 
     @property
@@ -87,43 +91,81 @@ class VAELossTerms:
         return self.beta * self.kl
 
 
-class VAELoss(nn.Module):
-    """Reconstruction MSE + beta(epoch) x KL + similarity_weight x (1 - cosine similarity).
+def gaussian_nll(squared_error: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """``-log N(x; x_hat, sigma^2)`` summed over the last axis, from ``(x - x_hat)^2`` and one
+    shared ``log sigma^2`` per generator (broadcast ``[K, 1, 1]``): the calibrated decoder of the
+    sigma-VAE (Rybkin et al. 2021)."""
+    terms = squared_error * (-log_variance).exp() + log_variance + math.log(2 * math.pi)
+    return 0.5 * terms.sum(-1)
 
-    The seed's fix: beta follows the configured training length (``total_epochs`` and
-    ``beta_warmup_ratio``) instead of reaching 1 only after 100 epochs. Inputs carry a leading
-    generator axis ``[K, B, ...]`` and a mask ``[K, B]`` of real samples; each generator's terms
-    are means over its own samples. ``kl_reduction=sum`` sums KL over latent dimensions (the
-    seed's form), ``mean`` averages it.
+
+class VAELoss(nn.Module):
+    """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
+
+    - ``likelihood=mse`` (the seed's loss, the reference row of every study): reconstruction is
+      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. Against a
+      KL summed over latent dimensions, a nat of KL costs ``features`` times more than the
+      reconstruction it buys, so posterior collapse is the optimum.
+    - ``likelihood=gaussian`` (sigma-VAE, Rybkin et al. 2021): reconstruction is the Gaussian
+      NLL summed over the features with each generator's learned shared log-variance
+      ``recon_logvar`` (clamped at ``log(variance_floor)``), so ``beta = 1`` gives the true
+      negative ELBO. No similarity term is added (it is no log-likelihood and would break the
+      bound); it is still returned as a diagnostic.
+
+    The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
+    at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
+    (``kl_reduction=sum``, the seed's form) or averaged over dimensions. The seed's fix: beta
+    follows the configured training length (``total_epochs`` and ``beta_warmup_ratio``)
+    instead of reaching 1 only after 100 epochs. Inputs carry a leading generator axis
+    ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
+    its own rows.
     """
 
     def __init__(self, total_epochs: int, beta_warmup_ratio: float,
                  schedule: BetaSchedule = BetaSchedule.linear, beta_max: float = 1.0,
                  kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
-                 n_cycles: int = 4, cycle_ratio: float = 0.5) -> None:
+                 n_cycles: int = 4, cycle_ratio: float = 0.5,
+                 likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
+                 free_bits: float = 0.0) -> None:
         super().__init__()
         self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
                                   cycle_ratio)
         self.kl_reduction = kl_reduction
         self.similarity_weight = similarity_weight
+        self.likelihood = likelihood
+        self.log_variance_floor = math.log(variance_floor)
+        self.free_bits = free_bits
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
-                logvar: torch.Tensor, epoch: int, mask: torch.Tensor) -> VAELossTerms:
+                logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
+                recon_logvar: torch.Tensor | None = None) -> VAELossTerms:
+        """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
+        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``."""
         weight = mask.to(x.dtype)
         count = weight.sum(1).clamp(min=1)
 
         def per_generator(values: torch.Tensor) -> torch.Tensor:
             return (values * weight).sum(1) / count
 
-        recon_err = per_generator(((recon - x) ** 2).flatten(2).mean(-1))
-        kl_terms = -0.5 * (1 + logvar - mu**2 - logvar.exp())
-        kl = kl_terms.sum(-1) if self.kl_reduction is KlReduction.sum else kl_terms.mean(-1)
-        kl = per_generator(kl)
+        squared_error = ((recon - x) ** 2).flatten(2)
+        mse = per_generator(squared_error.mean(-1))
+        kl_per_dim = -0.5 * (1 + logvar - mu**2 - logvar.exp())
+        kl_per_dim = (kl_per_dim * weight[..., None]).sum(1) / count[:, None]
+        if self.free_bits > 0:
+            kl_per_dim = kl_per_dim.clamp(min=self.free_bits)
+        kl = kl_per_dim.sum(-1) if self.kl_reduction is KlReduction.sum else kl_per_dim.mean(-1)
         similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
                                                             dim=-1))
         beta = self.beta(epoch)
-        total = recon_err + beta * kl + self.similarity_weight * similarity
-        return VAELossTerms(total, recon_err, kl, similarity, beta)
+        if self.likelihood is Likelihood.mse:
+            total = mse + beta * kl + self.similarity_weight * similarity
+            return VAELossTerms(total, mse, kl, similarity, mse, beta)
+        if recon_logvar is None:
+            raise ValueError("likelihood=gaussian needs the decoders' log-variances "
+                             "(a VAEGenerator with learned_variance=True)")
+        nll = per_generator(gaussian_nll(squared_error,
+                                         recon_logvar.clamp(min=self.log_variance_floor)))
+        return VAELossTerms(nll + beta * kl, nll, kl, similarity, mse, beta)
 
 
 class StackedLinear(nn.Module):
@@ -144,15 +186,20 @@ class VAEGenerator(nn.Module):
 
     ``x [K, B, S*D]`` -> encoder -> ``mu, logvar [K, B, Z]`` -> ``z = mu + sigma * noise`` ->
     decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
+    With ``learned_variance`` each decoder also has one shared log-variance ``dec_logvar
+    [K, 1, 1]`` (starting at 0: sigma = 1) for the Gaussian likelihood of the sigma-VAE (Rybkin
+    et al. 2021); it belongs to the decoder (and its package) but sampling does not use it.
     """
 
-    def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0) -> None:
+    def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0,
+                 learned_variance: bool = False) -> None:
         super().__init__()
         self.k, self.features, self.latent, self.cond = k, features, latent, cond
         self.enc = StackedLinear(k, features + cond, hidden)
         self.enc_out = StackedLinear(k, hidden, 2 * latent)
         self.dec = StackedLinear(k, latent + cond, hidden)
         self.dec_out = StackedLinear(k, hidden, features)
+        self.dec_logvar = nn.Parameter(torch.zeros(k, 1, 1)) if learned_variance else None
 
     def _with(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return x if cond is None else torch.cat([x, cond], dim=-1)
@@ -259,8 +306,8 @@ class GeneratorData:
 
 @dataclass
 class EpochLog:
-    """Per-generator means of one epoch's loss terms ``[K]``, the epoch's beta and its optimizer
-    steps (minibatches of the generator with the most rows)."""
+    """Per-generator means of one epoch's loss terms ``[K]`` (:class:`VAELossTerms`), the
+    epoch's beta and its optimizer steps (minibatches of the generator with the most rows)."""
 
     epoch: int
     beta: float
@@ -268,6 +315,7 @@ class EpochLog:
     recon: torch.Tensor
     kl: torch.Tensor
     similarity: torch.Tensor
+    mse: torch.Tensor
     steps: int = 0
 
 
@@ -302,7 +350,7 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             n = int(data.counts[g])
             order[g, :n] = torch.randperm(n, generator=rngs[g], device=device).cpu()
         perms = order.to(device)
-        sums = torch.zeros(4, k, device=device)
+        sums = torch.zeros(5, k, device=device)
         seen = torch.zeros(k, device=device)
         beta = 0.0
         steps = 0
@@ -321,7 +369,7 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
                 jitter = _draw(rngs, valid, tuple(x.shape[2:]), index.shape[1], device)
                 x = x + noise_std * jitter
             recon, mu, logvar = model(x, noise, cond)
-            terms = loss_fn(recon, x, mu, logvar, epoch, mask)
+            terms = loss_fn(recon, x, mu, logvar, epoch, mask, model.dec_logvar)
             active = mask.any(1)
             bad = active & ~torch.isfinite(terms.total)
             for g in bad.nonzero().flatten().tolist():
@@ -346,7 +394,7 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             optimizer.step(active)
             batch = mask.sum(1).to(sums.dtype)
             sums += torch.nan_to_num(torch.stack([terms.total, terms.recon, terms.kl,
-                                                  terms.similarity]).detach()) * batch
+                                                  terms.similarity, terms.mse]).detach()) * batch
             seen += batch
             beta = terms.beta
         means = sums / seen.clamp(min=1)
@@ -392,7 +440,7 @@ class GeneratorBank:
                  cond_dim: int, device: torch.device) -> None:
         self.spec, self.config = spec, config
         self.model = VAEGenerator(len(spec.names), features, config.hidden_dim, config.latent_dim,
-                                  cond_dim).to(device)
+                                  cond_dim, config.likelihood is Likelihood.gaussian).to(device)
         self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k, config.lr)
         self.trainings = 0
         self.dropped: list[str] = []
@@ -419,13 +467,32 @@ class GeneratorBank:
         data = self.data(x, labels, prompts)
         for name in self.dropped:
             data.counts[self.spec.names.index(name)] = 0
+        had_rows = (data.counts > 0).tolist()
         logs = train_generators(self.model, self.optimizer, loss, data, c.training_epochs,
                                 c.batch_size, c.grad_clip, rngs, offset, c.augmentation_noise,
                                 where, self.spec.names, c.on_nan)
-        self.dropped = [n for n, count in zip(self.spec.names, data.counts.tolist(), strict=True)
-                        if count == 0]
+        # Dropped: a NaN stopped it (its rows were zeroed). A generator without rows this time
+        # (a server generator of a class no sampled node holds) is only idle.
+        self.dropped += [n for n, had, count in zip(self.spec.names, had_rows,
+                                                    data.counts.tolist(), strict=True)
+                         if had and count == 0]
         self.trainings += 1
+        self._warn_at_variance_floor(where)
         return logs
+
+    def _warn_at_variance_floor(self, where: str) -> None:
+        """Name each trained generator whose learned decoder variance sits at
+        ``generator.variance_floor``: its reconstructions are (near) exact, e.g. identical or
+        memorized rows, and its NLL is no longer a calibrated likelihood."""
+        if self.model.dec_logvar is None:
+            return
+        floor = math.log(self.config.variance_floor)
+        at_floor = (self.model.dec_logvar.detach().flatten() <= floor).tolist()
+        for name, low in zip(self.spec.names, at_floor, strict=True):
+            if low and name not in self.dropped:
+                log.warning("%sgenerator %s: the learned decoder variance is at "
+                            "generator.variance_floor=%g (near-exact reconstructions: identical "
+                            "or memorized rows?)", where, name, self.config.variance_floor)
 
     @torch.no_grad()
     def sample(self, per_class: dict[int, int], prompts: torch.Tensor | None,
@@ -433,13 +500,15 @@ class GeneratorBank:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class[c]`` synthetic rows of each class and their labels. A generator of one
         class, or a conditional one, draws each class directly; an unconditional generator of
-        several classes draws their total and labels each draw by the nearest class centroid."""
+        several classes draws their total and labels each draw by the nearest class centroid.
+        Classes absent from ``per_class`` (no node holds them this round) get no draws."""
         self.model.eval()
         xs, ys = [], []
         device = self.model.enc.weight.device
-        for g, (name, classes) in enumerate(zip(self.spec.names, self.spec.classes,
+        for g, (name, covered) in enumerate(zip(self.spec.names, self.spec.classes,
                                                 strict=True)):
-            if name in self.dropped:
+            classes = [c for c in covered if per_class.get(c, 0) > 0]
+            if name in self.dropped or not classes:
                 continue
             one = _slice(self.model, g)
             if len(classes) == 1 or prompts is not None:
@@ -506,7 +575,8 @@ class SyntheticShare:
 
 def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
     """Generator ``g`` of a bank as a one-generator module sharing its weights."""
-    one = VAEGenerator(1, model.features, model.enc.weight.shape[-1], model.latent, model.cond)
+    one = VAEGenerator(1, model.features, model.enc.weight.shape[-1], model.latent, model.cond,
+                       model.dec_logvar is not None)
     one.to(model.enc.weight.device)
     for param, source in zip(one.parameters(), model.parameters(), strict=True):
         param.data = source.data[g : g + 1]
@@ -523,4 +593,5 @@ def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
     """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix)."""
     return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
                    config.kl_reduction, config.similarity_weight, config.n_cycles,
-                   config.cycle_ratio)
+                   config.cycle_ratio, config.likelihood, config.variance_floor,
+                   config.free_bits)

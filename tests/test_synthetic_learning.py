@@ -1,0 +1,102 @@
+"""Synthetic samples that carry their class, the Gaussian reference floor, and fine-tuning on
+synthetic samples that cannot make the global adapter worse than FedAvg alone."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from flcore.clients.clientA2V import ClientA2V
+from flcore.config import validate
+from flcore.run import run
+from flcore.trainmodel.gaussian import GaussianBank
+from flcore.trainmodel.generators import GeneratorBank, SyntheticShare, generator_spec
+
+FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
+        "federation.local_epochs=1", "checkpoint.every=0", "generator.training_epochs=2",
+        "generator.hidden_dim=16", "generator.latent_dim=4")
+
+
+@pytest.fixture
+def quick(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
+    def _run(*overrides: str, folder: str = "run") -> dict:
+        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
+
+    return _run
+
+
+@pytest.mark.parametrize("granularity", ["unified", "per_group"])
+def test_generators_of_several_classes_draw_exact_counts_per_class(
+        make_config: Callable[..., DictConfig], granularity: str) -> None:
+    config = validate(make_config(f"generator={granularity}",
+                                  "+generator.class_groups={a:[c0,c1]}"))
+    names = ["c0", "c1", "c2"]
+    spec = generator_spec([0, 1, 2], names, config.generator.granularity,
+                          config.generator.class_groups)
+    bank = GeneratorBank(spec, 12, config.generator, 8, torch.device("cpu"))
+    assert config.generator.conditional  # the default for generators of several classes
+    asked = {0: 5, 1: 7, 2: 3}
+    _, y = bank.sample(asked, torch.randn(3, 8), {}, torch.Generator().manual_seed(0))
+    assert {c: int((y == c).sum()) for c in asked} == asked
+
+
+def test_per_class_generators_need_no_condition(make_config: Callable[..., DictConfig]) -> None:
+    from flcore.clients.clientbase import SharedTensors
+
+    config = validate(make_config())
+    shared = SharedTensors(torch.randn(6, 8, 16), torch.tensor([0, 0, 1, 1, 2, 2]),
+                           torch.randn(3, 12), torch.arange(3), ["a", "b", "c"])
+    node = ClientA2V(0, ["a", "b", "c"], torch.arange(6), torch.arange(0), torch.arange(0))
+    assert node.new_generators(shared, config.generator).model.cond == 0
+    node.granularity = config.generator.granularity.__class__("unified")
+    assert node.new_generators(shared, config.generator).model.cond == 12
+
+
+def test_centroid_labelling_reports_the_share_of_draws(quick) -> None:
+    final = quick("federation.rounds=1", "generator=unified",
+                  "generator.conditional=false")["final"]
+    shares = [v for k, v in final.items() if k.endswith("/synthetic/majority_share")]
+    assert len(shares) == final["partition/num_nodes"]
+    assert all(0.5 <= s <= 1.0 for s in shares)  # two classes per node: at least half
+
+
+@pytest.mark.parametrize("granularity", ["per_class", "unified"])
+def test_gaussian_floor_runs_at_every_granularity(quick, granularity: str) -> None:
+    final = quick("federation.rounds=2", "generator.model=gaussian", f"generator={granularity}",
+                  "server.generator.granularity=per_class")["final"]
+    assert final["synthetic/samples"] == final["partition/train_clips"]
+    assert "gen/fd" in final and "gen/active_units" not in final  # no latent code
+    chance = 1 / final["partition/num_classes"]
+    assert final["synthetic/acc"] > 2 * chance
+
+
+def test_a_failed_generator_cannot_pull_the_global_adapter_below_fedavg(
+        quick, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 0's generator collapses on purpose: all its samples are one constant row labelled
+    with the wrong class. FedAvg alone, same seed, is the reference."""
+    fedavg = quick("federation.rounds=3", "generator=none", folder="fedavg")["final"]
+    original = ClientA2V.train_generators
+
+    def collapsed(self: ClientA2V, *args, **kwargs) -> tuple[list, SyntheticShare]:
+        logs, share = original(self, *args, **kwargs)
+        if self.node == 0 and share.x is not None:
+            wrong = [c for c in share.y.unique().tolist()][::-1]
+            share.y = torch.full_like(share.y, wrong[0]) if len(wrong) == 1 else torch.where(
+                share.y == wrong[0], wrong[1], wrong[0])
+            share.x = share.x.mean(0, keepdim=True).expand_as(share.x).clone() * 10
+        return logs, share
+
+    monkeypatch.setattr(ClientA2V, "train_generators", collapsed)
+    guarded = quick("federation.rounds=3", folder="guarded")["final"]
+    assert guarded["val/acc"] >= fedavg["val/acc"], (guarded["val/acc"], fedavg["val/acc"])
+
+
+def test_gaussian_bank_is_the_bank_of_model_gaussian(make_config: Callable[..., DictConfig]
+                                                     ) -> None:
+    from flcore.trainmodel.banks import new_bank
+
+    config = validate(make_config("generator.model=gaussian"))
+    spec = generator_spec([0, 1], ["a", "b"], config.generator.granularity, {})
+    assert isinstance(new_bank(spec, 8, config.generator, 0, torch.device("cpu")), GaussianBank)
