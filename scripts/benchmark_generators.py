@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from flcore.config import GeneratorConfig
+from flcore.config import GeneratorConfig, Likelihood
 from flcore.trainmodel.generators import (
     GeneratorData,
     MaskedAdam,
@@ -25,6 +25,11 @@ from flcore.trainmodel.generators import (
     train_generators,
     vae_loss,
 )
+
+
+def learned(config: GeneratorConfig) -> bool:
+    """Whether the configured likelihood learns each decoder's variance (sigma-VAE)."""
+    return config.likelihood is Likelihood.gaussian
 
 
 def sync(device: torch.device) -> None:
@@ -35,7 +40,8 @@ def sync(device: torch.device) -> None:
 def batched(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int,
             batch: int, device: torch.device) -> float:
     k, features = data.x.shape[0], data.x.shape[-1]
-    model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim).to(device)
+    model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim,
+                         learned_variance=learned(config)).to(device)
     model.load_state_dict(init)
     optimizer = MaskedAdam(list(model.parameters()), k, config.lr)
     rngs = [torch.Generator(device=device).manual_seed(g) for g in range(k)]
@@ -52,7 +58,8 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
     loss_fn = vae_loss(config, epochs)
     finals = []
     for g in range(k):
-        model = VAEGenerator(1, features, config.hidden_dim, config.latent_dim).to(device)
+        model = VAEGenerator(1, features, config.hidden_dim, config.latent_dim,
+                             learned_variance=learned(config)).to(device)
         model.load_state_dict({name: v[g : g + 1] for name, v in init.items()})
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         rng = torch.Generator(device=device).manual_seed(g)
@@ -68,7 +75,8 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
                                     device=device)[None]
                 recon, mu, logvar = model(xb, noise)
                 terms = loss_fn(recon, xb, mu, logvar, epoch,
-                                torch.ones(1, len(idx), dtype=torch.bool, device=device))
+                                torch.ones(1, len(idx), dtype=torch.bool, device=device),
+                                model.dec_logvar)
                 optimizer.zero_grad()
                 terms.total.sum().backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -95,8 +103,8 @@ def main() -> None:
     features = 4 * 1024
     x = torch.rand(args.classes, args.samples, features, device=device) * 2
     data = GeneratorData(x, torch.full((args.classes,), args.samples))
-    init = VAEGenerator(args.classes, features, config.hidden_dim,
-                        config.latent_dim).to(device).state_dict()
+    init = VAEGenerator(args.classes, features, config.hidden_dim, config.latent_dim,
+                        learned_variance=learned(config)).to(device).state_dict()
     init = {k: v.clone() for k, v in init.items()}
 
     methods = {"(a) batched": lambda: batched(init, data, config, args.epochs, args.batch,

@@ -44,7 +44,7 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
     assert environment["overrides"] == [] and environment["git_commit"]
     assert environment["packages"]["torch"].startswith("2.11")
     assert len(environment["dataset_fingerprint"]) == 64
-    assert results["final"]["generator/steps_per_epoch"] == 1.0  # 24 rows per class, batch 32
+    assert results["final"]["generator/steps_per_epoch"] == 3.0  # 24 rows per class, batch 8
 
 
 @pytest.mark.parametrize(("args", "line"), [

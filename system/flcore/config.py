@@ -314,7 +314,7 @@ class GeneratorConfig:
     gaussian_rank: int = 0
     granularity: Granularity = Granularity.per_class
     class_groups: dict[str, list[str]] = field(default_factory=dict)
-    training_epochs: int = 10
+    training_epochs: int = 30
     beta_warmup_ratio: float = 0.5
     beta_schedule: BetaSchedule = BetaSchedule.linear
     beta_max: float = 1.0
@@ -331,7 +331,7 @@ class GeneratorConfig:
     hidden_dim: int = 128
     conditional: bool = True
     lr: float = 0.001
-    batch_size: int = 32
+    batch_size: int = 8
     grad_clip: float = 1.0
     train_every: int = 1
     training_data: TrainingData = TrainingData.audio
