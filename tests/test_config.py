@@ -49,6 +49,18 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
     (["generator.beta_warmup_ratio=1.5"], "generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
     (["generator.beta_warmup_ratio=0"], "generator.beta_warmup_ratio=0.0: must be in (0, 1]"),
     (["generator.training_epochs=0"], "generator.training_epochs=0: must be >= 1"),
+    (["generator.model=gaussian", "generator.likelihood=mse"],
+     "generator.likelihood=mse: is a VAE loss; generator.model=gaussian is fitted in closed form"),
+    (["generator.model=gaussian", "generator.free_bits=0.5"],
+     "generator.free_bits=0.5: is a VAE loss term; generator.model=gaussian has no latent code"),
+    (["generator.gaussian_covariance=low_rank"],
+     "generator.gaussian_rank=0: generator.gaussian_covariance=low_rank needs a rank >= 1"),
+    (["generator.gaussian_rank=3"], "generator.gaussian_rank=3: only generator.gaussian_covariance"
+                                    "=low_rank has a rank"),
+    (["generator.gaussian_covariance=low_rank", "generator.gaussian_rank=2"],
+     "generator.gaussian_covariance=low_rank: applies to generator.model=gaussian only"),
+    (["server.synthetic_mu=-1"], "server.synthetic_mu=-1.0: must be >= 0"),
+    (["eval.prdc_k=0"], "eval.prdc_k=0: must be >= 1"),
     (["generator.beta_max=-1"], "generator.beta_max=-1.0: must be > 0"),
     (["generator.granularity=per_group"], "generator.class_groups={}: generator.granularity="
                                           "per_group needs groups"),

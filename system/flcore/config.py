@@ -546,6 +546,11 @@ def _check_generator(g: GeneratorConfig) -> None:
         _require(g.gaussian_covariance is GaussianCovariance.diagonal,
                  "generator.gaussian_covariance", g.gaussian_covariance,
                  "applies to generator.model=gaussian only")
+    else:
+        _require(g.likelihood is Likelihood.gaussian, "generator.likelihood", g.likelihood,
+                 "is a VAE loss; generator.model=gaussian is fitted in closed form (drop it)")
+        _require(g.free_bits == 0, "generator.free_bits", g.free_bits,
+                 "is a VAE loss term; generator.model=gaussian has no latent code (drop it)")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
