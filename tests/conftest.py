@@ -1,10 +1,12 @@
 """Shared fixtures: composed configs, a session-wide synthetic dataset and a tiny ESC-50 folder."""
 
+import csv
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +39,25 @@ def make_config(cache_dir: Path) -> Callable[..., DictConfig]:
             return compose("config", overrides=[f"cache_dir={cache_dir}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def run_config(make_config: Callable[..., DictConfig],
+               tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """Run one job in-process: ``run_config(*overrides, folder="run")`` composes the overrides
+    and runs them in ``tmp_path / folder``; modules bind their fast settings with partial."""
+    from flcore.run import run
+
+    def _run(*overrides: str, folder: str = "run") -> dict[str, Any]:
+        return run(make_config(*overrides), run_dir=tmp_path / folder)
+
+    return _run
+
+
+def epoch_rows(folder: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``generator_metrics.csv``."""
+    with open(folder / "generator_metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 @pytest.fixture

@@ -2,18 +2,17 @@
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.clientbase import SharedTensors
 from flcore.config import AdapterConfig
 from flcore.errors import CheckpointError, ConfigError, TrainingError
-from flcore.run import run
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
@@ -22,11 +21,8 @@ FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.
 
 
 @pytest.fixture
-def fast_run(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
-    def _run(*overrides: str, folder: str = "run") -> dict:
-        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
-
-    return _run
+def fast_run(run_config: Callable[..., dict]) -> Callable[..., dict]:
+    return partial(run_config, *FAST)
 
 
 def test_local_training_decreases_the_loss() -> None:

@@ -1,13 +1,14 @@
 """Generators inside the federation: granularities, synthetic learning, logging, resume, NaN."""
 
-import csv
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
 
+from conftest import epoch_rows
 from flcore.errors import ConfigError, TrainingError
 from flcore.run import run
 
@@ -17,16 +18,9 @@ FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.
 
 
 @pytest.fixture
-def gen_run(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
-    def _run(*overrides: str, folder: str = "run") -> dict:
-        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
+def gen_run(run_config: Callable[..., dict]) -> Callable[..., dict]:
+    return partial(run_config, *FAST)
 
-    return _run
-
-
-def epoch_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "generator_metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.parametrize(("overrides", "generators_per_node"), [

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def fast_run(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
-    def _run(*overrides: str, folder: str = "run") -> dict:
-        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
-
-    return _run
+def fast_run(run_config: Callable[..., dict]) -> Callable[..., dict]:
+    return partial(run_config, *FAST)
 
 
 def test_a_bad_job_does_not_stop_the_sweep(run_main, tmp_path: Path) -> None:

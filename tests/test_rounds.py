@@ -3,13 +3,14 @@ their logging, and the meaning of ``synthetic/*``."""
 
 import csv
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
 
+from conftest import epoch_rows
 from flcore.config import validate
-from flcore.run import run
 from flcore.servers.serverbase import clients_per_round
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
@@ -18,16 +19,9 @@ FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.
 
 
 @pytest.fixture
-def quick(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
-    def _run(*overrides: str, folder: str = "run") -> dict:
-        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
+def quick(run_config: Callable[..., dict]) -> Callable[..., dict]:
+    return partial(run_config, *FAST)
 
-    return _run
-
-
-def epoch_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "generator_metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_val_is_scored_and_best_is_chosen_on_val(quick) -> None:

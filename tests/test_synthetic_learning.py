@@ -2,7 +2,7 @@
 synthetic samples that cannot make the global adapter worse than FedAvg alone."""
 
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from omegaconf import DictConfig
 
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import validate
-from flcore.run import run
 from flcore.trainmodel.gaussian import GaussianBank
 from flcore.trainmodel.generators import GeneratorBank, SyntheticShare, generator_spec
 
@@ -20,11 +19,8 @@ FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.
 
 
 @pytest.fixture
-def quick(make_config: Callable[..., DictConfig], tmp_path: Path) -> Callable[..., dict]:
-    def _run(*overrides: str, folder: str = "run") -> dict:
-        return run(make_config(*FAST, *overrides), run_dir=tmp_path / folder)
-
-    return _run
+def quick(run_config: Callable[..., dict]) -> Callable[..., dict]:
+    return partial(run_config, *FAST)
 
 
 @pytest.mark.parametrize("granularity", ["unified", "per_group"])

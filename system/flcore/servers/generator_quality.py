@@ -36,16 +36,14 @@ def held_out(client: ClientA2V) -> tuple[torch.Tensor, str]:
     return (client.val_idx, "val") if len(client.val_idx) else (client.test_idx, "test")
 
 
-def _latent(client: ClientA2V, shared: SharedTensors, config: Config,
-            quality: GeneratorQuality) -> list[dict[str, float | None]]:
-    """Active units and total KL of each of the node's VAE generators on its training rows
-    (none for the Gaussian floor, which has no latent code); fills
+def _latent(client: ClientA2V, rows: torch.Tensor, labels: torch.Tensor,
+            shared: SharedTensors, quality: GeneratorQuality) -> list[dict[str, float | None]]:
+    """Active units and total KL of each of the node's VAE generators on its training ``rows``
+    with class ids ``labels`` (none for the Gaussian floor, which has no latent code); fills
     ``quality.kl_per_dimension``."""
     bank = client.generators
     if not isinstance(bank, GeneratorBank):
         return []
-    rows = client.generator_inputs(shared, config.generator, None)
-    labels = shared.labels[client.train_idx]
     prompts = shared.prompts if bank.model.cond else None
     data = bank.data(rows, labels, prompts)
     with torch.no_grad():
@@ -90,7 +88,7 @@ def score_generators(clients: list[ClientA2V], synthetic: dict[int, tuple[torch.
             real[key] = real_rows[shared.labels[idx] == c]
             generated[key] = rows[y == c]
             train[key] = train_rows[train_labels == c]
-        usage += _latent(client, shared, config, quality)
+        usage += _latent(client, train_rows, train_labels, shared, quality)
     if not generated:
         return quality
     e = config.eval

@@ -453,10 +453,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 continue
             correct = (scores.argmax(1) == position).double().split(
                 [len(c.test_idx) for c in self.clients])
-            owners = [self.clients[i]] if len(states) > 1 else self.clients
-            hits = [correct[self.clients.index(c)] for c in owners]
-            node_acc.update({f"node{c.node}/acc": h.mean().item()
-                             for c, h in zip(owners, hits, strict=True) if len(h)})
+            pairs = ([(self.clients[i], correct[i])] if len(states) > 1
+                     else zip(self.clients, correct, strict=True))
+            node_acc.update({f"node{c.node}/acc": h.mean().item() for c, h in pairs if len(h)})
         metrics = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
         if node_acc:
             metrics.update(node_acc)
