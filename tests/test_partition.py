@@ -268,11 +268,22 @@ def test_warnings_name_nodes_without_train_clips_of_a_class_or_without_test_clip
     nodes = [NodeConfig([other, "dog"]) for other in ["rain", "siren", "engine", "sea_waves"]]
     partition = build_partition(dataset, DatasetConfig(), FederationConfig(nodes=nodes), 0)
     dog_train = [int((dataset.labels[n.train] == 0).sum()) for n in partition.nodes]
-    assert dog_train == [1, 1, 0, 1]
-    assert partition.warnings() == ["node 2: class 'dog' has no train clips (the node "
+    assert dog_train == [1, 1, 1, 0]
+    assert partition.warnings() == ["node 3: class 'dog' has no train clips (the node "
                                     "never trains on it)"]
     nodes = [NodeConfig(["dog"]), NodeConfig(["dog"])]
     partition = build_partition(dataset, DatasetConfig(), FederationConfig(nodes=nodes), 0)
-    assert [len(n.test) for n in partition.nodes] == [0, 1]
-    assert partition.warnings() == ["node 0 has no test clips (its local accuracy is not "
+    assert [len(n.test) for n in partition.nodes] == [1, 0]
+    assert partition.warnings() == ["node 1 has no test clips (its local accuracy is not "
                                     "measured)"]
+
+
+def test_more_nodes_than_clips_of_a_class_still_share_each_split_evenly() -> None:
+    """1000 nodes, 6 classes of 300 train clips: rounding each class's shares alone would give
+    the same 700 nodes no train clip of any class."""
+    dataset = fake_dataset(clips_per_class=500)
+    config = FederationConfig(partition=PartitionConfig(kind=PartitionKind.iid, num_nodes=1000))
+    partition = build_partition(dataset, DatasetConfig(), config, 0)
+    train = np.array([len(n.train) for n in partition.nodes])
+    expected = partition.stats()["train_clips"] / 1000
+    assert train.min() >= np.floor(expected) and train.max() <= np.ceil(expected)

@@ -189,10 +189,16 @@ def _deal(split: np.ndarray, labels: np.ndarray, weights: np.ndarray,
           rng: np.random.Generator) -> list[list[np.ndarray]]:
     """Deal each (class, split) pool of clips to the nodes in proportion to ``weights``.
 
+    Counts are whole shares plus, for the clips left over, the holders owed the most: the
+    largest-remainder method with each node's remainders carried from class to class within a
+    split. So with more nodes than clips of a class, every node still gets its share of a split
+    over the classes, instead of rounding starving the same nodes class after class.
+
     Returns, per node, sorted clip indices for train, val and test.
     """
     num_nodes = weights.shape[1]
     owner = np.full(len(labels), -1, dtype=np.int64)
+    owed = np.zeros((len(SPLITS), num_nodes))
     for target in range(weights.shape[0]):
         holders = np.flatnonzero(weights[target] > 0)
         if len(holders) == 0:
@@ -200,8 +206,14 @@ def _deal(split: np.ndarray, labels: np.ndarray, weights: np.ndarray,
         share = weights[target, holders] / weights[target, holders].sum()
         for code in range(len(SPLITS)):
             pool = rng.permutation(np.flatnonzero((labels == target) & (split == code)))
-            cuts = np.round(np.cumsum(share) * len(pool)).astype(np.int64)
-            owner[pool] = np.repeat(holders, np.diff(cuts, prepend=0))
+            exact = share * len(pool)
+            counts = np.floor(exact).astype(np.int64)
+            owed[code, holders] += exact - counts
+            extra = holders[np.argsort(-owed[code, holders], kind="stable")[
+                : len(pool) - counts.sum()]]
+            owed[code, extra] -= 1
+            counts[np.searchsorted(holders, extra)] += 1
+            owner[pool] = np.repeat(holders, counts)
     dealt = owner >= 0
     key = owner[dealt] * len(SPLITS) + split[dealt]
     order = np.flatnonzero(dealt)[np.argsort(key, kind="stable")]
