@@ -2,6 +2,7 @@
 one-sample-at-a-time loop.
 
     python scripts/benchmark_generators.py [--device cuda] [--classes 50] [--epochs 10]
+    python scripts/benchmark_generators.py --nodes 8 --classes 10 [--device cuda]
 
 50 per-class VAEs, 32 samples each of 4 x 1024 inputs, 10 epochs, batch 32, the configured VAE
 loss (linear beta warm-up), gradient clipping 1.0, Adam:
@@ -10,16 +11,27 @@ loss (linear beta warm-up), gradient clipping 1.0, Adam:
   (c) upstream: the same loop with one sample per step.
 Prints wall times, the ratios and each method's final mean loss. (a) and (b) start from the same
 weights and noise, so their losses agree to float tolerance; (c) takes 32x more steps.
+
+With ``--nodes N``: N nodes, each with a bank of ``--classes`` per-class generators (the
+configured epochs and batch), trained
+  (a) as one bank: all nodes' banks stacked into one model (``fit_together``);
+  (b) one bank per node, in a loop (``GeneratorBank.fit``);
+  (c) the class loop of each node (one VAE per class, torch Adam).
+(a) and (b) start from the same weights and noise, so their losses agree to float tolerance.
 """
 
 import argparse
+import copy
 import time
 
 import torch
 
 from flcore.config import GeneratorConfig, Likelihood
+from flcore.trainmodel.banks import fit_together
 from flcore.trainmodel.generators import (
+    GeneratorBank,
     GeneratorData,
+    GeneratorSpec,
     MaskedAdam,
     VAEGenerator,
     train_generators,
@@ -81,11 +93,77 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
                 terms.total.sum().backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
-                total += float(terms.total) * len(idx)
+                total += float(terms.total.detach()) * len(idx)
                 seen += len(idx)
         finals.append(total / seen)
     sync(device)
     return sum(finals) / len(finals)
+
+
+def node_banks(nodes: int, classes: int, samples: int, features: int, config: GeneratorConfig,
+               device: torch.device
+               ) -> tuple[list[GeneratorBank], list[torch.Tensor], list[torch.Tensor]]:
+    """``nodes`` banks of ``classes`` per-class generators, and each node's rows and labels
+    (``samples`` rows of each of its classes; node i holds classes ``i * classes ...``)."""
+    banks, xs, ys = [], [], []
+    for node in range(nodes):
+        ids = list(range(node * classes, (node + 1) * classes))
+        spec = GeneratorSpec([f"class{c}" for c in ids], [[c] for c in ids])
+        banks.append(GeneratorBank(spec, features, config, 0, device))
+        xs.append(torch.rand(classes * samples, features, device=device) * 2)
+        ys.append(torch.tensor(ids, device=device).repeat_interleave(samples))
+    return banks, xs, ys
+
+
+def bank_rngs(banks: list[GeneratorBank], device: torch.device) -> list[list[torch.Generator]]:
+    return [[torch.Generator(device=device).manual_seed(1000 * i + g)
+             for g in range(bank.model.k)] for i, bank in enumerate(banks)]
+
+
+def benchmark_nodes(args: argparse.Namespace, device: torch.device) -> None:
+    """(a) all nodes' banks as one, (b) one bank per node, (c) each node's class loop."""
+    config = GeneratorConfig(training_epochs=args.epochs, batch_size=args.batch)
+    features = 4 * 1024
+    torch.manual_seed(0)
+    banks, xs, ys = node_banks(args.nodes, args.classes, args.samples, features, config, device)
+    loss = vae_loss(config, args.epochs)
+    wheres = [f"node {i}: " for i in range(args.nodes)]
+
+    def together(fresh: list[GeneratorBank]) -> float:
+        logs = fit_together(fresh, xs, ys, [None] * len(fresh), loss, bank_rngs(fresh, device),
+                            wheres, max_generators=args.max_generators)
+        sync(device)
+        return float(torch.cat([node[-1].total for node in logs]).mean())
+
+    def one_by_one(fresh: list[GeneratorBank]) -> float:
+        logs = [bank.fit(x, y, None, loss, rngs, where) for bank, x, y, rngs, where
+                in zip(fresh, xs, ys, bank_rngs(fresh, device), wheres, strict=True)]
+        sync(device)
+        return float(torch.cat([node[-1].total for node in logs]).mean())
+
+    def class_loop(fresh: list[GeneratorBank]) -> float:
+        finals = [loop({k: v.clone() for k, v in bank.model.state_dict().items()},
+                       bank.data(x, y, None), config, args.epochs, args.batch, device)
+                  for bank, x, y in zip(fresh, xs, ys, strict=True)]
+        return sum(finals) / len(finals)
+
+    methods = {"(a) one bank of all nodes": together, "(b) one bank per node": one_by_one,
+               "(c) class loop per node": class_loop}
+    warm = copy.deepcopy(banks[0])  # warm-up: one node's bank
+    warm.fit(xs[0], ys[0], None, loss, bank_rngs([warm], device)[0], wheres[0])
+    times, losses = {}, {}
+    for name, method in methods.items():
+        fresh = copy.deepcopy(banks)
+        tic = time.perf_counter()
+        losses[name] = method(fresh)
+        times[name] = time.perf_counter() - tic
+    print(f"{args.nodes} nodes x {args.classes} generators x {args.samples} samples of "
+          f"{features}, {args.epochs} epochs, batch {args.batch}, max_generators "
+          f"{args.max_generators}, device {device}, torch threads {torch.get_num_threads()}")
+    base = times["(a) one bank of all nodes"]
+    for name in methods:
+        print(f"{name:<26} {times[name]:8.2f} s  {times[name] / base:7.2f}x of (a)  "
+              f"final loss {losses[name]:.5f}")
 
 
 def main() -> None:
@@ -96,8 +174,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skip-upstream", action="store_true", help="skip (c), the slowest")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="N > 0: N nodes' banks as one vs one per node vs the class loop")
+    parser.add_argument("--max-generators", type=int, default=None,
+                        help="--nodes: train at most this many generators at once")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.nodes:
+        benchmark_nodes(args, device)
+        return
     config = GeneratorConfig()
     torch.manual_seed(0)
     features = 4 * 1024

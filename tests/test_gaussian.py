@@ -228,3 +228,21 @@ def test_a_cuda_bank_fits_and_samples_as_a_cpu_bank() -> None:
         draws.append((sx.cpu(), sy.cpu()))
     torch.testing.assert_close(draws[0][0], draws[1][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(draws[0][1], draws[1][1])
+
+
+def test_gaussian_banks_of_several_nodes_fit_together_as_one_by_one() -> None:
+    """``fit_together`` fits Gaussian banks one by one (closed form): the same Gaussians as
+    each bank's own ``fit``, no epoch logs, one more training each."""
+    from flcore.trainmodel.banks import fit_together
+
+    data = [class_rows(seed) for seed in (0, 1)]
+    xs = [torch.tensor(x, dtype=torch.float32) for x, _ in data]
+    ys = [torch.tensor(y) for _, y in data]
+    banks = [GaussianBank(SPEC, FEATURES, "low_rank", 2) for _ in data]
+    logs = fit_together(banks, xs, ys, [None, None], None, [[], []], ["node 0: ", "node 1: "])
+    assert logs == [[], []] and [bank.trainings for bank in banks] == [1, 1]
+    for bank, seed in zip(banks, (0, 1), strict=True):
+        alone = fitted("low_rank", 2, seed)
+        for key in ("mean", "scale", "factor"):
+            torch.testing.assert_close(getattr(bank.model, key), getattr(alone.model, key))
+        assert bank.model.fitted == alone.model.fitted

@@ -1,5 +1,6 @@
 """Beta schedules (the fix's specification), the VAE loss, and batched generator training."""
 
+import copy
 import itertools
 import logging
 import math
@@ -10,8 +11,18 @@ import torch
 from omegaconf import DictConfig
 from torch.distributions import Normal, kl_divergence
 
-from flcore.config import BetaSchedule, GeneratorConfig, KlReduction, Likelihood, validate
-from flcore.errors import ConfigError
+from flcore.config import (
+    BetaSchedule,
+    GeneratorConfig,
+    KlReduction,
+    Likelihood,
+    OnNan,
+    Precision,
+    ScheduleScope,
+    validate,
+)
+from flcore.errors import ConfigError, TrainingError
+from flcore.trainmodel.banks import fit_together
 from flcore.trainmodel.generators import (
     BetaScheduler,
     GeneratorBank,
@@ -22,6 +33,7 @@ from flcore.trainmodel.generators import (
     VAELoss,
     _slice,
     clip_per_generator,
+    train_banks,
     train_generators,
     vae_loss,
     warmup_epochs,
@@ -368,3 +380,256 @@ def test_the_learned_variance_travels_with_the_decoder() -> None:
     got = received.sample(counts, None, {}, torch.Generator().manual_seed(7))
     torch.testing.assert_close(sent[0], got[0])
     torch.testing.assert_close(sent[1], got[1])
+
+
+# --- no host round trip, several banks as one, bf16 -------------------------------------------
+
+
+def _reference_alone(init: dict, x: torch.Tensor, epochs: int, batch: int, seed: int,
+                     loss: VAELoss, noise_std: float = 0.0, epoch_offset: int = 0,
+                     lr: float = 0.01, grad_clip: float = 1.0
+                     ) -> tuple[VAEGenerator, list[float]]:
+    """One generator trained alone the plain way: its own rows ``x [n, F]``, a shuffle and noise
+    from ``torch.Generator(seed)`` (a permutation an epoch; per minibatch the latent noise, then
+    the input jitter), torch's Adam and ``clip_grad_norm_``. Returns the model and each epoch's
+    mean total loss."""
+    n, features = x.shape
+    learned = "dec_logvar" in init
+    model = VAEGenerator(1, features, init["enc.weight"].shape[-1], init["dec.weight"].shape[1],
+                         learned_variance=learned)
+    model.load_state_dict(init)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    means = []
+    for epoch in range(epoch_offset, epoch_offset + epochs):
+        order = torch.randperm(n, generator=rng)
+        total = 0.0
+        for start in range(0, n, batch):
+            rows = x[order[start : start + batch]][None]
+            noise = torch.randn(rows.shape[1], model.latent, generator=rng)[None]
+            if noise_std > 0:
+                rows = rows + noise_std * torch.randn(rows.shape[1], features, generator=rng)
+            recon, mu, logvar = model(rows, noise)
+            terms = loss(recon, rows, mu, logvar, epoch,
+                         torch.ones(1, rows.shape[1], dtype=torch.bool), model.dec_logvar)
+            optimizer.zero_grad()
+            terms.total.sum().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            total += terms.total.item() * rows.shape[1]
+        means.append(total / n)
+    return model, means
+
+
+@pytest.mark.parametrize("likelihood", list(Likelihood))
+def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
+        likelihood: Likelihood) -> None:
+    """The device-side step loop (masks, step counts and the NaN flag on the device; the
+    branch-free MaskedAdam) gives, for generators of unequal sizes (so that some sit out the
+    last minibatches, and their Adam step counts drift apart) and with input jitter, what a
+    plain torch.optim.Adam loop over one generator at a time gives: weights, Adam moments'
+    effect and every epoch's mean loss."""
+    counts = [9, 4, 13, 1]
+    data = _data(counts)
+    torch.manual_seed(2)
+    model = VAEGenerator(4, 12, 16, 3, learned_variance=likelihood is Likelihood.gaussian)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = VAELoss(5, 0.5, likelihood=likelihood)
+    optimizer = MaskedAdam(list(model.parameters()), 4, lr=0.01)
+    rngs = [torch.Generator().manual_seed(20 + k) for k in range(4)]
+    logs = train_generators(model, optimizer, loss, data, 5, 4, 1.0, rngs, noise_std=0.1)
+    assert [log.steps for log in logs] == [4] * 5
+    torch.testing.assert_close(optimizer.steps, torch.tensor([15.0, 5.0, 20.0, 5.0]))
+    for k, n in enumerate(counts):
+        alone, means = _reference_alone({name: v[k : k + 1] for name, v in initial.items()},
+                                        data.x[k, :n], 5, 4, 20 + k, loss, noise_std=0.1)
+        for name, value in alone.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name][k : k + 1], value,
+                                       rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.stack([log.total[k] for log in logs]),
+                                   torch.tensor(means), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
+    """Both forms of the step (per-generator fused kernels, elementwise ``where``) equal torch's
+    Adam per generator, keep their own step counts, and leave an inactive generator's weights
+    and moments bit for bit as they were, even when its gradient is not finite."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 2, 4))
+    single = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(3)]
+    masked = MaskedAdam([weight], k=3, lr=0.01)
+    masked.fused = fused
+    reference = [torch.optim.Adam([p], lr=0.01) for p in single]
+    for active in ([1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [1, 1, 0]):
+        grads = torch.randn(3, 2, 4)
+        weight.grad = grads.clone()
+        for k in range(3):
+            if not active[k]:
+                weight.grad[k, 0, 0] = float("nan")
+        before = (weight.detach().clone(), masked.m[0].clone(), masked.v[0].clone())
+        masked.step(torch.tensor(active, dtype=torch.bool))
+        for k in range(3):
+            if active[k]:
+                single[k].grad = grads[k].clone()
+                reference[k].step()
+            else:
+                assert torch.equal(weight[k], before[0][k])
+                assert torch.equal(masked.m[0][k], before[1][k])
+                assert torch.equal(masked.v[0][k], before[2][k])
+            torch.testing.assert_close(weight[k], single[k])
+    torch.testing.assert_close(masked.steps, torch.tensor([4.0, 4.0, 3.0]))
+
+
+def _bank_config(**overrides: object) -> GeneratorConfig:
+    settings = {"training_epochs": 4, "hidden_dim": 16, "latent_dim": 3, "batch_size": 4,
+                "lr": 0.01, **overrides}
+    return GeneratorConfig(**settings)
+
+
+def _node(classes: list[int], rows: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[sum(rows), 12]`` of ``classes`` (``rows[i]`` of class ``classes[i]``), shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, 2, generator=g) @ torch.randn(2, 12, generator=g) + c
+          for c, n in zip(classes, rows, strict=True)]
+    y = torch.cat([torch.full((n,), c) for c, n in zip(classes, rows, strict=True)])
+    order = torch.randperm(len(y), generator=g)
+    return torch.cat(xs)[order], y[order]
+
+
+def _banks(config: GeneratorConfig) -> tuple[list[GeneratorBank], list, list]:
+    """Three nodes' banks (per-class, 2, 3 and 1 generators; a unified one of two classes), of
+    unequal sizes; the second bank is at its second training (whole_run schedules differ)."""
+    specs = [GeneratorSpec(["c0", "c1"], [[0], [1]]),
+             GeneratorSpec(["c2", "c3", "c4"], [[2], [3], [4]]),
+             GeneratorSpec(["all"], [[0, 5]])]
+    nodes = [_node([0, 1], [9, 5], 1), _node([2, 3, 4], [3, 14, 7], 2), _node([0, 5], [6, 4], 3)]
+    banks = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(10 + i)
+        banks.append(GeneratorBank(spec, 12, config, 0, torch.device("cpu")))
+    banks[1].trainings = 1
+    return banks, [x for x, _ in nodes], [y for _, y in nodes]
+
+
+def _rngs(banks: list[GeneratorBank]) -> list[list[torch.Generator]]:
+    return [[torch.Generator().manual_seed(100 * i + g) for g in range(bank.model.k)]
+            for i, bank in enumerate(banks)]
+
+
+@pytest.mark.parametrize(("scope", "max_generators", "noise"), [
+    (ScheduleScope.per_round, None, 0.0), (ScheduleScope.whole_run, None, 0.1),
+    (ScheduleScope.whole_run, 2, 0.0), (ScheduleScope.per_round, 4, 0.1)])
+def test_banks_of_several_nodes_train_as_one_as_each_alone(
+        scope: ScheduleScope, max_generators: int | None, noise: float) -> None:
+    """Three nodes' banks (2, 3 and 1 generators, unequal rows, one at its second training so
+    that its whole_run beta schedule is ahead), trained as one stack (or in chunks of at most
+    ``max_generators``, splitting banks), end where each trained alone ends: weights, Adam
+    moments and step counts, and every epoch log (epoch, beta, steps, loss terms)."""
+    config = _bank_config(schedule_scope=scope, augmentation_noise=noise)
+    together, xs, ys = _banks(config)
+    alone = copy.deepcopy(together)
+    loss = vae_loss(config, config.training_epochs)
+    wheres = [f"node {i}, round 2: " for i in range(3)]
+    logs = fit_together(together, xs, ys, [None] * 3, loss, _rngs(together), wheres,
+                        max_generators=max_generators)
+    rngs = _rngs(alone)
+    expected = [bank.fit(x, y, None, loss, r, w)
+                for bank, x, y, r, w in zip(alone, xs, ys, rngs, wheres, strict=True)]
+    for a, b, got, want in zip(together, alone, logs, expected, strict=True):
+        assert (a.trainings, a.dropped) == (b.trainings, b.dropped)
+        for name, value in b.model.state_dict().items():
+            torch.testing.assert_close(a.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+        for mine, theirs in zip(a.optimizer.m + a.optimizer.v, b.optimizer.m + b.optimizer.v,
+                                strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        assert torch.equal(a.optimizer.steps, b.optimizer.steps)
+        assert [(g.epoch, g.beta, g.steps) for g in got] == [
+            (w.epoch, w.beta, w.steps) for w in want]
+        for g, w in zip(got, want, strict=True):
+            for term in ("total", "recon", "kl", "similarity", "mse"):
+                torch.testing.assert_close(getattr(g, term), getattr(w, term),
+                                           rtol=1e-5, atol=1e-5)
+    assert logs[1][0].epoch == (4 if scope is ScheduleScope.whole_run else 0)
+
+
+def test_banks_trained_together_name_the_node_generator_and_epoch_of_a_nan() -> None:
+    """A non-finite loss in the second node's ``c3`` stops the joint training with that node's
+    ``where``, the generator and the epoch; with ``on_nan=drop_generator`` only that generator
+    is dropped, and the others end as they would alone."""
+    config = _bank_config()
+    banks, xs, ys = _banks(config)
+    xs[1] = torch.where((ys[1] == 3)[:, None], torch.tensor(float("inf")), xs[1])
+    loss = vae_loss(config, config.training_epochs)
+    wheres = [f"node {i}, round 2: " for i in range(3)]
+    with pytest.raises(TrainingError, match=r"^node 1, round 2: generator c3, epoch 1: VAE loss "
+                                            r"is (nan|inf); lower generator\.lr"):
+        fit_together(banks, xs, ys, [None] * 3, loss, _rngs(banks), wheres)
+    config = _bank_config(on_nan=OnNan.drop_generator)
+    banks, _, _ = _banks(config)
+    alone = copy.deepcopy(banks)
+    fit_together(banks, xs, ys, [None] * 3, loss, _rngs(banks), wheres)
+    assert [bank.dropped for bank in banks] == [[], ["c3"], []]
+    for a, b, x, y, r, w in zip(banks, alone, xs, ys, _rngs(alone), wheres, strict=True):
+        b.fit(x, y, None, loss, r, w)
+        assert a.dropped == b.dropped
+        for (name, mine), theirs in zip(a.model.state_dict().items(),
+                                        b.model.state_dict().values(), strict=True):
+            keep = [g for g, n in enumerate(a.spec.names) if n not in a.dropped]
+            torch.testing.assert_close(mine[keep], theirs[keep], rtol=1e-4, atol=1e-5,
+                                       msg=name)
+
+
+def test_banks_of_other_shapes_or_settings_are_refused_or_stacked_apart() -> None:
+    config = _bank_config()
+    banks, xs, ys = _banks(config)
+    wide = GeneratorBank(GeneratorSpec(["all"], [[0, 1]]), 12, config, 5, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^node 9: generator banks trained together must "
+                                         r"share \(features, .* differs from node 0 in cond 5 "
+                                         r"\(vs 0\)$"):
+        train_banks([banks[0], wide], xs[:1] * 2, ys[:1] * 2, [None, torch.randn(6, 5)],
+                    vae_loss(config, 4), _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
+    faster = GeneratorBank(GeneratorSpec(["c0"], [[0]]), 12, _bank_config(lr=0.1), 0,
+                           torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"differs from node 0 in lr 0\.1 \(vs 0\.01\)$"):
+        train_banks([banks[0], faster], xs[:1] * 2, ys[:1] * 2, [None] * 2, vae_loss(config, 4),
+                    _rngs([banks[0], faster]), ["node 0: ", "node 1: "])
+    # fit_together stacks banks of each shape apart, each as it would train alone
+    prompts = torch.randn(6, 5)
+    alone = copy.deepcopy(wide)
+    logs = fit_together([banks[0], wide], xs[:1] * 2, ys[:1] * 2, [None, prompts],
+                        vae_loss(config, 4), _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
+    expected = alone.fit(xs[0], ys[0], prompts, vae_loss(config, 4), _rngs([banks[0], wide])[1],
+                         "node 9: ")
+    torch.testing.assert_close(logs[1][-1].total, expected[-1].total)
+    torch.testing.assert_close(wide.model.dec.weight, alone.model.dec.weight)
+
+
+def test_bf16_forward_trains_close_to_fp32_and_keeps_fp32_weights() -> None:
+    """``generator.precision=bf16`` runs the forward pass under bf16 autocast (CPU here): the
+    weights and Adam moments stay fp32, and every epoch's mean loss is within 5% of the fp32
+    run's from the same weights, rows and noise (the reference: the fp32 run in this test,
+    itself checked against plain Adam above)."""
+    logs = {}
+    for precision in Precision:
+        config = _bank_config(precision=precision, likelihood=Likelihood.mse)
+        banks, xs, ys = _banks(config)
+        logs[precision] = banks[1].fit(xs[1], ys[1], None, vae_loss(config, 4),
+                                       _rngs(banks)[1], "node 1: ")
+        assert banks[1].model.enc.weight.dtype == torch.float32
+        assert banks[1].optimizer.m[0].dtype == torch.float32
+        assert all(torch.isfinite(log.total).all() for log in logs[precision])
+    for low, full in zip(logs[Precision.bf16], logs[Precision.fp32], strict=True):
+        torch.testing.assert_close(low.total, full.total, rtol=0.05, atol=0.0)
+    assert not torch.equal(logs[Precision.bf16][-1].total, logs[Precision.fp32][-1].total)
+
+
+def test_generator_precision_is_configured(make_config: Callable[..., DictConfig]) -> None:
+    """``generator.precision`` defaults to fp32; bf16 is accepted for VAEs and refused, in one
+    line naming the key, for the closed-form Gaussian model."""
+    assert validate(make_config()).generator.precision is Precision.fp32
+    assert validate(make_config("generator.precision=bf16")).generator.precision is (
+        Precision.bf16)
+    with pytest.raises(ConfigError) as err:
+        validate(make_config("generator.model=gaussian", "generator.precision=bf16"))
+    assert "generator.precision=bf16" in str(err.value) and "\n" not in str(err.value)

@@ -1,11 +1,19 @@
 """The generator model of ``generator.model``: a VAE bank or the closed-form Gaussian floor,
 built, restored and received through one door so callers never branch on the model."""
 
+from collections.abc import Sequence
+
 import torch
 
 from flcore.config import GeneratorConfig, GeneratorModel
 from flcore.trainmodel.gaussian import GaussianBank
-from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec
+from flcore.trainmodel.generators import (
+    EpochLog,
+    GeneratorBank,
+    GeneratorSpec,
+    VAELoss,
+    train_banks,
+)
 
 Bank = GeneratorBank | GaussianBank
 
@@ -32,3 +40,35 @@ def bank_features(state: dict) -> int:
     if "features" in state:
         return int(state["features"])
     return int(state["model"]["dec_out.weight"].shape[-1])
+
+
+def fit_together(banks: Sequence[Bank], xs: Sequence[torch.Tensor],
+                 labels: Sequence[torch.Tensor], prompts: Sequence[torch.Tensor | None],
+                 loss: VAELoss | None, rngs: Sequence[list[torch.Generator]],
+                 wheres: Sequence[str], max_generators: int | None = None
+                 ) -> list[list[EpochLog]]:
+    """``[bank.fit(xs[i], labels[i], prompts[i], loss, rngs[i], wheres[i]) for each bank]``, with
+    the VAE banks of one shape (features, hidden, latent, cond, learned variance) trained as one
+    stacked model (:func:`~flcore.trainmodel.generators.train_banks`: the same weights, optimizer
+    states and logs as one by one, to float tolerance; at most ``max_generators`` generators at
+    a time, ``None`` for all). Banks of different shapes (a node whose granularity override
+    makes its generators conditional) train as separate stacks; Gaussian banks are fitted one
+    by one (closed form). Returns each bank's epoch logs, in the order of ``banks``."""
+    if not len(xs) == len(labels) == len(prompts) == len(rngs) == len(wheres) == len(banks):
+        raise ValueError(f"fit_together: {len(banks)} banks need as many xs, labels, prompts, "
+                         "rngs and wheres")
+    logs: list[list[EpochLog]] = [[] for _ in banks]
+    stacks: dict[tuple, list[int]] = {}
+    for i, bank in enumerate(banks):
+        if isinstance(bank, GeneratorBank):
+            stacks.setdefault(bank.shape(), []).append(i)
+        else:
+            logs[i] = bank.fit(xs[i], labels[i], prompts[i], loss, rngs[i], wheres[i])
+    for members in stacks.values():
+        trained = train_banks([banks[i] for i in members], [xs[i] for i in members],
+                              [labels[i] for i in members], [prompts[i] for i in members], loss,
+                              [rngs[i] for i in members], [wheres[i] for i in members],
+                              max_generators)
+        for i, bank_logs in zip(members, trained, strict=True):
+            logs[i] = bank_logs
+    return logs

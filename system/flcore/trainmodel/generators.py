@@ -9,7 +9,9 @@ training K generators together equals training each alone.
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from flcore.config import (
     KlReduction,
     Likelihood,
     OnNan,
+    Precision,
     ScheduleScope,
 )
 from flcore.errors import TrainingError
@@ -84,7 +87,7 @@ class VAELossTerms:
     kl: torch.Tensor
     similarity: torch.Tensor
     mse: torch.Tensor
-    beta: float
+    beta: float | torch.Tensor
 
     @property
     def weighted_kl(self) -> torch.Tensor:
@@ -138,9 +141,12 @@ class VAELoss(nn.Module):
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                 logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
-                recon_logvar: torch.Tensor | None = None) -> VAELossTerms:
+                recon_logvar: torch.Tensor | None = None,
+                beta: float | torch.Tensor | None = None) -> VAELossTerms:
         """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
-        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``."""
+        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
+        ``beta`` (a float or one per generator ``[K]``) replaces the schedule's ``beta(epoch)``:
+        generators of several banks trained together may be at different epochs of it."""
         weight = mask.to(x.dtype)
         count = weight.sum(1).clamp(min=1)
 
@@ -156,7 +162,7 @@ class VAELoss(nn.Module):
         kl = kl_per_dim.sum(-1) if self.kl_reduction is KlReduction.sum else kl_per_dim.mean(-1)
         similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
                                                             dim=-1))
-        beta = self.beta(epoch)
+        beta = self.beta(epoch) if beta is None else beta
         if self.likelihood is Likelihood.mse:
             total = mse + beta * kl + self.similarity_weight * similarity
             return VAELossTerms(total, mse, kl, similarity, mse, beta)
@@ -227,11 +233,27 @@ class VAEGenerator(nn.Module):
         return self.decode(z, cond)
 
 
+def _has_fused_adam(device: torch.device) -> bool:
+    """Whether torch has a fused Adam kernel for ``device`` (CPU, CUDA, MPS, ...)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # pragma: no cover - older or newer torch
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 class MaskedAdam:
     """Adam over parameters with a leading generator axis; ``step(active)`` updates only the
-    generators that had data, each with its own step count, so the update equals K independent
-    Adam optimizers. When every generator is active at the same step count (most steps), the
-    step is torch's fused Adam over the shared moment buffers."""
+    generators that had data, each with its own step count and bias corrections, so the update
+    equals K independent Adam optimizers (torch's formulation).
+
+    On an accelerator the step is branch-free and never waits for the host: the active mask
+    and the step counts stay on the device. Where torch has a fused Adam kernel, each
+    generator's slices of the parameters take one fused step with its own step count, skipped
+    inside the kernel (its ``found_inf`` flag, as for AMP's skipped steps) when the generator is
+    inactive. Elsewhere an elementwise form uses ``torch.where`` so inactive generators stay
+    untouched. On the CPU, where reading a flag costs no round trip, a step in which every
+    generator is active at the same count is one fused step over the whole tensors."""
 
     def __init__(self, params: list[nn.Parameter], k: int, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -239,40 +261,55 @@ class MaskedAdam:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(k, device=params[0].device)
-        try:
-            self.uniform = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
-        except RuntimeError:
-            self.uniform = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
-        self._link()
-
-    def _link(self) -> None:
-        """Point the fused optimizer's state at this optimizer's moments (shared storage)."""
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            self.uniform.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": m,
-                                     "exp_avg_sq": v}
+        self.fused = _has_fused_adam(params[0].device)
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
-        """One Adam step (torch's formulation) for the generators where ``active`` is true."""
+        """One Adam step for the generators where ``active [K]`` (bool, on the device) is true."""
+        self.steps += active.to(self.steps.dtype)
+        if self.fused:
+            self._fused_step(active)
+        else:
+            self._elementwise_step(active)
+
+    def _fused_step(self, active: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        n = len(self.params)
+        if self.steps.device.type == "cpu" and bool(active.all()) and bool(
+                (self.steps == self.steps[0]).all()):
+            # On the CPU reading the flags is no device round trip, and one fused step over
+            # whole tensors is several times faster there than K steps over their slices.
+            torch._fused_adam_([p.detach() for p in self.params],
+                               [p.grad for p in self.params], self.m, self.v, [],
+                               [self.steps[0]] * n, lr=self.lr, beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            return
+        skip = (~active).to(self.steps.dtype).unbind(0)
+        steps = self.steps.unbind(0)
+        rows = [t.detach().unbind(0) for t in self.params]
+        grads = [p.grad.unbind(0) for p in self.params]
+        ms = [m.unbind(0) for m in self.m]
+        vs = [v.unbind(0) for v in self.v]
+        for g in range(len(steps)):
+            torch._fused_adam_([r[g] for r in rows], [r[g] for r in grads], [r[g] for r in ms],
+                               [r[g] for r in vs], [], [steps[g]] * n, lr=self.lr, beta1=b1,
+                               beta2=b2, weight_decay=0.0, eps=self.eps, amsgrad=False,
+                               maximize=False, found_inf=skip[g])
+
+    def _elementwise_step(self, active: torch.Tensor) -> None:
         b1, b2 = self.betas
         on = active.to(self.steps.dtype)
-        self.steps += on
-        if bool(active.all()) and bool((self.steps == self.steps[0]).all()):
-            for p in self.params:
-                self.uniform.state[p]["step"].fill_(self.steps[0] - 1)
-            self.uniform.step()
-            return
         t = self.steps.clamp(min=1)
-        step_size = -self.lr * on / (1 - b1**t)
+        step_size = -self.lr / (1 - b1**t)
         inv_sqrt_bc2 = (1 - b2**t).rsqrt()
-        decay1, decay2 = 1 - (1 - b1) * on, 1 - (1 - b2) * on
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             view = (-1,) + (1,) * (p.dim() - 1)
-            g = p.grad
-            m.mul_(decay1.view(view)).add_(g * ((1 - b1) * on).view(view))
-            v.mul_(decay2.view(view)).addcmul_(g, g * ((1 - b2) * on).view(view))
+            keep = active.view(view)
+            g = torch.where(keep, p.grad, 0.0)
+            m.lerp_(g, ((1 - b1) * on).view(view))
+            v.mul_((1 - (1 - b2) * on).view(view)).addcmul_(g, g * ((1 - b2) * on).view(view))
             denom = v.sqrt().mul_(inv_sqrt_bc2.view(view)).add_(self.eps)
-            p.addcdiv_(m * step_size.view(view), denom)
+            p.add_(torch.where(keep, m * step_size.view(view) / denom, 0.0))
 
     def state_dict(self) -> dict[str, object]:
         return {"m": self.m, "v": self.v, "steps": self.steps}
@@ -281,7 +318,6 @@ class MaskedAdam:
         self.m = [t.to(p.device) for t, p in zip(state["m"], self.params, strict=True)]
         self.v = [t.to(p.device) for t, p in zip(state["v"], self.params, strict=True)]
         self.steps = state["steps"].to(self.params[0].device)
-        self._link()
 
 
 def clip_per_generator(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -331,60 +367,77 @@ def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
     return out
 
 
-def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
-                     data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
-                     rngs: list[torch.Generator], epoch_offset: int = 0,
-                     noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
-                     on_nan: OnNan = OnNan.error) -> list[EpochLog]:
-    """Minibatch training of all K generators together; ``rngs[k]`` (on the data's device)
-    drives generator k's shuffling and noise. On a NaN or infinite loss, raises TrainingError
-    naming ``where``, the generator and the epoch, or with ``on_nan=drop_generator`` stops
-    training that generator (its ``data.counts`` entry becomes 0) and goes on with the others."""
+@dataclass
+class _Epoch:
+    """One epoch of a stacked training: 0-based ``epoch`` (without offsets), per-generator means
+    ``[5, K]`` of the loss terms and each generator's rows at the epoch's start (host ints)."""
+
+    epoch: int
+    means: torch.Tensor
+    counts: list[int]
+
+
+def _steps(counts: list[int], batch_size: int) -> int:
+    """Minibatches of an epoch: those of the generator with the most rows (at least one)."""
+    return len(range(0, max(max(counts, default=0), 1), batch_size))
+
+
+def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
+                   data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
+                   rngs: list[torch.Generator], offsets: list[int], noise_std: float,
+                   labels: list[str], on_nan: OnNan, precision: Precision) -> list[_Epoch]:
+    """The training loop of :func:`train_generators`, with a schedule offset per generator
+    (``offsets[k]``: generator k's 0-based epoch is ``epoch + offsets[k]``, so generators of
+    several banks keep their own beta schedules) and ``labels[k]`` naming generator k in errors.
+
+    No host round trip inside the step loop: minibatch sizes come from the host-side
+    ``data.counts`` (read once an epoch), masks, step counts and the non-finite flag stay on the
+    device; the flag is read once, at the end of each epoch."""
     k, n_max, _ = data.x.shape
     device = data.x.device
     params = list(model.parameters())
-    logs = []
-    for epoch in range(epoch_offset, epoch_offset + epochs):
-        order = torch.full((k, n_max), -1, dtype=torch.long)
-        for g in range(k):
-            n = int(data.counts[g])
-            order[g, :n] = torch.randperm(n, generator=rngs[g], device=device).cpu()
-        perms = order.to(device)
+    bf16 = precision is Precision.bf16
+    uniform = len(set(offsets)) == 1
+    out = []
+    for epoch in range(epochs):
+        counts = [int(c) for c in data.counts.tolist()]
+        perms = torch.full((k, n_max), -1, dtype=torch.long, device=device)
+        for g, n in enumerate(counts):
+            perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
+        betas = [loss_fn.beta(epoch + offset) for offset in offsets]
+        beta = betas[0] if uniform else torch.tensor(betas, device=device)
         sums = torch.zeros(5, k, device=device)
         seen = torch.zeros(k, device=device)
-        beta = 0.0
-        steps = 0
-        for start in range(0, max(int(data.counts.max()), 1), batch_size):
-            steps += 1
+        alive = torch.ones(k, dtype=torch.bool, device=device)
+        bad = torch.zeros(k, dtype=torch.bool, device=device)
+        first_value = torch.zeros(k, device=device)
+        first_step = torch.zeros(k, dtype=torch.long, device=device)
+        for step, start in enumerate(range(0, max(max(counts, default=0), 1), batch_size)):
             index = perms[:, start : start + batch_size]
-            mask = index >= 0
+            mask = (index >= 0) & alive[:, None]
             safe = index.clamp(min=0)
             x = torch.gather(data.x, 1, safe[..., None].expand(-1, -1, data.x.shape[-1]))
             cond = (None if data.cond is None else
                     torch.gather(data.cond, 1, safe[..., None].expand(-1, -1,
                                                                         data.cond.shape[-1])))
-            valid = (order[:, start : start + batch_size] >= 0).sum(1).tolist()
+            valid = [min(max(n - start, 0), batch_size) for n in counts]
             noise = _draw(rngs, valid, (model.latent,), index.shape[1], device)
             if noise_std > 0:
                 jitter = _draw(rngs, valid, tuple(x.shape[2:]), index.shape[1], device)
                 x = x + noise_std * jitter
-            recon, mu, logvar = model(x, noise, cond)
-            terms = loss_fn(recon, x, mu, logvar, epoch, mask, model.dec_logvar)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                recon, mu, logvar = model(x, noise, cond)
+            if bf16:
+                recon, mu, logvar = recon.float(), mu.float(), logvar.float()
+            terms = loss_fn(recon, x, mu, logvar, epoch + offsets[0], mask, model.dec_logvar,
+                            beta=beta)
             active = mask.any(1)
-            bad = active & ~torch.isfinite(terms.total)
-            for g in bad.nonzero().flatten().tolist():
-                label = names[g] if names else str(g)
-                message = (f"{where}generator {label}, epoch {epoch + 1}: VAE loss is "
-                           f"{terms.total[g].item()}")
-                if on_nan is OnNan.error:
-                    raise TrainingError(f"{message}; lower generator.lr or set "
-                                        "generator.on_nan=drop_generator")
-                log.warning("%s: dropping the generator (generator.on_nan=drop_generator)",
-                            message)
-                data.counts[g] = 0
-                perms[g] = -1
-                order[g] = -1
-            active = active & ~bad
+            now = active & ~torch.isfinite(terms.total)
+            first_value = torch.where(now, terms.total.detach(), first_value)
+            first_step = torch.where(now, step, first_step)
+            bad |= now
+            alive &= ~now
+            active = active & ~now
             mask = mask & active[:, None]
             for p in params:
                 p.grad = None
@@ -396,10 +449,47 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
             sums += torch.nan_to_num(torch.stack([terms.total, terms.recon, terms.kl,
                                                   terms.similarity, terms.mse]).detach()) * batch
             seen += batch
-            beta = terms.beta
-        means = sums / seen.clamp(min=1)
-        logs.append(EpochLog(epoch, beta, *means, steps=steps))
-    return logs
+        out.append(_Epoch(epoch, sums / seen.clamp(min=1), counts))
+        if bool(bad.any()):  # the one host round trip of an epoch
+            _report_non_finite(bad, first_value, first_step, epoch, offsets, labels, on_nan,
+                               data)
+    return out
+
+
+def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tensor, epoch: int,
+                       offsets: list[int], labels: list[str], on_nan: OnNan,
+                       data: GeneratorData) -> None:
+    """Raise TrainingError for the first generator whose loss was not finite this epoch, or
+    (``on_nan=drop_generator``) warn about each and zero its rows for the epochs to come."""
+    failed = sorted(bad.nonzero().flatten().tolist(), key=lambda g: (int(step[g]), g))
+    for g in failed:
+        message = f"{labels[g]}, epoch {epoch + offsets[g] + 1}: VAE loss is {value[g].item()}"
+        if on_nan is OnNan.error:
+            raise TrainingError(f"{message}; lower generator.lr or set "
+                                "generator.on_nan=drop_generator")
+        log.warning("%s: dropping the generator (generator.on_nan=drop_generator)", message)
+        data.counts[g] = 0
+
+
+def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
+                     data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
+                     rngs: list[torch.Generator], epoch_offset: int = 0,
+                     noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
+                     on_nan: OnNan = OnNan.error,
+                     precision: Precision = Precision.fp32) -> list[EpochLog]:
+    """Minibatch training of all K generators together; ``rngs[k]`` (on the data's device)
+    drives generator k's shuffling and noise. ``data.counts`` stays on the host. On a NaN or
+    infinite loss, raises TrainingError (at the end of that epoch) naming ``where``, the
+    generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
+    from that step on (its ``data.counts`` entry becomes 0) and goes on with the others.
+    ``precision=bf16`` runs the forward pass under bf16 autocast; the loss, the weights and
+    the optimizer stay fp32."""
+    k = data.x.shape[0]
+    labels = [f"{where}generator {names[g] if names else g}" for g in range(k)]
+    epochs_run = _train_stacked(model, optimizer, loss_fn, data, epochs, batch_size, grad_clip,
+                                rngs, [epoch_offset] * k, noise_std, labels, on_nan, precision)
+    return [EpochLog(e.epoch + epoch_offset, loss_fn.beta(e.epoch + epoch_offset), *e.means,
+                     steps=_steps(e.counts, batch_size)) for e in epochs_run]
 
 
 @dataclass
@@ -461,24 +551,20 @@ class GeneratorBank:
     def fit(self, x: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor | None,
             loss: VAELoss, rngs: list[torch.Generator], where: str) -> list[EpochLog]:
         """``generator.training_epochs`` epochs on rows ``x [n, F]`` with class ids ``labels``."""
+        return train_banks([self], [x], [labels], [prompts], loss, [rngs], [where])[0]
+
+    def epoch_offset(self) -> int:
+        """Where this training starts in the beta schedule (``schedule_scope=whole_run``: after
+        the epochs of the bank's earlier trainings)."""
         c = self.config
-        offset = (self.trainings * c.training_epochs
-                  if c.schedule_scope is ScheduleScope.whole_run else 0)
-        data = self.data(x, labels, prompts)
-        for name in self.dropped:
-            data.counts[self.spec.names.index(name)] = 0
-        had_rows = (data.counts > 0).tolist()
-        logs = train_generators(self.model, self.optimizer, loss, data, c.training_epochs,
-                                c.batch_size, c.grad_clip, rngs, offset, c.augmentation_noise,
-                                where, self.spec.names, c.on_nan)
-        # Dropped: a NaN stopped it (its rows were zeroed). A generator without rows this time
-        # (a server generator of a class no sampled node holds) is only idle.
-        self.dropped += [n for n, had, count in zip(self.spec.names, had_rows,
-                                                    data.counts.tolist(), strict=True)
-                         if had and count == 0]
-        self.trainings += 1
-        self._warn_at_variance_floor(where)
-        return logs
+        return (self.trainings * c.training_epochs
+                if c.schedule_scope is ScheduleScope.whole_run else 0)
+
+    def shape(self) -> tuple[int, int, int, int, bool]:
+        """``(features, hidden, latent, cond, learned variance)``: banks of one shape can train
+        as one stacked model."""
+        m = self.model
+        return (m.features, m.enc.weight.shape[-1], m.latent, m.cond, m.dec_logvar is not None)
 
     def _warn_at_variance_floor(self, where: str) -> None:
         """Name each trained generator whose learned decoder variance sits at
@@ -557,6 +643,192 @@ class GeneratorBank:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.trainings, self.dropped = state["trainings"], list(state["dropped"])
+
+
+#: The settings of a bank's training that banks trained together must share.
+_SHARED_SETTINGS = ("training_epochs", "batch_size", "grad_clip", "augmentation_noise", "lr",
+                    "on_nan", "schedule_scope", "precision")
+
+
+def _stack_key(bank: GeneratorBank) -> dict[str, object]:
+    features, hidden, latent, cond, learned = bank.shape()
+    return {"features": features, "hidden": hidden, "latent": latent, "cond": cond,
+            "learned variance": learned, "device": bank.model.enc.weight.device,
+            **{key: getattr(bank.config, key) for key in _SHARED_SETTINGS}}
+
+
+def check_trainable_together(banks: Sequence[GeneratorBank], wheres: Sequence[str]) -> None:
+    """Raise ValueError, naming the first bank that differs from the first one and how, unless
+    all ``banks`` have the same shapes (features, hidden, latent, cond, learned variance),
+    device and training settings (:data:`_SHARED_SETTINGS`)."""
+    ours = _stack_key(banks[0])
+    for bank, where in zip(banks[1:], wheres[1:], strict=True):
+        theirs = _stack_key(bank)
+        if theirs != ours:
+            diff = ", ".join(f"{key} {_plain(theirs[key])} (vs {_plain(ours[key])})"
+                             for key in ours if theirs[key] != ours[key])
+            raise ValueError(
+                f"{where}generator banks trained together must share (features, hidden, latent, "
+                f"cond, learned variance), device and {', '.join(_SHARED_SETTINGS)}; this bank "
+                f"differs from {wheres[0].rstrip(': ') or 'the first'} in {diff}")
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _segments(sizes: list[int], cap: int) -> list[list[tuple[int, int, int]]]:
+    """The generators of banks of ``sizes``, in order, cut into chunks of at most ``cap``:
+    each chunk a list of ``(bank, start, stop)`` slices."""
+    flat = [(i, g) for i, size in enumerate(sizes) for g in range(size)]
+    chunks = []
+    for lo in range(0, len(flat), cap):
+        chunk: list[tuple[int, int, int]] = []
+        for i, g in flat[lo : lo + cap]:
+            if chunk and chunk[-1][0] == i:
+                chunk[-1] = (i, chunk[-1][1], g + 1)
+            else:
+                chunk.append((i, g, g + 1))
+        chunks.append(chunk)
+    return chunks
+
+
+def _concat_data(parts: list[GeneratorData]) -> GeneratorData:
+    """Generators of several :class:`GeneratorData` as one, padded to the longest."""
+    width = max(p.x.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, 0, 0, width - t.shape[1]))
+
+    cond = None if parts[0].cond is None else torch.cat([pad(p.cond) for p in parts])
+    return GeneratorData(torch.cat([pad(p.x) for p in parts]),
+                         torch.cat([p.counts for p in parts]), cond)
+
+
+def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
+                labels: Sequence[torch.Tensor], prompts: Sequence[torch.Tensor | None],
+                loss: VAELoss, rngs: Sequence[list[torch.Generator]], wheres: Sequence[str],
+                max_generators: int | None = None) -> list[list[EpochLog]]:
+    """Train the VAE banks of several nodes as one stacked model: ``bank.fit(xs[i],
+    labels[i], prompts[i], loss, rngs[i], wheres[i])`` for every bank, to float tolerance.
+
+    The banks' generators (weights ``[K_i, ...]``, Adam moments and step counts) are
+    concatenated along the generator axis, at most ``max_generators`` at a time (``None``: all
+    of them; a bank may be split between chunks), trained together, and written back. Each
+    generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order, beta
+    schedule (its bank's ``schedule_scope`` offset) and step counts. Returns each bank's epoch
+    logs as :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
+    bank's ``wheres[i]``, the generator and the epoch (or drops it: ``generator.on_nan``).
+    Banks must share shapes, device and training settings (:func:`check_trainable_together`)."""
+    n = len(banks)
+    if not n:
+        return []
+    for name, seq in (("xs", xs), ("labels", labels), ("prompts", prompts), ("rngs", rngs),
+                      ("wheres", wheres)):
+        if len(seq) != n:
+            raise ValueError(f"train_banks: {n} banks but {len(seq)} {name}")
+    for bank, bank_rngs, where in zip(banks, rngs, wheres, strict=True):
+        if len(bank_rngs) != bank.model.k:
+            raise ValueError(f"{where}{bank.model.k} generators but {len(bank_rngs)} rngs")
+    check_trainable_together(banks, wheres)
+    c = banks[0].config
+    datas = []
+    for bank, x, y, p in zip(banks, xs, labels, prompts, strict=True):
+        data = bank.data(x, y, p)
+        for name in bank.dropped:
+            data.counts[bank.spec.names.index(name)] = 0
+        datas.append(data)
+    had_rows = [(d.counts > 0).tolist() for d in datas]
+    offsets = [bank.epoch_offset() for bank in banks]
+    sizes = [bank.model.k for bank in banks]
+    # means[i][e]: bank i's per-generator means of epoch e, piece by piece (chunk by chunk)
+    means: list[list[list[torch.Tensor]]] = [[[] for _ in range(c.training_epochs)]
+                                             for _ in banks]
+    counts: list[list[list[int]]] = [[[] for _ in range(c.training_epochs)] for _ in banks]
+    for chunk in _segments(sizes, max_generators or sum(sizes)):
+        whole = len(chunk) == 1 and chunk[0][1:] == (0, sizes[chunk[0][0]])
+        if whole:
+            bank = banks[chunk[0][0]]
+            model, optimizer, data = bank.model, bank.optimizer, datas[chunk[0][0]]
+        else:
+            model, optimizer = _stack(banks, chunk, c.lr)
+            data = _concat_data([_slice_data(datas[i], a, b) for i, a, b in chunk])
+        chunk_rngs = [r for i, a, b in chunk for r in rngs[i][a:b]]
+        chunk_offsets = [offsets[i] for i, a, b in chunk for _ in range(a, b)]
+        chunk_labels = [f"{wheres[i]}generator {banks[i].spec.names[g]}"
+                        for i, a, b in chunk for g in range(a, b)]
+        epochs_run = _train_stacked(model, optimizer, loss, data, c.training_epochs,
+                                    c.batch_size, c.grad_clip, chunk_rngs, chunk_offsets,
+                                    c.augmentation_noise, chunk_labels, c.on_nan, c.precision)
+        if not whole:
+            _unstack(banks, chunk, model, optimizer)
+        lo = 0
+        for i, a, b in chunk:
+            if not whole:
+                datas[i].counts[a:b] = data.counts[lo : lo + b - a]
+            for e in epochs_run:
+                means[i][e.epoch].append(e.means[:, lo : lo + b - a])
+                counts[i][e.epoch] += e.counts[lo : lo + b - a]
+            lo += b - a
+    logs = []
+    for i, bank in enumerate(banks):
+        bank_logs = []
+        for e in range(c.training_epochs):
+            epoch = e + offsets[i]
+            bank_logs.append(EpochLog(epoch, loss.beta(epoch), *torch.cat(means[i][e], dim=1),
+                                      steps=_steps(counts[i][e], c.batch_size)))
+        logs.append(bank_logs)
+        # Dropped: a NaN stopped it (its rows were zeroed). A generator without rows this time
+        # (a server generator of a class no sampled node holds) is only idle.
+        bank.dropped += [name for name, had, count in zip(bank.spec.names, had_rows[i],
+                                                          datas[i].counts.tolist(), strict=True)
+                         if had and count == 0]
+        bank.trainings += 1
+        bank._warn_at_variance_floor(wheres[i])
+    return logs
+
+
+def _slice_data(data: GeneratorData, a: int, b: int) -> GeneratorData:
+    return GeneratorData(data.x[a:b], data.counts[a:b].clone(),
+                         None if data.cond is None else data.cond[a:b])
+
+
+def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
+           lr: float) -> tuple[VAEGenerator, MaskedAdam]:
+    """One model and optimizer holding the generators ``chunk`` of ``banks`` (copies)."""
+    first = banks[chunk[0][0]].model
+    features, hidden, latent, cond, learned = banks[chunk[0][0]].shape()
+    k = sum(b - a for _, a, b in chunk)
+    model = VAEGenerator(k, features, hidden, latent, cond, learned).to(first.enc.weight.device)
+    with torch.no_grad():
+        for j, param in enumerate(model.parameters()):
+            param.copy_(torch.cat([list(banks[i].model.parameters())[j][a:b]
+                                   for i, a, b in chunk]))
+    optimizer = MaskedAdam(list(model.parameters()), k, lr)
+    optimizer.load_state_dict({
+        "m": [torch.cat([banks[i].optimizer.m[j][a:b] for i, a, b in chunk])
+              for j in range(len(optimizer.m))],
+        "v": [torch.cat([banks[i].optimizer.v[j][a:b] for i, a, b in chunk])
+              for j in range(len(optimizer.v))],
+        "steps": torch.cat([banks[i].optimizer.steps[a:b] for i, a, b in chunk])})
+    return model, optimizer
+
+
+@torch.no_grad()
+def _unstack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
+             model: VAEGenerator, optimizer: MaskedAdam) -> None:
+    """Write the trained generators ``chunk`` (weights, Adam moments, step counts) back."""
+    lo = 0
+    for i, a, b in chunk:
+        sl = slice(lo, lo + b - a)
+        bank = banks[i]
+        for target, source in zip(bank.model.parameters(), model.parameters(), strict=True):
+            target[a:b] = source[sl]
+        for target, source in zip(bank.optimizer.m + bank.optimizer.v,
+                                  optimizer.m + optimizer.v, strict=True):
+            target[a:b] = source[sl]
+        bank.optimizer.steps[a:b] = optimizer.steps[sl]
+        lo += b - a
 
 
 @dataclass
