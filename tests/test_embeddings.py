@@ -25,6 +25,17 @@ def embed(root: Path, cache: EmbeddingCache, **kwargs) -> tuple[torch.Tensor, bo
     return embed_audio(load_esc50(root), mfcc(**kwargs), cache, batch_size=7, progress=False)
 
 
+def entries(folder: Path) -> list[Path]:
+    """The sharded audio entries (one folder per key) under a cache folder."""
+    return sorted(p for p in folder.iterdir() if p.is_dir())
+
+
+def shard(folder: Path) -> Path:
+    """The one shard of the one audio entry under ``folder`` (30 clips < the shard size)."""
+    [path] = folder.glob("*/shard-*.pt")
+    return path
+
+
 def test_second_call_hits_the_cache_with_identical_tensors(tiny_esc50: Path,
                                                            tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path / "cache")
@@ -33,7 +44,8 @@ def test_second_call_hits_the_cache_with_identical_tensors(tiny_esc50: Path,
     assert (hit1, hit2) == (False, True)
     assert first.shape == (30, 8, 120)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    [entry] = entries(tmp_path / "cache")
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "shard-00000.pt"]
 
 
 def test_changed_encoder_settings_or_data_miss(tiny_esc50: Path, tmp_path: Path) -> None:
@@ -46,7 +58,7 @@ def test_changed_encoder_settings_or_data_miss(tiny_esc50: Path, tmp_path: Path)
     sf.write(victim, 0.5 * np.ones(22050, dtype=np.float32), 44100, subtype="PCM_16")
     _, hit = embed(tiny_esc50, cache)
     assert hit is False
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4
+    assert len(entries(tmp_path / "cache")) == 4
 
 
 def test_crash_mid_write_leaves_no_entry(tiny_esc50: Path, tmp_path: Path,
@@ -60,7 +72,7 @@ def test_crash_mid_write_leaves_no_entry(tiny_esc50: Path, tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         embed(tiny_esc50, cache)
     monkeypatch.undo()
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
     assert embed(tiny_esc50, cache)[1] is False
     assert embed(tiny_esc50, cache)[1] is True
 
@@ -69,7 +81,7 @@ def test_truncated_entry_is_recomputed(tiny_esc50: Path, tmp_path: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
     cache = EmbeddingCache(tmp_path / "cache")
     reference, _ = embed(tiny_esc50, cache)
-    entry = next((tmp_path / "cache").glob("*.pt"))
+    entry = shard(tmp_path / "cache")
     entry.write_bytes(entry.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
         again, hit = embed(tiny_esc50, cache)
@@ -102,7 +114,7 @@ def test_bad_but_loadable_audio_entry_is_recomputed(tiny_esc50: Path, tmp_path: 
                                                     problem: str) -> None:
     cache = EmbeddingCache(tmp_path / "cache")
     reference, _ = embed(tiny_esc50, cache)
-    rewrite_entry(next((tmp_path / "cache").glob("*.pt")), "tokens", change)
+    rewrite_entry(shard(tmp_path / "cache"), "tokens", change)
     with caplog.at_level(logging.WARNING):
         again, hit = embed(tiny_esc50, cache)
     assert hit is False and "bad cache entry" in caplog.text and problem in caplog.text
@@ -115,7 +127,7 @@ def test_entry_that_is_not_a_dict_is_recomputed(tiny_esc50: Path, tmp_path: Path
                                                  caplog: pytest.LogCaptureFixture) -> None:
     cache = EmbeddingCache(tmp_path / "cache")
     reference, _ = embed(tiny_esc50, cache)
-    entry = next((tmp_path / "cache").glob("*.pt"))
+    entry = shard(tmp_path / "cache")
     torch.save(reference, entry)
     with caplog.at_level(logging.WARNING):
         again, hit = embed(tiny_esc50, cache)

@@ -5,14 +5,19 @@ from pathlib import Path
 from flcore.config import DatasetConfig, DatasetName
 from flcore.data import synthetic
 from flcore.data.esc50 import AudioDataset, Clip, load_esc50, load_waveform
+from flcore.data.folder import FolderDataset, check_split, load_folder
 
-__all__ = ["AudioDataset", "Clip", "load_dataset", "load_waveform"]
+__all__ = ["AudioDataset", "Clip", "FolderDataset", "load_dataset", "load_waveform"]
 
 
 def load_dataset(config: DatasetConfig, cache_dir: str | Path,
                  min_seconds: float = 0.0) -> AudioDataset:
     """The dataset the config names (the synthetic one generated on first use); clips shorter
     than ``min_seconds`` are bad files."""
+    if config.name is DatasetName.folder:
+        dataset = load_folder(config.root, config.csv, config.on_bad_file, min_seconds)
+        check_split(dataset, config)
+        return dataset
     if config.name is DatasetName.synthetic:
         if config.root is None:
             root = synthetic.ensure_dataset(Path(cache_dir), config.synthetic)

@@ -1,4 +1,4 @@
-"""On-disk cache of embeddings, keyed by what they were computed from.
+"""On-disk cache of embeddings, keyed by what they were computed from, and the audio pass.
 
 A cache entry's key hashes the dataset's fingerprint (metadata plus each file's name, size and
 modification time) and the encoder's fingerprint (its name, parameters and weights), so a changed
@@ -6,14 +6,26 @@ dataset or encoder setting never reuses a stale entry. Entries are written atomi
 with ``torch.load(weights_only=True)``. A loaded entry is checked as a fresh result would be
 (finite, ``[N, tokens, D]`` for audio); an unreadable or bad entry is a warning and a miss, never
 a crash.
+
+Audio embeddings are stored in shards: ``<cache_dir>/<key>/shard-00000.pt`` holds clips
+``0 .. shard_size - 1`` (in ``dataset.clips`` order), and so on, each written as soon as it is
+computed, then ``manifest.json`` once every shard is there. A killed pass therefore keeps its
+finished shards, and the next pass computes only the missing or bad ones. Shards are computed
+in the run's process (``workers=0``) or in ``workers`` spawned processes that each build the
+encoder once; both give the same tensors (each shard is encoded in the same batches).
 """
 
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +34,10 @@ from tqdm import tqdm
 
 from flcore.config import TextOutput
 from flcore.data.esc50 import AudioDataset, load_waveform
+from flcore.data.folder import FolderDataset
 from flcore.encoders.text import class_prompts
 from flcore.errors import DataError
-from flcore.files import atomic_write_bytes
+from flcore.files import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from flcore.config import Config
@@ -34,9 +47,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+DEFAULT_SHARD_SIZE = 256
+MANIFEST = "manifest.json"
+SHARD_FORMAT = 1
+
+
+def _metadata_bytes(dataset: AudioDataset) -> bytes:
+    """The dataset's metadata: its CSV, or for class folders the sorted class names."""
+    if isinstance(dataset, FolderDataset):
+        if dataset.metadata is not None:
+            return dataset.metadata.read_bytes()
+        return ("class folders\n" + "\n".join(dataset.class_names) + "\n").encode()
+    return (dataset.root / "meta" / "esc50.csv").read_bytes()
+
+
 def dataset_fingerprint(dataset: AudioDataset) -> str:
-    """Hash of the metadata file and every used clip's name, size and mtime (a stat per file)."""
-    digest = hashlib.sha256((dataset.root / "meta" / "esc50.csv").read_bytes())
+    """Hash of the metadata (the CSV, or the class folders' names) and every used clip's name,
+    size and mtime (a stat per file)."""
+    digest = hashlib.sha256(_metadata_bytes(dataset))
     for clip in dataset.clips:
         stat = dataset.path(clip).stat()
         digest.update(f"{clip.filename}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -76,28 +104,63 @@ class EmbeddingCache:
         assert self.folder is not None
         return self.folder / f"{key}.pt"
 
+    def shard_path(self, key: str, index: int) -> Path:
+        """Shard ``index`` of the sharded entry ``key``."""
+        assert self.folder is not None
+        return self.folder / key / f"shard-{index:05d}.pt"
+
+    def manifest_path(self, key: str) -> Path:
+        """The manifest of the sharded entry ``key``, written once all its shards are stored."""
+        assert self.folder is not None
+        return self.folder / key / MANIFEST
+
     def load(self, key: str) -> dict[str, Any] | None:
         """The entry stored under ``key``, or None if absent, disabled or unreadable."""
-        if self.folder is None or not self.path(key).is_file():
+        if self.folder is None:
+            return None
+        return self._read(self.path(key))
+
+    def load_shard(self, key: str, index: int) -> dict[str, Any] | None:
+        """Shard ``index`` of ``key``, or None if absent, disabled or unreadable."""
+        if self.folder is None:
+            return None
+        return self._read(self.shard_path(key, index))
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
             return None
         try:
-            entry = torch.load(self.path(key), map_location="cpu", weights_only=True)
+            entry = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            log.warning("Ignoring unreadable cache entry %s (%s); recomputing", self.path(key), err)
+            log.warning("Ignoring unreadable cache entry %s (%s); recomputing", path, err)
             return None
         if not isinstance(entry, dict):
             log.warning("Ignoring unreadable cache entry %s (a %s, not a dict); recomputing",
-                        self.path(key), type(entry).__name__)
+                        path, type(entry).__name__)
             return None
         return entry
 
-    def store(self, key: str, payload: dict[str, Any]) -> None:
-        """Write ``payload`` atomically under ``key`` (a no-op when disabled)."""
-        if self.folder is None:
-            return
+    @staticmethod
+    def _write(path: Path, payload: dict[str, Any]) -> None:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        atomic_write_bytes(self.path(key), buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def store(self, key: str, payload: dict[str, Any]) -> None:
+        """Write ``payload`` atomically under ``key`` (a no-op when disabled)."""
+        if self.folder is not None:
+            self._write(self.path(key), payload)
+
+    def store_shard(self, key: str, index: int, payload: dict[str, Any]) -> None:
+        """Write shard ``index`` of ``key`` atomically (a no-op when disabled)."""
+        if self.folder is not None:
+            self._write(self.shard_path(key, index), payload)
+
+    def store_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest of ``key`` atomically (a no-op when disabled)."""
+        if self.folder is not None:
+            atomic_write_text(self.manifest_path(key), json.dumps(manifest, indent=1) + "\n")
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -146,31 +209,187 @@ def _cached(cache: EmbeddingCache, key: str, field: str, shape: tuple[int | None
     return entry[field]
 
 
-def embed_audio(dataset: AudioDataset, encoder: "AudioEncoder", cache: EmbeddingCache,
-                batch_size: int, progress: bool = True) -> tuple[torch.Tensor, bool]:
-    """Token sequences ``[N, L, D]`` of every clip (in ``dataset.clips`` order), and whether
-    they came from the cache (an entry is checked as a fresh result is)."""
-    filenames = [clip.filename for clip in dataset.clips]
-    key = cache_key(kind="audio", dataset=dataset_fingerprint(dataset),
-                    encoder=encoder.fingerprint())
-    shape = (len(filenames), encoder.tokens, _audio_dim(encoder))
-    tokens = _cached(cache, key, "tokens", shape, filenames=filenames)
-    if tokens is not None:
-        return tokens, True
+def _encode_files(encoder: "AudioEncoder", paths: list[Path], batch_size: int,
+                  bar: tqdm | None = None) -> torch.Tensor:
+    """Tokens ``[len(paths), L, D]`` of the files, encoded ``batch_size`` at a time."""
     parts = []
-    with tqdm(total=len(filenames), desc=f"{encoder.name} embeddings", unit="clip",
-              disable=None if progress else True) as bar:
-        for batch in _batches(dataset.clips, batch_size):
-            waves = [load_waveform(dataset.path(clip), encoder.sample_rate) for clip in batch]
-            parts.append(encoder.encode(waves))
+    for batch in _batches(paths, batch_size):
+        parts.append(encoder.encode([load_waveform(p, encoder.sample_rate) for p in batch]))
+        if bar is not None:
             bar.update(len(batch))
-    tokens = torch.cat(parts)
-    bad = (~torch.isfinite(tokens)).flatten(1).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise DataError(f"{encoder.name} gave NaN/inf embeddings for {len(bad)} clip(s), e.g. "
-                        f"{dataset.path(dataset.clips[bad[0]])}; check those files")
-    cache.store(key, {"tokens": tokens, "filenames": filenames})
-    return tokens, False
+    return torch.cat(parts)
+
+
+_WORKER_ENCODER: "AudioEncoder | None" = None
+
+
+def _start_worker(build: Callable[[], "AudioEncoder"], threads: int) -> None:
+    """Initializer of an embedding worker process: its thread budget and its encoder, once."""
+    global _WORKER_ENCODER
+    torch.set_num_threads(threads)
+    _WORKER_ENCODER = build()
+
+
+def _worker_shard(paths: list[str], batch_size: int) -> Any:
+    """One shard's tokens, encoded in a worker process (a numpy array: plain pickling, no
+    shared-memory handles)."""
+    assert _WORKER_ENCODER is not None, "the worker's initializer builds the encoder"
+    return _encode_files(_WORKER_ENCODER, [Path(p) for p in paths], batch_size).numpy()
+
+
+def _same(encoder: "AudioEncoder") -> "AudioEncoder":
+    return encoder
+
+
+@dataclass
+class _AudioPass:
+    """One audio embedding pass over ``dataset``: which shards the cache holds, and the rest
+    computed in-process or by worker processes, each stored as soon as it is done."""
+
+    dataset: AudioDataset
+    encoder: "AudioEncoder"
+    cache: EmbeddingCache
+    key: str
+    shard_size: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self.filenames = [clip.filename for clip in self.dataset.clips]
+        n = len(self.filenames)
+        self.ranges = [(a, min(a + self.shard_size, n)) for a in range(0, n, self.shard_size)]
+        self.dim = _audio_dim(self.encoder)
+        self.tokens: torch.Tensor | None = None
+
+    def _put(self, index: int, tokens: torch.Tensor) -> None:
+        start, stop = self.ranges[index]
+        if self.tokens is None:
+            self.tokens = torch.empty((len(self.filenames), *tokens.shape[1:]), dtype=tokens.dtype)
+        self.tokens[start:stop] = tokens
+
+    def load(self, index: int) -> bool:
+        """Take shard ``index`` from the cache if it is there and good (a bad one is a warning)."""
+        entry = self.cache.load_shard(self.key, index)
+        if entry is None:
+            return False
+        start, stop = self.ranges[index]
+        path = self.cache.shard_path(self.key, index)
+        if entry.get("filenames") != self.filenames[start:stop]:
+            log.warning("Ignoring bad cache entry %s (filenames: not the clips %d..%d); "
+                        "recomputing", path, start, stop - 1)
+            return False
+        dim = self.dim or (self.tokens.shape[2] if self.tokens is not None else None)
+        problem = _tensor_problem(entry.get("tokens"), (stop - start, self.encoder.tokens, dim))
+        if problem is not None:
+            log.warning("Ignoring bad cache entry %s (tokens: %s); recomputing", path, problem)
+            return False
+        self._put(index, entry["tokens"])
+        return True
+
+    def finish(self, index: int, tokens: torch.Tensor) -> None:
+        """Check a freshly computed shard, store it, and place it."""
+        start, stop = self.ranges[index]
+        bad = (~torch.isfinite(tokens)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(f"{self.encoder.name} gave NaN/inf embeddings for {len(bad)} clip(s), "
+                            f"e.g. {self.dataset.path(self.dataset.clips[start + bad[0]])}; "
+                            "check those files")
+        self.cache.store_shard(self.key, index, {"tokens": tokens,
+                                                 "filenames": self.filenames[start:stop]})
+        self._put(index, tokens)
+
+    def paths(self, index: int) -> list[Path]:
+        start, stop = self.ranges[index]
+        return [self.dataset.path(clip) for clip in self.dataset.clips[start:stop]]
+
+    def in_process(self, todo: list[int], bar: tqdm) -> None:
+        for index in todo:
+            self.finish(index, _encode_files(self.encoder, self.paths(index), self.batch_size,
+                                             bar))
+
+    def in_workers(self, todo: list[int], workers: int, build: Callable[[], "AudioEncoder"],
+                   bar: tqdm) -> None:
+        """Compute the shards ``todo`` in ``workers`` spawned processes; every finished shard is
+        stored at once. After a failed shard no new shard starts, the running ones are still
+        stored, and the first error is raised; an interrupt keeps the stored shards."""
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = ProcessPoolExecutor(max_workers=workers,
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker, initargs=(build, threads))
+        error: BaseException | None = None
+        try:
+            futures = {pool.submit(_worker_shard, [str(p) for p in self.paths(i)],
+                                   self.batch_size): i for i in todo}
+            for future in as_completed(futures):
+                if future.cancelled():
+                    continue
+                index = futures[future]
+                try:
+                    self.finish(index, torch.from_numpy(future.result()))
+                except Exception as err:
+                    if error is None:
+                        error = err
+                        for other in futures:
+                            other.cancel()
+                    continue
+                start, stop = self.ranges[index]
+                bar.update(stop - start)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        if isinstance(error, BrokenProcessPool):
+            raise RuntimeError(f"an embedding worker process died ({error}), e.g. out of memory: "
+                               "lower embeddings.workers or audio_encoder.batch_size; finished "
+                               "shards are kept and the next run computes only the rest"
+                               ) from error
+        if error is not None:
+            raise error
+
+    def manifest(self) -> dict[str, Any]:
+        assert self.tokens is not None
+        return {"format": SHARD_FORMAT, "encoder": self.encoder.name,
+                "clips": len(self.filenames), "shard_size": self.shard_size,
+                "shape": list(self.tokens.shape),
+                "shards": [self.cache.shard_path(self.key, i).name
+                           for i in range(len(self.ranges))]}
+
+
+def embed_audio(dataset: AudioDataset, encoder: "AudioEncoder", cache: EmbeddingCache,
+                batch_size: int, progress: bool = True, *,
+                shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 0,
+                build_encoder: Callable[[], "AudioEncoder"] | None = None,
+                ) -> tuple[torch.Tensor, bool]:
+    """Token sequences ``[N, L, D]`` of every clip (in ``dataset.clips`` order), and whether
+    they all came from the cache.
+
+    Shards of ``shard_size`` clips that the cache holds (each checked as a fresh result is) are
+    loaded; the rest are computed in this process (``workers=0``, or only one shard to do) or in
+    ``workers`` spawned processes, each building its encoder once with ``build_encoder`` (a
+    picklable callable; default: a copy of ``encoder``), and stored one by one.
+    """
+    if not dataset.clips:
+        raise DataError(f"{dataset.root}: no clips to embed")
+    key = cache_key(kind="audio", dataset=dataset_fingerprint(dataset),
+                    encoder=encoder.fingerprint(), shard_size=shard_size, format=SHARD_FORMAT)
+    job = _AudioPass(dataset, encoder, cache, key, shard_size, batch_size)
+    todo = [i for i in range(len(job.ranges)) if not job.load(i)]
+    if todo:
+        done = len(job.filenames) - sum(b - a for a, b in (job.ranges[i] for i in todo))
+        if done:
+            log.info("Embedding cache %s: %d of %d shards present, computing the other %d",
+                     cache.folder / key if cache.folder else key, len(job.ranges) - len(todo),
+                     len(job.ranges), len(todo))
+        with tqdm(total=len(job.filenames), initial=done, desc=f"{encoder.name} embeddings",
+                  unit="clip", disable=None if progress else True) as bar:
+            if workers > 0 and len(todo) > 1:
+                job.in_workers(todo, min(workers, len(todo)),
+                               build_encoder or partial(_same, encoder), bar)
+            else:
+                job.in_process(todo, bar)
+    if cache.enabled and (todo or not cache.manifest_path(key).is_file()):
+        cache.store_manifest(key, job.manifest())
+    assert job.tokens is not None
+    return job.tokens, not todo
 
 
 def embed_text(class_names: list[str], encoder: "TextEncoder", template: str,
@@ -208,10 +427,19 @@ def encode_dataset(config: "Config", dataset: AudioDataset) -> Embeddings:
     from flcore.encoders.text import build_text_encoder
 
     cache = EmbeddingCache(config.embeddings.cache_dir if config.embeddings.cache else None)
-    audio_encoder = build_audio_encoder(config.audio_encoder, Path(config.cache_dir) / "models")
+    model_dir = Path(config.cache_dir) / "models"
+    audio_encoder = build_audio_encoder(config.audio_encoder, model_dir)
     text_encoder = build_text_encoder(config.text_encoder)
+    workers = config.embeddings.workers
+    # Each worker gets its share of the cores (yamnet's threads=0 would mean all of them each).
+    worker_config = (replace(config.audio_encoder,
+                             threads=max(1, (os.cpu_count() or 1) // workers))
+                     if workers and config.audio_encoder.threads == 0 else config.audio_encoder)
     audio, audio_cached = embed_audio(dataset, audio_encoder, cache,
-                                      config.audio_encoder.batch_size)
+                                      config.audio_encoder.batch_size,
+                                      shard_size=config.embeddings.shard_size, workers=workers,
+                                      build_encoder=partial(build_audio_encoder, worker_config,
+                                                            model_dir))
     text, text_cached = embed_text(dataset.class_names, text_encoder, config.text_encoder.prompt,
                                    cache)
     return Embeddings(audio, text, audio_cached, text_cached)
