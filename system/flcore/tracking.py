@@ -8,6 +8,7 @@ import csv
 import io
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -221,6 +222,20 @@ class Trackers:
                 errors.append(err)
         if errors:
             raise errors[0]
+
+
+def finish_open_runs() -> None:
+    """Finish, as failed, a wandb run that a job left open (its tracker failed to finish).
+    Hydra's joblib launcher runs the next job in the same worker process, which must start
+    without the previous job's run. Never raises: it runs while a job's error is reported."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        log.warning("Finishing wandb run %s, left open by this job", wandb.run.id)
+        wandb.finish(exit_code=1)
+    except Exception as err:
+        log.warning("Could not finish wandb run: %s: %s", type(err).__name__, err)
 
 
 def build_trackers(config: LoggerConfig, job: JobInfo, resolved: dict[str, Any],
