@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -100,3 +101,13 @@ def tiny_esc50(tmp_path: Path) -> Path:
             for target, name in enumerate(["dog", "rain", "siren"])
             for fold in range(1, 6) for take in range(2)]
     return write_esc50(tmp_path / "ESC-50-master", rows)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where CUDA exists."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

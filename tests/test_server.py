@@ -28,9 +28,12 @@ TOKENS, AUDIO_DIM, TEXT_DIM = 4, 8, 16
 # test clips.
 HOLDS = [["a", "b"], ["b", "c"], ["a", "c"]]
 TRAIN = [8, 24, 56]
+# The sequential executor, so that the hand-computed client updates below come from the same
+# arithmetic (tests/test_executors.py checks the batched executor against it).
 BASE = ("logger=none", "audio_encoder=mfcc", "generator=none", "server.adapter_training=fedavg",
         "adapter.hidden_dim=32", "adapter.dropout=0", "adapter.batch_size=16",
-        "adapter.lr=0.01", "federation.local_epochs=2", "federation.rounds=4")
+        "adapter.lr=0.01", "federation.local_epochs=2", "federation.rounds=4",
+        "executor=sequential")
 
 State = dict[str, torch.Tensor]
 

@@ -73,18 +73,18 @@ def test_a_failed_generator_cannot_pull_the_global_adapter_below_fedavg(
     """Node 0's generator collapses on purpose: all its samples are one constant row labelled
     with the wrong class. FedAvg alone, same seed, is the reference."""
     fedavg = quick("federation.rounds=3", "generator=none", folder="fedavg")["final"]
-    original = ClientA2V.train_generators
+    original = ClientA2V.share_generators
 
-    def collapsed(self: ClientA2V, *args, **kwargs) -> tuple[list, SyntheticShare]:
-        logs, share = original(self, *args, **kwargs)
+    def collapsed(self: ClientA2V, *args, **kwargs) -> SyntheticShare:
+        share = original(self, *args, **kwargs)
         if self.node == 0 and share.x is not None:
             wrong = [c for c in share.y.unique().tolist()][::-1]
             share.y = torch.full_like(share.y, wrong[0]) if len(wrong) == 1 else torch.where(
                 share.y == wrong[0], wrong[1], wrong[0])
             share.x = share.x.mean(0, keepdim=True).expand_as(share.x).clone() * 10
-        return logs, share
+        return share
 
-    monkeypatch.setattr(ClientA2V, "train_generators", collapsed)
+    monkeypatch.setattr(ClientA2V, "share_generators", collapsed)
     guarded = quick("federation.rounds=3", folder="guarded")["final"]
     assert guarded["val/acc"] >= fedavg["val/acc"], (guarded["val/acc"], fedavg["val/acc"])
 

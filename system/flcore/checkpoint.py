@@ -20,8 +20,8 @@ from flcore.files import atomic_write_bytes
 # Keys that may change between a run and its resumption: how long it runs, where it logs and
 # caches, on which device, and the resume switch itself.
 RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_dir",
-                     "embeddings.cache", "embeddings.cache_dir", "checkpoint",
-                     "generator.load_from")
+                     "embeddings.cache", "embeddings.cache_dir", "embeddings.workers",
+                     "embeddings.shard_size", "checkpoint", "generator.load_from", "executor")
 
 
 def folder(run_dir: Path) -> Path:

@@ -22,6 +22,7 @@ from flcore.errors import ConfigError
 class DatasetName(str, Enum):
     synthetic = "synthetic"
     esc50 = "esc50"
+    folder = "folder"
 
 
 class SplitKind(str, Enum):
@@ -158,6 +159,19 @@ def default_adapter_training(generators: bool, algorithm: Any) -> str:
     return "fedavg+synthetic" if generators and federated else "fedavg"
 
 
+class Precision(str, Enum):
+    """Arithmetic of a training step's forward pass (parameters and optimizer stay fp32)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ExecutorName(str, Enum):
+    sequential = "sequential"
+    batched = "batched"
+    ray = "ray"
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -187,6 +201,7 @@ class DatasetConfig:
     train_ratio: float = 0.7
     val_ratio: float = 0.1
     on_bad_file: OnBadFile = OnBadFile.error
+    csv: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -223,6 +238,8 @@ class EmbeddingsConfig:
 
     cache: bool = True
     cache_dir: str = "${cache_dir}/embeddings"
+    workers: int = 0
+    shard_size: int = 256
 
 
 @dataclass
@@ -282,6 +299,7 @@ class AdapterConfig:
     batch_size: int = 32
     grad_clip: float = 1.0
     lr_schedule: LrSchedule = LrSchedule.none
+    precision: Precision = Precision.fp32
 
 
 @dataclass
@@ -339,6 +357,7 @@ class GeneratorConfig:
     synthetic_samples_per_class: str = "auto"
     share: ShareMode = ShareMode.samples
     on_nan: OnNan = OnNan.error
+    precision: Precision = Precision.fp32
     load_from: str | None = None
 
 
@@ -385,6 +404,21 @@ class LoggerConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """How a round's client work runs (docs/scaling.md): ``sequential`` (one client after
+    another), ``batched`` (the selected clients as one stacked model, ``clients_per_batch`` at a
+    time) or ``ray`` (batches of clients as Ray tasks, locally or on a cluster)."""
+
+    name: ExecutorName = ExecutorName.batched
+    clients_per_batch: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    address: str | None = None
+    connect_timeout_s: float = 30.0
+    max_retries: int = 1
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -403,6 +437,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -442,6 +477,13 @@ def _check_dataset(d: DatasetConfig) -> None:
             "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
             "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic",
         )
+    if d.name is DatasetName.folder:
+        _require(d.root is not None or d.csv is not None, "dataset.root", d.root,
+                 "dataset.name=folder needs a folder of class folders (dataset.root) or a "
+                 "filename,label[,split][,group] CSV (dataset.csv)")
+    else:
+        _require(d.csv is None, "dataset.csv", d.csv,
+                 "applies to dataset.name=folder only; set dataset=folder or drop it")
     s = d.synthetic
     _require(s.clips_per_class >= 5, "dataset.synthetic.clips_per_class", s.clips_per_class,
              "must be >= 5 (one clip per fold at least)")
@@ -513,6 +555,21 @@ def _check_adapter(a: AdapterConfig) -> None:
     _require(a.grad_clip >= 0, "adapter.grad_clip", a.grad_clip, "must be >= 0 (0 = off)")
 
 
+def _check_executor(x: ExecutorConfig) -> None:
+    _require(x.clients_per_batch >= 1, "executor.clients_per_batch", x.clients_per_batch,
+             "must be >= 1")
+    _require(x.num_cpus > 0, "executor.num_cpus", x.num_cpus, "must be > 0 (fractions allowed)")
+    _require(x.num_gpus >= 0, "executor.num_gpus", x.num_gpus,
+             "must be >= 0 (fractions allowed)")
+    _require(x.connect_timeout_s > 0, "executor.connect_timeout_s", x.connect_timeout_s,
+             "must be > 0")
+    _require(x.max_retries >= 0, "executor.max_retries", x.max_retries, "must be >= 0")
+    _require(x.address is None or x.address == "auto"
+             or re.fullmatch(r"(ray://)?[^:/]\S*:\d+", x.address) is not None,
+             "executor.address", x.address, "must be null (a local Ray), auto (the cluster this "
+             "machine belongs to) or host:port of a Ray head")
+
+
 def _check_federation(f: FederationConfig) -> None:
     _check_rounds(f)
     if f.nodes is not None:
@@ -551,6 +608,9 @@ def _check_generator(g: GeneratorConfig) -> None:
                  "is a VAE loss; generator.model=gaussian is fitted in closed form (drop it)")
         _require(g.free_bits == 0, "generator.free_bits", g.free_bits,
                  "is a VAE loss term; generator.model=gaussian has no latent code (drop it)")
+        _require(g.precision is Precision.fp32, "generator.precision", g.precision,
+                 "applies to VAE training; generator.model=gaussian is fitted in closed form "
+                 "(drop it)")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
@@ -640,8 +700,13 @@ def validate(cfg: DictConfig) -> Config:
     _check_dataset(config.dataset)
     _check_encoders(config.audio_encoder, config.text_encoder)
     config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
+    _require(config.embeddings.workers >= 0, "embeddings.workers", config.embeddings.workers,
+             "must be >= 0 (0 = embed in the run's own process)")
+    _require(config.embeddings.shard_size >= 1, "embeddings.shard_size",
+             config.embeddings.shard_size, "must be >= 1 (clips per cache shard)")
     _check_federation(config.federation)
     _check_adapter(config.adapter)
+    _check_executor(config.executor)
     e = config.eval
     _require(e.generator_every >= 0, "eval.generator_every", e.generator_every,
              "must be >= 0 (0 = never score generators)")

@@ -24,3 +24,7 @@ class CheckpointError(FedA2VError):
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run; the message names the last round and how to resume.
     A KeyboardInterrupt, so that it also stops a sweep instead of moving to the next job."""
+
+
+class ResourceError(FedA2VError):
+    """The machine lacks what the config asks for: device memory, GPUs, a reachable cluster."""

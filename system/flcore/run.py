@@ -421,6 +421,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             signal.signal(signal.SIGTERM, previous_handler)
         results.timings["total_s"] = previous_total + time.perf_counter() - started
         try:
+            if server is not None:
+                server.executor.close()
             if trackers is not None:
                 trackers.finish(failed=results.status != "completed")
         finally:
@@ -432,7 +434,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 def run_job(cfg: DictConfig) -> None:
     """``main.py``'s job: one line on stderr for bad input (exit 1) or an interrupt (exit 130).
     In a sweep (``-m``) a failed job logs its line and returns, so the other jobs still run;
-    :class:`flcore.sweep.SweepReport` lists the failures at the end and exits non-zero."""
+    :class:`flcore.sweep.SweepReport` lists the failures at the end and exits non-zero. Every
+    job ends with its trackers finished and the CUDA cache emptied, for the next job of a
+    launcher that reuses its worker processes (joblib)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -450,3 +454,14 @@ def run_job(cfg: DictConfig) -> None:
         if not sweeping:
             raise
         log.exception("job failed with %s: %s", type(err).__name__, err)
+    finally:
+        # Hydra's joblib launcher runs the next job in this worker process: leave it no open
+        # wandb run and no cached GPU memory.
+        import gc
+
+        from flcore.tracking import finish_open_runs
+
+        finish_open_runs()
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()

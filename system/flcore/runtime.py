@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flcore.config import Precision
 from flcore.errors import ConfigError
 
 
@@ -20,6 +21,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    """The forward pass's autocast context: bf16 arithmetic for ``precision=bf16`` (on CPU as
+    on CUDA), a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=precision is Precision.bf16)
 
 
 def resolve_device(name: str) -> torch.device:

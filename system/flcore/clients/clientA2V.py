@@ -1,15 +1,19 @@
 """The A2V client: trains the audio adapter on its private embeddings and evaluates it."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from flcore.clients.clientbase import (
+    AdapterJob,
     ClientBase,
     LocalUpdate,
+    RoundSpec,
     SharedTensors,
     StateDict,
+    fit,
     proximal_term,
     training_seed,
 )
@@ -19,11 +23,9 @@ from flcore.metrics.generative import evaluate_diversity, evaluate_quality
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, new_bank
 from flcore.trainmodel.generators import (
-    EpochLog,
     SyntheticShare,
     generator_rows,
     generator_spec,
-    vae_loss,
 )
 
 
@@ -43,6 +45,38 @@ def evaluate(model: AudioAdapter, shared: SharedTensors, idx: torch.Tensor) -> d
     """Zero-shot ``acc``, ``balanced_acc``, ``macro_f1``, ``top5`` of ``model`` on clips ``idx``."""
     scores, position = zero_shot(model, shared, idx)
     return classification_metrics(position, scores)
+
+
+def train_adapter(model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss, job: AdapterJob,
+                  spec: RoundSpec) -> LocalUpdate:
+    """One client's local training (:func:`fit`) of ``model`` from ``job.start``: the
+    sequential executor's unit of work and the reference the others are tested against."""
+
+    def step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  key: torch.Tensor) -> torch.Tensor:
+        value = loss(net.embed(x, key), y)
+        if spec.proximal:
+            value = value + proximal_term(net, spec.anchor, spec.mu)
+        return value
+
+    model.load_state_dict(job.start)
+    last, optimizer = fit(model, step_loss, shared.tokens[job.rows], shared.labels[job.rows],
+                          spec.config, spec.epochs, job.seed, job.who, job.optimizer_state)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return LocalUpdate(job.node, state, len(job.rows), last,
+                       optimizer if spec.keep_optimizer else None)
+
+
+@dataclass
+class GeneratorJob:
+    """One node's generator training in a round (see :meth:`ClientA2V.generator_job`)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    prompts: torch.Tensor | None
+    rngs: list[torch.Generator]
+    where: str
+    seed: int
 
 
 class GeneratorEvaluation:
@@ -78,19 +112,17 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
               config: AdapterConfig, epochs: int, round_: int, seed: int,
               anchor: StateDict | None = None, mu: float = 0.0,
               keep_optimizer: bool = False) -> LocalUpdate:
-        """Local training from ``model``'s current weights; FedProx when ``anchor`` is given."""
-
-        def step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            value = loss(net.embed(x), y)
-            if anchor is not None and mu > 0:
-                value = value + proximal_term(net, anchor, mu)
-            return value
-
-        last = self.fit(model, step_loss, shared.tokens[self.train_idx],
-                        shared.labels[self.train_idx], config, epochs, round_, seed,
-                        keep_optimizer)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return LocalUpdate(self.node, state, self.num_train, last)
+        """Local training from ``model``'s current weights; FedProx when ``anchor`` is given.
+        A stateful client (``keep_optimizer``) keeps its optimizer state between rounds."""
+        job = AdapterJob(self.node, self.train_idx, model.state_dict(),
+                         self.optimizer_state if keep_optimizer else None,
+                         training_seed(seed, round_, self.node),
+                         f"node {self.node}, round {round_}")
+        update = train_adapter(model, shared, loss, job,
+                               RoundSpec(config, epochs, anchor, mu, keep_optimizer))
+        if keep_optimizer:
+            self.optimizer_state = update.optimizer_state
+        return update
 
     def new_generators(self, shared: SharedTensors, config: GeneratorConfig) -> Bank:
         """This node's generators, untrained: one per class, per group, or one for all. With
@@ -117,12 +149,11 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
                 source = adapter(source)
         return generator_rows(source, config.sequence_length)
 
-    def train_generators(self, shared: SharedTensors, config: GeneratorConfig, total_epochs: int,
-                         round_: int, seed: int, adapter: AudioAdapter | None = None
-                         ) -> tuple[list[EpochLog], SyntheticShare]:
-        """Train this node's generators on its training embeddings (or on ``adapter``'s outputs);
-        return the epoch logs and what the node shares: synthetic samples with their class ids,
-        or its decoders (``generator.share``). Audio and real embeddings never leave the node."""
+    def generator_job(self, shared: SharedTensors, config: GeneratorConfig, round_: int,
+                      seed: int, adapter: AudioAdapter | None = None) -> GeneratorJob:
+        """What this node's generators train on this round: its training embeddings (or
+        ``adapter``'s outputs), their classes, the class prompts of a conditional bank, and one
+        seeded noise stream per generator. Builds the bank on first use."""
         x = self.generator_inputs(shared, config, adapter)
         labels = shared.labels[self.train_idx]
         self.generators = self.generators or self.new_generators(shared, config)
@@ -130,15 +161,20 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
         base = training_seed(seed, round_, self.node)
         rngs = [torch.Generator(device=x.device).manual_seed(base + g)
                 for g in range(self.generators.model.k)]
-        logs = self.generators.fit(x, labels, prompts, vae_loss(config, total_epochs), rngs,
-                                   where=f"node {self.node}, round {round_}: ")
-        present = labels.unique().tolist()
-        counts = {c: int((labels == c).sum()) if config.synthetic_samples_per_class == "auto"
+        return GeneratorJob(x, labels, prompts, rngs, f"node {self.node}, round {round_}: ",
+                            base)
+
+    def share_generators(self, job: GeneratorJob, config: GeneratorConfig) -> SyntheticShare:
+        """What the node sends after training: synthetic samples with their class ids, or its
+        decoders (``generator.share``). Audio and real embeddings never leave the node."""
+        present = job.labels.unique().tolist()
+        counts = {c: int((job.labels == c).sum()) if config.synthetic_samples_per_class == "auto"
                   else int(config.synthetic_samples_per_class) for c in present}
-        share = SyntheticShare(self.node, counts, torch.Generator().manual_seed(base))
+        share = SyntheticShare(self.node, counts, torch.Generator().manual_seed(job.seed))
+        assert self.generators is not None
         if config.share is ShareMode.decoder:
             share.decoder = self.generators.decoder_package()
         else:
-            centroids = {c: x[labels == c].mean(0) for c in present}
-            share.x, share.y = self.generators.sample(counts, prompts, centroids, share.rng)
-        return logs, share
+            centroids = {c: job.x[job.labels == c].mean(0) for c in present}
+            share.x, share.y = self.generators.sample(counts, job.prompts, centroids, share.rng)
+        return share

@@ -6,6 +6,7 @@ Clients of stateful algorithms (``local``, ``centralized``) also keep their mode
 state between rounds.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from torch import nn
 
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import TrainingError
+from flcore.runtime import autocast
+from flcore.trainmodel.adapters import step_keys
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,6 +41,34 @@ class LocalUpdate:
     state: StateDict
     num_samples: int
     loss: float
+    optimizer_state: dict | None = None
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One selected client's local adapter training in a round."""
+
+    node: int
+    rows: torch.Tensor
+    start: StateDict
+    optimizer_state: dict | None
+    seed: int
+    who: str
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What a round's jobs share: the adapter settings, local epochs and FedProx's anchor."""
+
+    config: AdapterConfig
+    epochs: int
+    anchor: StateDict | None = None
+    mu: float = 0.0
+    keep_optimizer: bool = False
+
+    @property
+    def proximal(self) -> bool:
+        return self.anchor is not None and self.mu > 0
 
 
 def training_seed(seed: int, round_: int, node: int) -> int:
@@ -51,16 +82,34 @@ def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> torch.Tenso
     return mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
 
 
-def seed_torch(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and the device's, for dropout masks. ``torch.manual_seed`` would
-    also queue lazy seeding of every absent accelerator, with a stack capture each time (about
-    1 ms per call on a CPU-only machine)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+def minibatch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
+    """Each epoch's shuffled order of ``n`` rows ``[epochs, n]``, seeded by ``seed`` alone, so
+    every executor draws a client's minibatches alike."""
+    shuffle = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=shuffle) for _ in range(epochs)])
+
+
+def cosine_lr(lr: float, step: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Cosine annealing from ``lr`` to 0 over ``total`` steps, at (0-based) ``step``."""
+    return lr * (1 + torch.cos(torch.pi * step / total)) / 2
+
+
+def flag_nonfinite(loss: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``first`` (NaN-free until a step's loss is not finite) updated by ``loss``: it keeps the
+    first non-finite loss per client, on the device, with no host round trip."""
+    return torch.where(torch.isfinite(first) & ~torch.isfinite(loss), loss.detach(), first)
+
+
+def check_finite(first: torch.Tensor, who: str, epoch: int) -> None:
+    """Raise TrainingError naming ``who`` and ``epoch`` if :func:`flag_nonfinite` caught a loss
+    this epoch (one host round trip an epoch, none a step)."""
+    value = first.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"{who}, epoch {epoch}: adapter loss is {value}; lower "
+                            "adapter.lr or set adapter.grad_clip")
 
 
 def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: torch.Tensor,
@@ -68,28 +117,34 @@ def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: t
         optimizer_state: dict | None = None) -> tuple[float, dict]:
     """Train ``model`` in place with AdamW on seeded minibatches of ``features``; return the last
     epoch's mean loss and the optimizer state. ``seed`` fixes the minibatch order and dropout
-    masks. Raises TrainingError naming ``who`` and the epoch on a NaN or infinite loss."""
-    seed_torch(seed, features.device)
-    shuffle = torch.Generator().manual_seed(seed)
+    masks (``step_loss(model, x, y, key)`` passes ``key`` on to the adapter). Raises
+    TrainingError naming ``who`` and the epoch on a NaN or infinite loss."""
+    device = features.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        # A copy: torch's loaded optimizer would advance the caller's step counters in place.
+        optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr  # each round's schedule starts again from adapter.lr
     n = features.shape[0]
-    steps = epochs * math.ceil(n / config.batch_size)
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    per_epoch = math.ceil(n / config.batch_size)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch)
                 if config.lr_schedule is LrSchedule.cosine else None)
+    orders = minibatch_orders(n, epochs, seed).to(device)
+    keys = (step_keys(seed, torch.arange(epochs * per_epoch)).to(device) if config.dropout > 0
+            else torch.zeros(epochs * per_epoch, dtype=torch.long, device=device))
     model.train()
     epoch_loss = math.nan
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=shuffle).to(features.device)
-        total = torch.zeros((), device=features.device)
-        for start in range(0, n, config.batch_size):
-            batch = order[start : start + config.batch_size]
-            loss = step_loss(model, features[batch], labels[batch])
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{who}, epoch {epoch + 1}: adapter loss is {loss.item()}; "
-                                    "lower adapter.lr or set adapter.grad_clip")
+        total = torch.zeros((), device=device)
+        first = torch.zeros((), device=device)
+        for b, start in enumerate(range(0, n, config.batch_size)):
+            batch = orders[epoch, start : start + config.batch_size]
+            step = epoch * per_epoch + b
+            with autocast(device, config.precision):
+                loss = step_loss(model, features[batch], labels[batch], keys[step : step + 1])
+            first = flag_nonfinite(loss, first)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -98,6 +153,7 @@ def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: t
             if schedule is not None:
                 schedule.step()
             total += loss.detach() * len(batch)
+        check_finite(first, who, epoch + 1)
         epoch_loss = (total / n).item()
     return epoch_loss, optimizer.state_dict()
 
@@ -115,16 +171,3 @@ class ClientBase:
     @property
     def num_train(self) -> int:
         return len(self.train_idx)
-
-    def fit(self, model: nn.Module, step_loss: StepLoss, features: torch.Tensor,
-            labels: torch.Tensor, config: AdapterConfig, epochs: int, round_: int, seed: int,
-            keep_optimizer: bool) -> float:
-        """Local training (see :func:`fit`) seeded by (seed, round, node); a stateful client
-        keeps its optimizer state between rounds."""
-        loss, state = fit(model, step_loss, features, labels, config, epochs,
-                          training_seed(seed, round_, self.node),
-                          f"node {self.node}, round {round_}",
-                          self.optimizer_state if keep_optimizer else None)
-        if keep_optimizer:
-            self.optimizer_state = state
-        return loss

@@ -3,6 +3,7 @@ evaluation."""
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from tqdm import tqdm
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V, GeneratorEvaluation, evaluate, zero_shot
 from flcore.clients.clientbase import (
+    AdapterJob,
+    LocalUpdate,
+    RoundSpec,
     SharedTensors,
     StateDict,
     fit,
@@ -28,6 +32,7 @@ from flcore.config import (
     TrainingData,
 )
 from flcore.errors import ConfigError
+from flcore.executors import build_executor
 from flcore.metrics.classification import (
     classification_metrics,
     confusion_matrix,
@@ -73,6 +78,17 @@ def _clone(state: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def _offload(tree: Any) -> Any:
+    """Tensors of a state (or optimizer state) moved to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _offload(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_offload(v) for v in tree]
+    return tree
+
+
 def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
     """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
     are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
@@ -108,6 +124,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                                   config.adapter).to(shared.tokens.device)
         self.global_state = _clone(self.model.state_dict())
         self.loss = AdapterLoss(config.adapter, shared.prompts, shared.label_space)
+        self.executor = build_executor(config, shared, self.loss, self.model)
         if self.strategy.stateful:
             for client in clients:
                 client.model_state = _clone(self.global_state)
@@ -138,24 +155,22 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 and (round_ % every == 0 or round_ == self.config.federation.rounds))
 
     def train_round(self, round_: int, selected: list[ClientA2V]) -> dict[str, float]:
-        f = self.config.federation
         strategy = self.strategy
         strategy.begin_round()
         losses: list[float] = []
         generator_round = self.is_generator_round(round_)
         generator_logs: dict[int, list[EpochLog]] = {}
-        for client in tqdm(selected, desc=f"round {round_}", unit="client", leave=False,
-                           disable=None):
-            if strategy.trains_clients:
-                self.model.load_state_dict(strategy.start(self, client))
-                update = client.train(self.model, self.shared, self.loss, self.config.adapter,
-                                      f.local_epochs, round_, self.config.seed,
-                                      anchor=strategy.anchor(self), mu=f.fedprox_mu,
-                                      keep_optimizer=strategy.stateful)
+        trained: dict[int, StateDict] = {}
+        if strategy.trains_clients:
+            keep = (generator_round
+                    and self.config.generator.training_data is TrainingData.adapter_output)
+            for client, update in self.train_adapters(round_, selected):
                 strategy.accept(self, client, update)
                 losses.append(update.loss)
-            if generator_round:
-                self.train_client_generators(client, round_, generator_logs)
+                if keep:
+                    trained[client.node] = update.state
+        if generator_round:
+            self.train_client_generators(selected, round_, generator_logs, trained)
         strategy.conclude(self)
         metrics = {"train/clients": float(len(selected))}
         if losses:
@@ -177,26 +192,56 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             metrics.update(self.evaluate_all())
         return metrics
 
-    def train_client_generators(self, client: ClientA2V, round_: int,
-                                logs: dict[int, list[EpochLog]]) -> None:
-        """Train a client's generators (on its audio embeddings, or on the outputs of the adapter
-        it just trained, in ``self.model``) and keep what it shares."""
+    def train_adapters(self, round_: int, selected: list[ClientA2V]
+                       ) -> Iterator[tuple[ClientA2V, LocalUpdate]]:
+        """The selected clients' local training by the executor, each from the start the
+        strategy gives it; a stateful client keeps its optimizer state (on the CPU when the run
+        is on a GPU, so idle clients hold no device memory)."""
+        f, strategy = self.config.federation, self.strategy
+        jobs = [AdapterJob(c.node, c.train_idx, strategy.start(self, c),
+                           c.optimizer_state if strategy.stateful else None,
+                           training_seed(self.config.seed, round_, c.node),
+                           f"node {c.node}, round {round_}") for c in selected]
+        spec = RoundSpec(self.config.adapter, f.local_epochs, strategy.anchor(self),
+                         f.fedprox_mu, strategy.stateful)
+        updates = self.executor.train_adapters(jobs, spec)
+        for client, update in tqdm(zip(selected, updates, strict=True), total=len(selected),
+                                   desc=f"round {round_}", unit="client", leave=False,
+                                   disable=None):
+            if strategy.stateful:
+                update.state = _offload(update.state)
+                client.optimizer_state = _offload(update.optimizer_state)
+            yield client, update
+
+    def train_client_generators(self, selected: list[ClientA2V], round_: int,
+                                logs: dict[int, list[EpochLog]],
+                                trained: dict[int, StateDict]) -> None:
+        """Train the selected clients' generators by the executor (on their audio embeddings,
+        or on the outputs of the adapters they just trained, ``trained``) and keep what each
+        shares."""
         tic = time.perf_counter()
-        adapter = (self.model if self.config.generator.training_data is TrainingData.adapter_output
-                   else None)
-        epochs, share = client.train_generators(
-            self.shared, self.config.generator, self.generator_epochs, round_, self.config.seed,
-            adapter)
-        if epochs:
-            logs[client.node] = epochs
-        x, y = self.receive(share)
+        g = self.config.generator
+        jobs = []
+        for client in selected:
+            adapter = None
+            if g.training_data is TrainingData.adapter_output:
+                self.model.load_state_dict(trained.get(client.node)
+                                           or self.strategy.start(self, client))
+                adapter = self.model
+            jobs.append(client.generator_job(self.shared, g, round_, self.config.seed, adapter))
+        banks = [client.generators for client in selected]
+        epochs = self.executor.train_generators(banks, jobs, vae_loss(g, self.generator_epochs))
+        for client, job, client_epochs in zip(selected, jobs, epochs, strict=True):
+            if client_epochs:
+                logs[client.node] = client_epochs
+            x, y = self.receive(client.share_generators(job, g))
+            if labels_by_centroid(client.generators):
+                self.report_label_shares(client.node, y)
+            if len(x):
+                self.synthetic[client.node] = (x, y)
+            else:
+                self.synthetic.pop(client.node, None)
         self.generator_seconds += time.perf_counter() - tic
-        if labels_by_centroid(client.generators):
-            self.report_label_shares(client.node, y)
-        if len(x):
-            self.synthetic[client.node] = (x, y)
-        else:
-            self.synthetic.pop(client.node, None)
 
     def report_label_shares(self, node: int, y: torch.Tensor) -> None:
         """Log the share of a node's centroid-labelled draws per class: a collapsed generator
@@ -266,8 +311,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                  stream: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
         """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``;
         with ``anchor``, plus the proximal pull ``mu / 2 * ||w - anchor||^2``."""
-        def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            value = self.loss(net.embed(xb), yb)
+        def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+            value = self.loss(net.embed(xb, key), yb)
             if anchor is not None and mu > 0:
                 value = value + proximal_term(net, anchor, mu)
             return value
@@ -366,8 +412,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         targets = total[keep] / count[keep, None]
         a = self.config.adapter
 
-        def step_loss(net: torch.nn.Module, xb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            out, target = net.embed(xb), targets[rows]
+        def step_loss(net: torch.nn.Module, xb: torch.Tensor, rows: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+            out, target = net.embed(xb, key), targets[rows]
             cosine = 1 - torch.nn.functional.cosine_similarity(out, target, dim=-1).mean()
             return a.mse_weight * torch.nn.functional.mse_loss(out, target) + (
                 a.cosine_weight * cosine)

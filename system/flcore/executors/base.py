@@ -1,0 +1,45 @@
+"""The interface every executor implements.
+
+An executor trains the round's selected clients' adapters from the weights the strategy chose
+and hands back one :class:`~flcore.clients.clientbase.LocalUpdate` per
+:class:`~flcore.clients.clientbase.AdapterJob`, in job order. What a
+job carries is small: index tensors into the shared embeddings, a start state, a seed. So an
+executor that ships work elsewhere (Ray) sends tensors, never client objects.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.trainmodel.banks import Bank
+from flcore.trainmodel.generators import EpochLog, VAELoss
+
+if TYPE_CHECKING:
+    from flcore.clients.clientA2V import GeneratorJob
+
+
+class Executor(ABC):
+    """Runs a round's client work on the shared embeddings."""
+
+    def __init__(self, shared: SharedTensors) -> None:
+        self.shared = shared
+
+    @abstractmethod
+    def train_adapters(self, jobs: Sequence[AdapterJob], spec: RoundSpec
+                       ) -> Iterator[LocalUpdate]:
+        """Train each job's adapter; yield the updates in job order."""
+
+    def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
+                         loss: VAELoss | None) -> list[list[EpochLog]]:
+        """Train each node's generator bank on its job; each bank's epoch logs, in order. By
+        default one bank after another."""
+        return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
+                for bank, job in zip(banks, jobs, strict=True)]
+
+    def close(self) -> None:
+        """Release what the executor holds: workers, and the device memory torch caches."""
+        if self.shared.tokens.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,21 @@
+"""One client after another through one adapter module: the reference executor."""
+
+from collections.abc import Iterator, Sequence
+
+from flcore.clients.clientA2V import train_adapter
+from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.executors.base import Executor
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+
+
+class Sequential(Executor):
+    """Trains each job in turn with :func:`~flcore.clients.clientA2V.train_adapter`."""
+
+    def __init__(self, shared: SharedTensors, loss: AdapterLoss, model: AudioAdapter) -> None:
+        super().__init__(shared)
+        self.loss, self.model = loss, model
+
+    def train_adapters(self, jobs: Sequence[AdapterJob], spec: RoundSpec
+                       ) -> Iterator[LocalUpdate]:
+        for job in jobs:
+            yield train_adapter(self.model, self.shared, self.loss, job, spec)
