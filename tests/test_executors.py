@@ -234,3 +234,16 @@ def test_on_a_gpu_the_step_loop_makes_no_host_round_trip() -> None:
         torch.cuda.set_sync_debug_mode("default")
     waits = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(waits) < steps, [str(w.message) for w in waits[:5]]
+
+
+def test_deterministic_kernels_run_the_batched_executor(run_config) -> None:
+    """``deterministic=true`` switches torch to deterministic kernels only (an op without one
+    would raise); a batched run with generators goes through, and repeats itself."""
+    try:
+        finals = [run_config("logger=[csv]", "audio_encoder=mfcc", "federation.rounds=1",
+                             "generator.training_epochs=2", "checkpoint.every=0",
+                             "deterministic=true", folder=f"run{i}")["final"] for i in range(2)]
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert finals[0] == finals[1]

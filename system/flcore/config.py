@@ -426,6 +426,7 @@ class Config:
     seed: int = 0
     resume: bool = False
     device: str = "auto"
+    deterministic: bool = False
     cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)

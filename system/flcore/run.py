@@ -40,7 +40,7 @@ from flcore.files import (
     write_json,
 )
 from flcore.metrics.classification import save_confusion_png
-from flcore.runtime import environment, resolve_device, seed_everything
+from flcore.runtime import environment, resolve_device, seed_everything, set_determinism
 from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
 from flcore.sweep import short_name, swept_keys
@@ -304,6 +304,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         require_writable_dir(Path(config.cache_dir), "cache_dir", env="FEDA2V_CACHE_DIR")
         require_writable_dir(job.run_dir, "hydra.run.dir")
         seed_everything(config.seed)
+        set_determinism(config.deterministic)
         device = resolve_device(config.device)
         results.environment = environment(device, overrides)
         resumed = None

@@ -1,5 +1,6 @@
 """Seeds, devices and a record of the software a run used."""
 
+import os
 import platform
 import random
 import subprocess
@@ -21,6 +22,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """``deterministic=true``: torch's deterministic kernels only (an error names any op without
+    one), no cuDNN autotuning and no TF32 matmuls, and the cuBLAS workspace setting CUDA needs
+    for reproducible matmuls (set before CUDA starts). ``false`` leaves torch's defaults."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast(device: torch.device, precision: Precision) -> torch.autocast:
