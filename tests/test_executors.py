@@ -247,3 +247,11 @@ def test_deterministic_kernels_run_the_batched_executor(run_config) -> None:
     finally:
         torch.use_deterministic_algorithms(False)
     assert finals[0] == finals[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_gpus_that_do_not_exist_are_refused_before_any_data_is_read(run_config) -> None:
+    with pytest.raises(ResourceError, match=r"executor\.num_gpus=0\.5: this machine has no CUDA "
+                                            r"GPU"):
+        run_config("logger=[csv]", "executor=ray", "executor.num_gpus=0.5", "dataset=folder",
+                   "dataset.root=/nonexistent/collection")

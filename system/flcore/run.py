@@ -33,6 +33,7 @@ from flcore.data.embeddings import dataset_fingerprint, encode_dataset
 from flcore.data.partition import Partition, build_partition
 from flcore.encoders.audio import min_clip_seconds
 from flcore.errors import CheckpointError, ConfigError, FedA2VError, RunInterrupted
+from flcore.executors import check_executor
 from flcore.files import (
     atomic_write_text,
     remove_stale_temporaries,
@@ -306,6 +307,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         seed_everything(config.seed)
         set_determinism(config.deterministic)
         device = resolve_device(config.device)
+        check_executor(config)
         results.environment = environment(device, overrides)
         resumed = None
         if resume:

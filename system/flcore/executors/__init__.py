@@ -1,9 +1,23 @@
 """How a round's client work runs: one client after another, as one batched model, or on Ray."""
 
+import torch
+
 from flcore.clients.clientbase import SharedTensors
 from flcore.config import Config, ExecutorName
+from flcore.errors import ResourceError
 from flcore.executors.base import Executor
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+
+
+def check_executor(config: Config) -> None:
+    """Refuse, before any data is read, an executor that asks for GPUs this machine lacks (a
+    cluster's GPUs are checked when the Ray executor joins it)."""
+    x = config.executor
+    if (x.name is ExecutorName.ray and x.num_gpus > 0 and x.address is None
+            and not torch.cuda.is_available()):
+        raise ResourceError(f"executor.num_gpus={x.num_gpus:g}: this machine has no CUDA GPU; "
+                            "set executor.num_gpus=0, or point executor.address at a Ray "
+                            "cluster with GPUs")
 
 
 def build_executor(config: Config, shared: SharedTensors, loss: AdapterLoss,

@@ -28,6 +28,7 @@ import torch
 from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
+from flcore.executors import check_executor
 from flcore.executors.base import Executor
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, fit_together
@@ -267,10 +268,7 @@ class RayExecutor(Executor):
         self.owns_ray = False
         self.shared_box: list | None = None
         x, tic = self.x, time.perf_counter()
-        if x.num_gpus > 0 and x.address is None and not torch.cuda.is_available():
-            raise ResourceError(f"executor.num_gpus={x.num_gpus:g}: this machine has no CUDA "
-                                "GPU; set executor.num_gpus=0, or point executor.address at a "
-                                "Ray cluster with GPUs")
+        check_executor(config)
         if ray.is_initialized():
             log.info("executor=ray: using the Ray this process already joined")
         elif x.address is None:
