@@ -131,6 +131,26 @@ def _file_problem(path: Path, min_seconds: float) -> str | None:
     return None
 
 
+def screen_files(clips: list[Clip], folder: Path, on_bad_file: OnBadFile,
+                 min_seconds: float) -> tuple[list[Clip], dict[str, str]]:
+    """The clips whose files under ``folder`` are usable, and the problem of each skipped one;
+    with ``on_bad_file=error`` the first bad file is a DataError naming it."""
+    kept, skipped = [], {}
+    for clip in clips:
+        problem = _file_problem(folder / clip.filename, min_seconds)
+        if problem is None:
+            kept.append(clip)
+        elif on_bad_file is OnBadFile.error:
+            raise DataError(f"{folder / clip.filename}: {problem}; fix or remove it, or set "
+                            "dataset.on_bad_file=skip to leave it out")
+        else:
+            skipped[clip.filename] = problem
+    if skipped:
+        log.warning("Skipped %d unusable file(s) of %s (dataset.on_bad_file=skip): %s",
+                    len(skipped), folder, ", ".join(list(skipped)[:5]))
+    return kept, skipped
+
+
 def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
                min_seconds: float = 0.0) -> AudioDataset:
     """Read the metadata under ``root`` and check every listed WAV file's header; a clip shorter
@@ -140,19 +160,7 @@ def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
         raise DataError(f"dataset.root={root}: folder not found; " + HOW_TO_GET)
     clips = _read_metadata(root)
     class_names = _class_names(clips, root / "meta" / "esc50.csv")
-    kept, skipped = [], {}
-    for clip in clips:
-        problem = _file_problem(root / "audio" / clip.filename, min_seconds)
-        if problem is None:
-            kept.append(clip)
-        elif on_bad_file is OnBadFile.error:
-            raise DataError(f"{root / 'audio' / clip.filename}: {problem}; fix or remove it, "
-                            "or set dataset.on_bad_file=skip to leave it out")
-        else:
-            skipped[clip.filename] = problem
-    if skipped:
-        log.warning("Skipped %d unusable file(s) of %s (dataset.on_bad_file=skip): %s",
-                    len(skipped), root, ", ".join(list(skipped)[:5]))
+    kept, skipped = screen_files(clips, root / "audio", on_bad_file, min_seconds)
     if not kept:
         raise DataError(f"dataset.root={root}: no usable clips")
     return AudioDataset(root=root, clips=kept, class_names=class_names, skipped=skipped)

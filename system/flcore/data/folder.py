@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flcore.config import DatasetConfig, OnBadFile, SplitKind
-from flcore.data.esc50 import AudioDataset, Clip, _file_problem
+from flcore.data.esc50 import AudioDataset, Clip, screen_files
 from flcore.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -146,19 +146,7 @@ def load_folder(root: str | Path | None, csv_path: str | Path | None = None,
         has_splits = False
     else:
         clips, classes, has_splits = _csv_clips(meta)
-    kept, skipped = [], {}
-    for clip in clips:
-        problem = _file_problem(folder / clip.filename, min_seconds)
-        if problem is None:
-            kept.append(clip)
-        elif on_bad_file is OnBadFile.error:
-            raise DataError(f"{folder / clip.filename}: {problem}; fix or remove it, or set "
-                            "dataset.on_bad_file=skip to leave it out")
-        else:
-            skipped[clip.filename] = problem
-    if skipped:
-        log.warning("Skipped %d unusable file(s) of %s (dataset.on_bad_file=skip): %s",
-                    len(skipped), folder, ", ".join(list(skipped)[:5]))
+    kept, skipped = screen_files(clips, folder, on_bad_file, min_seconds)
     used = {clip.target for clip in kept}
     empty = [name for t, name in enumerate(classes) if t not in used]
     if empty:

@@ -212,7 +212,7 @@ class Batched(Executor):
         dtype = params[self.names[0]].dtype
         active = plan.active.to(dtype)
         sizes = torch.tensor([len(job.rows) for job in jobs], device=device)
-        dropout = self.model.dropout if self.model.dropout > 0 else 0.0
+        dropout = self.model.dropout
         epoch_loss = torch.full((len(jobs),), math.nan, device=device)
         for epoch in range(spec.epochs):
             total = torch.zeros(len(jobs), device=device)
