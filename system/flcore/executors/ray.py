@@ -365,15 +365,11 @@ class RayExecutor(Executor):
         refs = [_remote_train_batch.options(**options).remote(
                     self.shared_box, pack_jobs(batch), spec_ref, self.threads, crash_marker)
                 for batch in batches]
-        done = 0
-        try:
-            for batch, ref in zip(batches, refs, strict=True):
-                updates = unpack_updates(self._get(ref, batch), device)
-                done += 1
-                yield from updates
-        finally:
-            for ref in refs[done:]:  # the rest of a round that failed or was abandoned
-                ray.cancel(ref)
+        # The rest of a round that fails is left to finish and dropped, not cancelled:
+        # cancelling a task whose reply is in flight aborts the driver in Ray 2.60
+        # ("Tried to complete task that was not pending").
+        for batch, ref in zip(batches, refs, strict=True):
+            yield from unpack_updates(self._get(ref, batch), device)
 
     def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
                          loss: VAELoss | None) -> list[list[EpochLog]]:
