@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from flcore.config import Config, Granularity, validate
+from flcore.config import Config, Granularity, PipelineName, validate
 from flcore.errors import ConfigError
 
 EXPERIMENT_DIR = Path(__file__).parents[1] / "configs" / "experiment"
@@ -27,8 +27,19 @@ def test_default_config_validates(make_config: Callable[..., DictConfig]) -> Non
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(make_config: Callable[..., DictConfig], experiment: str,
                                    tmp_path: Path) -> None:
-    config = validate(make_config(f"+experiment={experiment}", f"dataset.root={tmp_path}"))
+    """Rendering experiments take the pipeline's folder from the command line."""
+    config = validate(make_config(f"+experiment={experiment}", f"dataset.root={tmp_path}",
+                                  f"images.path={tmp_path}"))
     assert config.name == experiment
+    if config.images.pipeline is not PipelineName.none:
+        assert config.text_encoder.path == str(tmp_path)
+
+
+@pytest.mark.parametrize("experiment", ["synthetic_sd", "synthetic_flux"])
+def test_rendering_experiments_ask_for_the_pipeline(make_config: Callable[..., DictConfig],
+                                                    experiment: str) -> None:
+    with pytest.raises(ConfigError, match=r"^images\.path=None: images\.pipeline=\w+ needs"):
+        validate(make_config(f"+experiment={experiment}"))
 
 
 def test_esc50_experiment_uses_the_five_categories(make_config: Callable[..., DictConfig]) -> None:
@@ -43,6 +54,9 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
     assert validate(make_config("logger=[csv]")).logger.wandb is None
     none = validate(make_config("logger=none")).logger
     assert none.csv is None and none.wandb is None
+
+
+SD = ["images=sd", "images.path=/models/sd", "text_encoder=clip", "text_encoder.output=sequence"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -73,7 +87,25 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
     (["federation.algorithm=local", "server.adapter_training=synthetic"],
      "applies to federation.algorithm=federated only"),
     (["adapter.loss=l1"], "adapter.loss=l1: must be one of mse, cosine, mse+cosine, contrastive"),
-    (["text_encoder.output=sequence"], "text_encoder.output=sequence: federated training"),
+    (["images=sd"], "images.pipeline=sd: it is conditioned on CLIP token sequences (77 x 768 "
+     "for SD 1.x), which text_encoder=minilm text_encoder.output=pooled does not produce; use "
+     "text_encoder=clip text_encoder.output=sequence"),
+    (["images=sd", "text_encoder=clip"], "text_encoder=clip text_encoder.output=pooled does not"),
+    (["images=flux", "text_encoder=clip", "text_encoder.output=sequence"],
+     "images.pipeline=flux: it is conditioned on a CLIP pooled embedding and T5 token "
+     "sequences, which text_encoder=clip text_encoder.output=sequence does not produce; use "
+     "text_encoder=clip_t5"),
+    (["images=sd", "text_encoder=clip", "text_encoder.output=sequence"],
+     "images.path=None: images.pipeline=sd needs the pipeline's weights"),
+    ([*SD, "text_encoder.max_length=64"],
+     "text_encoder.max_length=64: images.pipeline=sd attends to 77 CLIP tokens"),
+    ([*SD, "images.height=100"], "images.height=100: must be a multiple of 8"),
+    ([*SD, "images.splits=[train]"], "images.splits=[train]: must be a non-empty list"),
+    ([*SD, "images.log_limit=51"], "images.log_limit=51: must be in [0, 50]"),
+    ([*SD, "images.source=synthetic", "generator=none"],
+     "images.source=synthetic: renders generator samples of audio embeddings"),
+    ([*SD, "images.judge_prompt=photo"], "images.judge_prompt='photo': must contain {name}"),
+    (["adapter.sequence_weight=-1"], "adapter.sequence_weight=-1.0: must be >= 0"),
     (["seed=-1"], "seed=-1: must be >= 0"),
     (["device=gpu"], "device=gpu: must be auto, cpu, cuda or cuda:N"),
     (["dataset=esc50"], "dataset.root=None: dataset.name=esc50 needs the ESC-50 folder"),
@@ -223,7 +255,7 @@ def test_unknown_encoder_lists_the_available_ones(make_config: Callable[..., Dic
     assert all(name in str(err.value) for name in ("yamnet", "mfcc", "ast"))
     with pytest.raises(ConfigCompositionException) as chained:
         make_config("text_encoder.name=t5")
-    assert "expected one of [minilm, clip]" in _chain(chained.value)
+    assert "expected one of [minilm, clip, clip_t5]" in _chain(chained.value)
 
 
 def test_unknown_experiment_lists_the_available_ones(

@@ -139,13 +139,13 @@ def test_bad_but_loadable_text_entry_is_recomputed(tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     cache = EmbeddingCache(tmp_path)
     encoder = MiniLMEncoder(TextEncoderConfig())
-    reference, _ = embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)
+    reference = embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)[0].pooled
     entry = next(tmp_path.glob("*.pt"))
     rewrite_entry(entry, "embeddings", lambda t: t.fill_(float("inf")))
     with caplog.at_level(logging.WARNING):
         again, hit = embed_text(["dog", "rain"], encoder, "the sound of {name}", cache)
     assert hit is False and "embeddings: NaN/inf values" in caplog.text
-    torch.testing.assert_close(again, reference)
+    torch.testing.assert_close(again.pooled, reference)
     rewrite_entry(entry, "embeddings", lambda t: t[:1])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -179,6 +179,6 @@ def test_text_embeddings_are_cached_per_prompt_template(tmp_path: Path) -> None:
     second, hit2 = embed_text(names, encoder, "the sound of {name}", cache)
     other, hit3 = embed_text(names, encoder, "a recording of {name}", cache)
     assert (hit1, hit2, hit3) == (False, True, False)
-    assert first.shape == (2, 384)
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert not torch.allclose(first, other)
+    assert first.pooled.shape == (2, 384)
+    torch.testing.assert_close(first.pooled, second.pooled, rtol=0, atol=0)
+    assert not torch.allclose(first.pooled, other.pooled)

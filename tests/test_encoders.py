@@ -127,7 +127,9 @@ def test_minilm_related_prompts_are_closer(minilm: MiniLMEncoder) -> None:
     prompts = class_prompts(["dog_barking", "puppy_whining", "engine_idling"],
                             "the sound of {name}")
     assert prompts[0] == "the sound of dog barking"
-    e = minilm.encode(prompts)
+    targets = minilm.encode(prompts)
+    e = targets.pooled
+    assert targets.sequence is None and targets.pooled_raw is None
     assert e.shape == (3, 384) and e.dtype == torch.float32
     torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
     sim = e @ e.T
@@ -136,9 +138,12 @@ def test_minilm_related_prompts_are_closer(minilm: MiniLMEncoder) -> None:
 
 def test_minilm_token_sequence(minilm: MiniLMEncoder) -> None:
     config = TextEncoderConfig(output=TextOutput.sequence, max_length=16)
-    seq = MiniLMEncoder(config).encode(["the sound of rain", "the sound of a siren wailing"])
-    assert seq.shape == (2, 16, 384)
+    prompts = ["the sound of rain", "the sound of a siren wailing"]
+    targets = MiniLMEncoder(config).encode(prompts)
+    seq = targets.sequence
+    assert seq is not None and seq.shape == (2, 16, 384)
     assert (seq[0, 8:] == 0).all() and (seq[0, :6] != 0).any()
+    torch.testing.assert_close(targets.pooled, minilm.encode(prompts).pooled)
 
 
 def tiny_ast(folder: Path) -> Path:
@@ -206,13 +211,15 @@ def test_clip_runs_the_real_code_path_from_a_folder(tmp_path: Path) -> None:
     pooled = ClipTextEncoder(TextEncoderConfig(name=TextEncoderName.clip, path=str(folder),
                                                max_length=16))
     prompts = ["the sound of rain", "the sound of a dog"]
-    e = pooled.encode(prompts)
+    e = pooled.encode(prompts).pooled
     assert e.shape == (2, 16)
     torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
     assert not torch.allclose(e[0], e[1])
     seq = ClipTextEncoder(TextEncoderConfig(name=TextEncoderName.clip, path=str(folder),
                                             output=TextOutput.sequence, max_length=16))
-    assert seq.encode(prompts).shape == (2, 16, 32)
+    targets = seq.encode(prompts)
+    assert targets.sequence is not None and targets.sequence.shape == (2, 16, 32)
+    torch.testing.assert_close(targets.pooled, e)
 
 
 @pytest.mark.parametrize("build", [

@@ -32,28 +32,35 @@ def float64() -> Iterator[None]:
     torch.set_default_dtype(previous)
 
 
-def federation(sizes: list[int]) -> tuple[SharedTensors, list[torch.Tensor]]:
-    """Random embeddings of ``sum(sizes)`` clips, dealt to clients of the given sizes."""
+SEQUENCE = (3, 6)  # tokens and width of the class sequences of a sequence head
+
+
+def federation(sizes: list[int], sequence: bool = False
+               ) -> tuple[SharedTensors, list[torch.Tensor]]:
+    """Random embeddings of ``sum(sizes)`` clips, dealt to clients of the given sizes (and
+    class token sequences, with ``sequence``)."""
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
     shared = SharedTensors(torch.randn(n, 4, AUDIO, generator=g),
                            torch.randint(0, CLASSES, (n,), generator=g),
                            torch.randn(CLASSES, TEXT, generator=g), torch.arange(CLASSES),
-                           [f"c{i}" for i in range(CLASSES)])
+                           [f"c{i}" for i in range(CLASSES)],
+                           torch.randn(CLASSES, *SEQUENCE, generator=g) if sequence else None)
     order = torch.randperm(n, generator=g)
     return shared, list(order.split(sizes))
 
 
 def train_both(config: AdapterConfig, sizes: list[int], rounds: int = 2, mu: float = 0.1,
-               clients_per_batch: int = 64
+               clients_per_batch: int = 64, sequence: bool = False
                ) -> tuple[list[list[LocalUpdate]], list[list[LocalUpdate]], AudioAdapter,
                           SharedTensors]:
     """``rounds`` rounds of every client from one start (FedProx-anchored, optimizer state
-    kept between rounds) by each executor; the updates of each round."""
-    shared, rows = federation(sizes)
+    kept between rounds) by each executor; the updates of each round (with a sequence head
+    trained on class token sequences, with ``sequence``)."""
+    shared, rows = federation(sizes, sequence)
     torch.manual_seed(1)
-    model = AudioAdapter(AUDIO, TEXT, config)
-    loss = AdapterLoss(config, shared.prompts, shared.label_space)
+    model = AudioAdapter(AUDIO, TEXT, config, SEQUENCE if sequence else None)
+    loss = AdapterLoss(config, shared.prompts, shared.label_space, shared.sequence)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results = []
     for executor in (Sequential(shared, loss, model),
@@ -81,11 +88,14 @@ def outputs(model: AudioAdapter, state: dict, tokens: torch.Tensor) -> torch.Ten
 SIZES = [5, 13, 32, 21]
 
 
-@pytest.mark.parametrize("schedule", [LrSchedule.none, LrSchedule.cosine])
-def test_batched_equals_sequential_in_float64(float64, schedule: LrSchedule) -> None:
+@pytest.mark.parametrize(("schedule", "sequence"), [(LrSchedule.none, False),
+                                                    (LrSchedule.cosine, False),
+                                                    (LrSchedule.none, True)])
+def test_batched_equals_sequential_in_float64(float64, schedule: LrSchedule,
+                                              sequence: bool) -> None:
     config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.3, batch_size=8, lr=0.01,
                            grad_clip=0.05, lr_schedule=schedule)
-    sequential, batched, _, _ = train_both(config, SIZES)
+    sequential, batched, _, _ = train_both(config, SIZES, sequence=sequence)
     for seq_round, bat_round in zip(sequential, batched, strict=True):
         for a, b in zip(seq_round, bat_round, strict=True):
             assert (a.node, a.num_samples) == (b.node, b.num_samples)
@@ -99,6 +109,9 @@ def test_batched_equals_sequential_in_float64(float64, schedule: LrSchedule) -> 
     # Clients differ from one another: each drew its own minibatches and masks.
     first = sequential[0]
     assert not torch.allclose(first[1].state["lift.weight"], first[2].state["lift.weight"])
+    if sequence:  # the head trained (its loss reached it) and dropout masked its attention
+        assert not torch.allclose(first[1].state["sequence.queries"],
+                                  first[2].state["sequence.queries"])
 
 
 def test_batches_of_clients_give_the_same_updates(float64) -> None:

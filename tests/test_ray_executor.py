@@ -21,6 +21,8 @@ from flcore.clients.clientbase import (  # noqa: E402
     LocalUpdate,
     RoundSpec,
     SharedTensors,
+    build_adapter,
+    build_adapter_loss,
 )
 from flcore.config import Config, validate  # noqa: E402
 from flcore.errors import ConfigError, ResourceError, TrainingError  # noqa: E402
@@ -29,6 +31,7 @@ from flcore.executors.sequential import Sequential  # noqa: E402
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter  # noqa: E402
 
 CLASSES, TOKENS, AUDIO_DIM, TEXT_DIM = 3, 4, 8, 16
+SEQUENCE = (3, 8)  # tokens and width of the class token sequences
 SIZES = [8, 24, 5, 56, 17]  # unequal on purpose: 2 tasks of 3 and 2 clients
 BASE = ("logger=none", "audio_encoder=mfcc", "generator=none", "adapter.hidden_dim=32",
         "adapter.dropout=0.1", "adapter.batch_size=16", "adapter.lr=0.01", "executor=ray",
@@ -38,7 +41,8 @@ BASE = ("logger=none", "audio_encoder=mfcc", "generator=none", "adapter.hidden_d
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
     """One local Ray of 2 CPUs for the module; the executors join it and leave it running."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             object_store_memory=256 * 2**20)
     yield
     ray.shutdown()
 
@@ -54,14 +58,15 @@ def shared_tensors() -> SharedTensors:
     labels = torch.arange(sum(SIZES)) % CLASSES
     tokens = (3 * prompts[labels, None, :AUDIO_DIM]
               + torch.randn(len(labels), TOKENS, AUDIO_DIM, generator=gen))
+    sequence = torch.randn(CLASSES, *SEQUENCE, generator=gen)
     return SharedTensors(tokens, labels, prompts, torch.arange(CLASSES),
-                         [f"class{c}" for c in range(CLASSES)])
+                         [f"class{c}" for c in range(CLASSES)], sequence)
 
 
 def parts(config: Config, shared: SharedTensors) -> tuple[AdapterLoss, AudioAdapter]:
+    """Loss and adapter, with a sequence head: its targets travel to the workers too."""
     torch.manual_seed(0)
-    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, config.adapter)
-    return AdapterLoss(config.adapter, shared.prompts, shared.label_space), model
+    return build_adapter_loss(shared, config.adapter), build_adapter(shared, config.adapter)
 
 
 def make_jobs(model: AudioAdapter, round_: int, optimizer_states: list | None = None,
@@ -78,10 +83,12 @@ def make_jobs(model: AudioAdapter, round_: int, optimizer_states: list | None = 
 
 
 def outputs(config: Config, shared: SharedTensors, state: dict) -> torch.Tensor:
-    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, config.adapter)
+    """Pooled and sequence outputs of ``state`` on every clip, side by side."""
+    model = build_adapter(shared, config.adapter)
     model.load_state_dict(state)
     with torch.no_grad():
-        return model.eval()(shared.tokens)
+        pooled, sequence = model.eval().outputs(shared.tokens)
+    return torch.cat([pooled, sequence.flatten(1)], 1)
 
 
 def assert_same(config: Config, shared: SharedTensors, got: list[LocalUpdate],

@@ -21,7 +21,8 @@ from flcore.files import atomic_write_bytes
 # caches, on which device, and the resume switch itself.
 RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_dir",
                      "embeddings.cache", "embeddings.cache_dir", "embeddings.workers",
-                     "embeddings.shard_size", "checkpoint", "generator.load_from", "executor")
+                     "embeddings.shard_size", "checkpoint", "generator.load_from", "executor",
+                     "images")
 
 
 def folder(run_dir: Path) -> Path:

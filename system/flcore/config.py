@@ -73,6 +73,7 @@ class AudioEncoderName(str, Enum):
 class TextEncoderName(str, Enum):
     minilm = "minilm"
     clip = "clip"
+    clip_t5 = "clip_t5"
 
 
 class TextOutput(str, Enum):
@@ -172,6 +173,27 @@ class ExecutorName(str, Enum):
     ray = "ray"
 
 
+class PipelineName(str, Enum):
+    none = "none"
+    sd = "sd"
+    flux = "flux"
+
+
+class ImageSource(str, Enum):
+    adapter = "adapter"
+    prompt = "prompt"
+    synthetic = "synthetic"
+
+
+class ImageDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+IMAGE_SPLITS = ("test", "val")
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -222,7 +244,8 @@ class AudioEncoderConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """One prompt per class to ``[C, D]`` (pooled) or ``[C, T, D]`` (token sequence)."""
+    """One prompt per class to ``[C, D]`` (pooled), plus ``[C, T, D]`` token sequences as
+    conditioning targets when ``output=sequence``."""
 
     name: TextEncoderName = TextEncoderName.minilm
     prompt: str = "the sound of {name}"
@@ -300,6 +323,7 @@ class AdapterConfig:
     grad_clip: float = 1.0
     lr_schedule: LrSchedule = LrSchedule.none
     precision: Precision = Precision.fp32
+    sequence_weight: float = 1.0
 
 
 @dataclass
@@ -419,6 +443,30 @@ class ExecutorConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Rendering adapter outputs with a diffusion pipeline, judged zero-shot by a CLIP model
+    (docs/images.md)."""
+
+    pipeline: PipelineName = PipelineName.none
+    path: str | None = None
+    every: int = 0
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    per_class: int = 1
+    nodes: bool = False
+    source: ImageSource = ImageSource.adapter
+    steps: int = 25
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    seed: int = 0
+    dtype: ImageDtype = ImageDtype.fp16
+    batch_size: int = 8
+    log_limit: int = 50
+    judge_path: str | None = None
+    judge_prompt: str = "a photo of {name}"
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -439,6 +487,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -519,9 +568,6 @@ def _check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
     _require("{name}" in t.prompt, "text_encoder.prompt", repr(t.prompt),
              "must contain {name}, where the class name goes")
     _require(t.max_length >= 2, "text_encoder.max_length", t.max_length, "must be >= 2")
-    _require(t.output is TextOutput.pooled, "text_encoder.output", t.output,
-             "federated training compares pooled prompt embeddings; use pooled (token "
-             "sequences are for diffusion conditioning)")
 
 
 def _check_rounds(f: FederationConfig) -> None:
@@ -541,6 +587,8 @@ def _check_rounds(f: FederationConfig) -> None:
 
 
 def _check_adapter(a: AdapterConfig) -> None:
+    _require(a.sequence_weight >= 0, "adapter.sequence_weight", a.sequence_weight,
+             "must be >= 0")
     _require(a.hidden_dim >= 1, "adapter.hidden_dim", a.hidden_dim, "must be >= 1")
     _require(a.n_latents >= 1, "adapter.n_latents", a.n_latents, "must be >= 1")
     _require(a.num_heads >= 1, "adapter.num_heads", a.num_heads, "must be >= 1")
@@ -751,4 +799,54 @@ def validate(cfg: DictConfig) -> Config:
     if s.generator.granularity is ServerGranularity.per_group:
         _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")
+    _check_images(config)
     return config
+
+
+#: The text encoder each pipeline's conditioning comes from: (name, output, what it gives).
+PIPELINE_TEXT_ENCODERS = {
+    PipelineName.sd: (TextEncoderName.clip, "CLIP token sequences (77 x 768 for SD 1.x)"),
+    PipelineName.flux: (TextEncoderName.clip_t5, "a CLIP pooled embedding and T5 token sequences"),
+}
+
+
+def _check_images(config: Config) -> None:
+    """Ranges of ``images.*``, and a pipeline whose conditioning the text encoder and adapter
+    can produce."""
+    i, t = config.images, config.text_encoder
+    if i.pipeline is PipelineName.none:
+        return
+    name, gives = PIPELINE_TEXT_ENCODERS[i.pipeline]
+    works = (f"use text_encoder={name.value} text_encoder.output=sequence (with text_encoder.path "
+             f"the pipeline folder, as in +experiment=synthetic_{i.pipeline.value})")
+    _require(t.name is name and t.output is TextOutput.sequence, "images.pipeline", i.pipeline,
+             f"it is conditioned on {gives}, which text_encoder={t.name.value} "
+             f"text_encoder.output={t.output.value} does not produce; {works}")
+    if i.pipeline is PipelineName.sd:
+        _require(t.max_length == 77, "text_encoder.max_length", t.max_length,
+                 "images.pipeline=sd attends to 77 CLIP tokens; set it to 77")
+    _require(i.path is not None, "images.path", None,
+             f"images.pipeline={i.pipeline.value} needs the pipeline's weights: a local folder "
+             "saved with save_pretrained, or a model id in the local Hugging Face cache")
+    _require(i.every >= 0, "images.every", i.every,
+             "must be >= 0 (0 = after the last round only)")
+    _require(len(i.splits) > 0 and all(s in IMAGE_SPLITS for s in i.splits), "images.splits",
+             i.splits, f"must be a non-empty list of {', '.join(IMAGE_SPLITS)}")
+    _require(i.per_class >= 1, "images.per_class", i.per_class, "must be >= 1")
+    _require(i.steps >= 1, "images.steps", i.steps, "must be >= 1")
+    _require(i.guidance >= 0, "images.guidance", i.guidance, "must be >= 0")
+    for key, value in (("images.height", i.height), ("images.width", i.width)):
+        _require(value >= 8 and value % 8 == 0, key, value, "must be a multiple of 8, >= 8")
+    _require(i.batch_size >= 1, "images.batch_size", i.batch_size, "must be >= 1")
+    _require(0 <= i.log_limit <= 50, "images.log_limit", i.log_limit,
+             "must be in [0, 50] (images logged to the tracker per round; all are saved)")
+    _require("{name}" in i.judge_prompt, "images.judge_prompt", repr(i.judge_prompt),
+             "must contain {name}, where the class name goes")
+    if i.source is ImageSource.synthetic:
+        g = config.generator
+        _require(g.enabled and g.training_data is TrainingData.audio, "images.source",
+                 i.source, "renders generator samples of audio embeddings through the adapter; "
+                 "it needs generators (generator!=none) with generator.training_data=audio")
+    if i.nodes:
+        _require(config.federation.algorithm is not Algorithm.centralized, "images.nodes",
+                 True, "federation.algorithm=centralized has no nodes to render for")

@@ -28,8 +28,8 @@ from flcore.config import (
     validate,
     without_hydra,
 )
-from flcore.data import load_dataset
-from flcore.data.embeddings import dataset_fingerprint, encode_dataset
+from flcore.data import AudioDataset, load_dataset
+from flcore.data.embeddings import Embeddings, dataset_fingerprint, encode_dataset
 from flcore.data.partition import Partition, build_partition
 from flcore.encoders.audio import min_clip_seconds
 from flcore.errors import CheckpointError, ConfigError, FedA2VError, RunInterrupted
@@ -46,6 +46,7 @@ from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
 from flcore.sweep import short_name, swept_keys
 from flcore.tracking import JobInfo, Trackers, build_trackers
+from flcore.visual.renderer import check_images
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,20 @@ def build_clients(partition: Partition, algorithm: Algorithm,
                       n.granularity) for n in partition.nodes]
 
 
+def shared_tensors(config: Config, dataset: AudioDataset, partition: Partition,
+                   embeddings: Embeddings, device: torch.device) -> SharedTensors:
+    """The embeddings every client indexes into, on the run's device."""
+    text = embeddings.text
+    return SharedTensors(
+        tokens=embeddings.audio.to(device),
+        labels=torch.as_tensor(dataset.labels, device=device),
+        prompts=text.pooled.to(device),
+        label_space=torch.tensor(label_space(config, partition), device=device),
+        class_names=list(dataset.class_names),
+        sequence=None if text.sequence is None else text.sequence.to(device),
+        pooled_raw=None if text.pooled_raw is None else text.pooled_raw.to(device))
+
+
 def check_class_groups(config: Config, partition: Partition) -> None:
     """``generator.class_groups`` may name only the federation's classes; the classes in no
     group are reported once (they form the group ``other``)."""
@@ -149,7 +164,8 @@ def label_space(config: Config, partition: Partition) -> list[int]:
 
 
 HEADLINE = ("global/acc", "global/balanced_acc", "global/macro_f1", "val/acc", "local/acc_mean",
-            "synthetic/acc", "gen/fd", "gen/spread_ratio", "gen/active_units", "gen/kl")
+            "synthetic/acc", "gen/fd", "gen/spread_ratio", "gen/active_units", "gen/kl",
+            "global/sequence_acc", "images/acc")
 
 
 def job_overrides(cfg: DictConfig) -> list[str]:
@@ -308,6 +324,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         set_determinism(config.deterministic)
         device = resolve_device(config.device)
         check_executor(config)
+        check_images(config, device)
         results.environment = environment(device, overrides)
         resumed = None
         if resume:
@@ -346,7 +363,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         log.info("Embeddings: audio %s (%s), text %s (%s) in %.2f s",
                  list(embeddings.audio.shape),
                  "cached" if embeddings.audio_cached else "computed",
-                 list(embeddings.text.shape), "cached" if embeddings.text_cached else "computed",
+                 list(embeddings.text.pooled.shape),
+                 "cached" if embeddings.text_cached else "computed",
                  results.timings["embedding_s"])
 
         stats = {**partition.stats(), "skipped_files": len(dataset.skipped)}
@@ -367,12 +385,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             trackers.log(scalars, step=0)
 
         check_class_groups(config, partition)
-        shared = SharedTensors(
-            tokens=embeddings.audio.to(device),
-            labels=torch.as_tensor(dataset.labels, device=device),
-            prompts=embeddings.text.to(device),
-            label_space=torch.tensor(label_space(config, partition), device=device),
-            class_names=list(dataset.class_names))
+        shared = shared_tensors(config, dataset, partition, embeddings, device)
         server = ServerA2V(config, build_clients(partition, config.federation.algorithm, device),
                            shared, trackers, job.run_dir,
                            {"config": results.config, "tracker_run_id": trackers.run_id})

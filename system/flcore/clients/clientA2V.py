@@ -41,6 +41,27 @@ def zero_shot(model: AudioAdapter, shared: SharedTensors,
     return scores, position
 
 
+@torch.no_grad()
+def sequence_fit(model: AudioAdapter, shared: SharedTensors,
+                 idx: torch.Tensor) -> dict[str, float]:
+    """How close the sequence head's outputs on clips ``idx`` come to the token sequences of
+    their classes: ``sequence_mse`` (mean squared error per element) and ``sequence_acc``
+    (the nearest class sequence of the label space is the clip's own)."""
+    assert shared.sequence is not None
+    model.eval()
+    targets = shared.sequence[shared.label_space].flatten(1)
+    errors, hits = [], []
+    for chunk in idx.split(256):
+        sequence = model.outputs(shared.tokens[chunk])[1]
+        assert sequence is not None
+        mse = torch.cdist(sequence.flatten(1), targets).square() / targets.shape[1]
+        position = torch.searchsorted(shared.label_space, shared.labels[chunk])
+        errors.append(mse.gather(1, position[:, None]).squeeze(1))
+        hits.append(mse.argmin(1) == position)
+    return {"sequence_mse": torch.cat(errors).mean().item(),
+            "sequence_acc": torch.cat(hits).double().mean().item()}
+
+
 def evaluate(model: AudioAdapter, shared: SharedTensors, idx: torch.Tensor) -> dict[str, float]:
     """Zero-shot ``acc``, ``balanced_acc``, ``macro_f1``, ``top5`` of ``model`` on clips ``idx``."""
     scores, position = zero_shot(model, shared, idx)
@@ -54,7 +75,8 @@ def train_adapter(model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss,
 
     def step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   key: torch.Tensor) -> torch.Tensor:
-        value = loss(net.embed(x, key), y)
+        pooled, sequence = net.outputs(x, key)
+        value = loss(pooled, y, sequence)
         if spec.proximal:
             value = value + proximal_term(net, spec.anchor, spec.mu)
         return value

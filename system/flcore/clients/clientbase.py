@@ -17,7 +17,7 @@ from torch import nn
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import TrainingError
 from flcore.runtime import autocast
-from flcore.trainmodel.adapters import step_keys
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, step_keys
 
 StateDict = dict[str, torch.Tensor]
 
@@ -31,6 +31,27 @@ class SharedTensors:
     prompts: torch.Tensor
     label_space: torch.Tensor
     class_names: list[str]
+    #: ``[C, T, Ds]`` token-sequence conditioning of each class prompt (``output=sequence``):
+    #: the target of the adapter's sequence head.
+    sequence: torch.Tensor | None = None
+    #: ``[C, Dp]`` unnormalised pooled conditioning (Flux's CLIP output).
+    pooled_raw: torch.Tensor | None = None
+
+
+def build_adapter(shared: SharedTensors, config: AdapterConfig) -> AudioAdapter:
+    """An adapter into the text space of ``shared``'s prompts, with a sequence head (started at
+    the label space's mean sequence) when the prompts come with token sequences."""
+    sequence = shared.sequence
+    model = AudioAdapter(shared.tokens.shape[-1], shared.prompts.shape[-1], config,
+                         None if sequence is None else tuple(sequence.shape[1:]))
+    if sequence is not None:
+        model.set_sequence_base(sequence[shared.label_space].cpu())
+    return model.to(shared.tokens.device)
+
+
+def build_adapter_loss(shared: SharedTensors, config: AdapterConfig) -> AdapterLoss:
+    """The adapter loss against ``shared``'s class prompts (and token sequences)."""
+    return AdapterLoss(config, shared.prompts, shared.label_space, shared.sequence)
 
 
 @dataclass

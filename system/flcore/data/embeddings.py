@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from flcore.config import TextOutput
 from flcore.data.esc50 import AudioDataset, load_waveform
 from flcore.data.folder import FolderDataset
 from flcore.encoders.text import class_prompts
@@ -42,7 +41,7 @@ from flcore.files import atomic_write_bytes, atomic_write_text
 if TYPE_CHECKING:
     from flcore.config import Config
     from flcore.encoders.audio import AudioEncoder
-    from flcore.encoders.text import TextEncoder
+    from flcore.encoders.text import TextEncoder, TextTargets
 
 log = logging.getLogger(__name__)
 
@@ -393,31 +392,37 @@ def embed_audio(dataset: AudioDataset, encoder: "AudioEncoder", cache: Embedding
 
 
 def embed_text(class_names: list[str], encoder: "TextEncoder", template: str,
-               cache: EmbeddingCache) -> tuple[torch.Tensor, bool]:
-    """One embedding (or token sequence) per class prompt, and whether it came from the cache."""
+               cache: EmbeddingCache) -> tuple["TextTargets", bool]:
+    """Every class prompt's targets (pooled, and token sequences when the encoder gives them),
+    and whether they came from the cache."""
+    from flcore.encoders.text import TextTargets
+
     prompts = class_prompts(class_names, template)
     key = cache_key(kind="text", prompts=prompts, encoder=encoder.fingerprint())
-    shape = ((len(prompts), None) if encoder.output is TextOutput.pooled
-             else (len(prompts), encoder.max_length, None))
-    cached = _cached(cache, key, "embeddings", shape, prompts=prompts)
-    if cached is not None:
-        return cached, True
-    embeddings = encoder.encode(prompts)
-    cache.store(key, {"embeddings": embeddings, "prompts": prompts})
-    return embeddings, False
+    shapes = {"embeddings": (len(prompts), None), "sequence": (len(prompts), None, None),
+              "pooled_raw": (len(prompts), None)}
+    found = {f: _cached(cache, key, f, shapes[f], prompts=prompts) for f in encoder.fields}
+    if all(v is not None for v in found.values()):
+        return TextTargets(found["embeddings"], found.get("sequence"),
+                           found.get("pooled_raw")), True
+    targets = encoder.encode(prompts)
+    cache.store(key, {**targets.tensors(), "prompts": prompts})
+    return targets, False
 
 
 @dataclass
 class Embeddings:
-    """Every clip's token sequence (``dataset.clips`` order) and every class's prompt embedding."""
+    """Every clip's token sequence (``dataset.clips`` order) and every class's prompt targets."""
 
     audio: torch.Tensor
-    text: torch.Tensor
+    text: "TextTargets"
     audio_cached: bool
     text_cached: bool
 
     def summary(self) -> dict[str, Any]:
-        return {"audio_shape": list(self.audio.shape), "text_shape": list(self.text.shape),
+        shapes = {f"text_{k}_shape" if k != "embeddings" else "text_shape": list(v.shape)
+                  for k, v in self.text.tensors().items()}
+        return {"audio_shape": list(self.audio.shape), **shapes,
                 "audio_cached": self.audio_cached, "text_cached": self.text_cached}
 
 

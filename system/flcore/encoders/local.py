@@ -1,19 +1,30 @@
 """Where model weights come from: a local folder or the local Hugging Face cache, never the net."""
 
 import hashlib
+import re
 from pathlib import Path
 
 from flcore.errors import ConfigError
 
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""What a Hugging Face model id looks like (``owner/name``)."""
 
-def local_model_dir(path: str | None, model_id: str, key: str) -> Path:
+
+def local_model_dir(path: str | None, model_id: str, key: str,
+                    pipelines_allowed: bool = False) -> Path:
     """The folder holding ``model_id``'s weights; a clear error that says how to get them if absent.
 
-    ``key`` is the config prefix (``audio_encoder`` or ``text_encoder``) named in the error.
+    ``key`` is the config prefix (``audio_encoder`` or ``text_encoder``) named in the error;
+    ``pipelines_allowed`` also accepts a diffusers pipeline folder (``model_index.json``), and a
+    ``path`` that is a model id rather than a folder (as ``images.path`` may be).
     """
+    if pipelines_allowed and path is not None and not Path(path).expanduser().exists() \
+            and REPO_ID.fullmatch(path):
+        path, model_id = None, path
     if path is not None:
         folder = Path(path).expanduser()
-        if not (folder / "config.json").is_file():
+        pipeline = pipelines_allowed and (folder / "model_index.json").is_file()
+        if not pipeline and not (folder / "config.json").is_file():
             raise ConfigError(
                 f"{key}.path={folder}: no config.json there; it must be a model folder saved with "
                 f"save_pretrained (on a machine with internet: `hf download {model_id} "

@@ -31,7 +31,7 @@ from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError
 from flcore.executors.base import Executor
 from flcore.runtime import autocast
-from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_forward, step_keys
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs, step_keys
 from flcore.trainmodel.banks import Bank, fit_together
 from flcore.trainmodel.generators import EpochLog, VAELoss
 
@@ -221,10 +221,11 @@ class Batched(Executor):
                 rows, valid = plan.rows[epoch, slot], plan.valid[epoch, slot].to(dtype)
                 on = active[epoch, slot]
                 with autocast(device, config.precision):
-                    out = adapter_forward(params, self.shared.tokens[rows],
-                                          self.model.num_heads, dropout,
-                                          plan.keys[epoch, slot] if dropout else None).mean(2)
-                    per_row = self.loss.per_sample(out, self.shared.labels[rows])
+                    latents, sequence = adapter_outputs(
+                        params, self.shared.tokens[rows], self.model.num_heads, dropout,
+                        plan.keys[epoch, slot] if dropout else None)
+                    per_row = self.loss.per_sample(latents.mean(2), self.shared.labels[rows],
+                                                   sequence)
                 count = valid.sum(1)
                 loss = (per_row.to(dtype) * valid).sum(1) / count.clamp(min=1)
                 if anchor is not None:

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.clientbase import (
+    AdapterJob,
+    LocalUpdate,
+    RoundSpec,
+    SharedTensors,
+    build_adapter,
+    build_adapter_loss,
+)
 from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors import check_executor
@@ -157,11 +164,11 @@ def _worker_trainer(box: list, device: torch.device) -> Any:
         _WORKER_CACHE.clear()
         payload = ray.get(box[0])
         shared = SharedTensors(*(_to(payload[k], device) for k in (
-            "tokens", "labels", "prompts", "label_space")), payload["class_names"])
+            "tokens", "labels", "prompts", "label_space")), payload["class_names"],
+            sequence=_to(payload["sequence"], device))
         config: AdapterConfig = payload["adapter"]
-        loss = AdapterLoss(config, shared.prompts, shared.label_space)
-        model = AudioAdapter(shared.tokens.shape[-1], shared.prompts.shape[-1], config)
-        _WORKER_CACHE[key] = Batched(shared, loss, model.to(device), clients_per_batch=1)
+        _WORKER_CACHE[key] = Batched(shared, build_adapter_loss(shared, config),
+                                     build_adapter(shared, config), clients_per_batch=1)
     return _WORKER_CACHE[key]
 
 
@@ -283,6 +290,7 @@ class RayExecutor(Executor):
             self._check_resources()
             payload = {"tokens": shared.tokens.cpu(), "labels": shared.labels.cpu(),
                        "prompts": shared.prompts.cpu(), "label_space": shared.label_space.cpu(),
+                       "sequence": _to(shared.sequence, "cpu"),
                        "class_names": list(shared.class_names), "adapter": config.adapter}
             self.shared_box = [ray.put(payload)]
             workers = self._warm_up()

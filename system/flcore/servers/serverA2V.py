@@ -12,13 +12,21 @@ import torch
 from tqdm import tqdm
 
 from flcore import checkpoint
-from flcore.clients.clientA2V import ClientA2V, GeneratorEvaluation, evaluate, zero_shot
+from flcore.clients.clientA2V import (
+    ClientA2V,
+    GeneratorEvaluation,
+    evaluate,
+    sequence_fit,
+    zero_shot,
+)
 from flcore.clients.clientbase import (
     AdapterJob,
     LocalUpdate,
     RoundSpec,
     SharedTensors,
     StateDict,
+    build_adapter,
+    build_adapter_loss,
     fit,
     proximal_term,
     training_seed,
@@ -27,6 +35,7 @@ from flcore.config import (
     Algorithm,
     Config,
     Granularity,
+    ImageSource,
     ScheduleScope,
     ServerGranularity,
     TrainingData,
@@ -43,7 +52,6 @@ from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
 from flcore.tracking import Trackers
-from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, bank_features, bank_from_decoder, new_bank
 from flcore.trainmodel.generators import (
     EpochLog,
@@ -52,6 +60,7 @@ from flcore.trainmodel.generators import (
     generator_spec,
     vae_loss,
 )
+from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per_class
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +129,12 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.algorithm = config.federation.algorithm
         self.strategy = build_strategy(config)
         torch.manual_seed(config.seed)
-        self.model = AudioAdapter(shared.tokens.shape[-1], shared.prompts.shape[-1],
-                                  config.adapter).to(shared.tokens.device)
+        self.model = build_adapter(shared, config.adapter)
         self.global_state = _clone(self.model.state_dict())
-        self.loss = AdapterLoss(config.adapter, shared.prompts, shared.label_space)
+        self.loss = build_adapter_loss(shared, config.adapter)
         self.executor = build_executor(config, shared, self.loss, self.model)
+        self.renderer = (Renderer(config, shared, run_dir, trackers) if needs_renderer(config)
+                         else None)
         if self.strategy.stateful:
             for client in clients:
                 client.model_state = _clone(self.global_state)
@@ -161,9 +171,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         generator_round = self.is_generator_round(round_)
         generator_logs: dict[int, list[EpochLog]] = {}
         trained: dict[int, StateDict] = {}
+        rendering = self.renderer is not None and self.renderer.is_render_round(round_)
         if strategy.trains_clients:
-            keep = (generator_round
-                    and self.config.generator.training_data is TrainingData.adapter_output)
+            keep = (generator_round and self.config.generator.training_data
+                    is TrainingData.adapter_output) or (rendering and self.config.images.nodes)
             for client, update in self.train_adapters(round_, selected):
                 strategy.accept(self, client, update)
                 losses.append(update.loss)
@@ -190,7 +201,50 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             metrics.update(self.quality.scalars)
         if self.is_eval_round(round_):
             metrics.update(self.evaluate_all())
+        if rendering:
+            metrics.update(self.render(round_, trained))
         return metrics
+
+    def render(self, round_: int, trained: dict[int, StateDict]) -> dict[str, float]:
+        """Render and judge ``images.per_class`` clips (or synthetic samples) per class and node
+        with the global adapter and, with ``images.nodes``, each node's adapter: its own under
+        ``local``, else the one it trained this round (``trained``)."""
+        assert self.renderer is not None
+        i = self.config.images
+        stateful = self.strategy.stateful and self.algorithm is not Algorithm.centralized
+        own = ({c.node: c.model_state for c in self.clients} if stateful else trained)
+        prompt = i.source is ImageSource.prompt
+        node_states = {} if prompt or not (i.nodes or self.algorithm is Algorithm.local) \
+            else own
+        global_state = None if self.algorithm is Algorithm.local else self.global_state
+        sets: list[RenderSet] = []
+        splits = ["synthetic"] if i.source is ImageSource.synthetic else i.splits
+        for split in splits:
+            picks = {c.node: self.render_picks(c, split) for c in self.clients}
+            picks = {n: p for n, p in picks.items() if len(p[1])}
+            if not picks:
+                continue
+            if global_state is not None or prompt:
+                tokens, labels, nodes = (torch.cat(parts) for parts in zip(*(
+                    (x, y, torch.full_like(y, n)) for n, (x, y) in picks.items()), strict=True))
+                sets.append(RenderSet("global", split, global_state, tokens, labels, nodes))
+            sets += [RenderSet(f"node{n}", split, node_states[n], x, y, torch.full_like(y, n))
+                     for n, (x, y) in picks.items() if n in node_states]
+        metrics = self.renderer.run(round_, self.model, sets)
+        self.model.load_state_dict(self.global_state)
+        return metrics
+
+    def render_picks(self, client: ClientA2V, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio tokens and classes of the first ``images.per_class`` clips per class of
+        ``client``'s ``split``, or of the synthetic samples it shared (``split=synthetic``)."""
+        per_class = self.config.images.per_class
+        if split == "synthetic":
+            x, y = self.synthetic.get(client.node, (self.shared.tokens[:0],
+                                                    self.shared.labels[:0]))
+            rows = pick_per_class(torch.arange(len(y), device=y.device), y, per_class)
+            return x[rows], y[rows]
+        rows = pick_per_class(getattr(client, f"{split}_idx"), self.shared.labels, per_class)
+        return self.shared.tokens[rows], self.shared.labels[rows]
 
     def train_adapters(self, round_: int, selected: list[ClientA2V]
                        ) -> Iterator[tuple[ClientA2V, LocalUpdate]]:
@@ -313,7 +367,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         with ``anchor``, plus the proximal pull ``mu / 2 * ||w - anchor||^2``."""
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                       key: torch.Tensor) -> torch.Tensor:
-            value = self.loss(net.embed(xb, key), yb)
+            pooled, sequence = net.outputs(xb, key)
+            value = self.loss(pooled, yb, sequence)
             if anchor is not None and mu > 0:
                 value = value + proximal_term(net, anchor, mu)
             return value
@@ -492,6 +547,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             self.model.load_state_dict(state)
             scores, position = zero_shot(self.model, self.shared, test)
             row = {f"global/{k}": v for k, v in classification_metrics(position, scores).items()}
+            if self.model.has_sequence:
+                row.update({f"global/{k}": v for k, v in
+                            sequence_fit(self.model, self.shared, test).items()})
             if len(val):
                 row.update({f"val/{k}": v for k, v in evaluate(self.model, self.shared,
                                                                val).items()})

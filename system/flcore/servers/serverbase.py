@@ -34,7 +34,7 @@ def clients_per_round(config: Config, num_clients: int) -> int:
 
 SUMMARY_KEYS = (("global/acc", "global acc"), ("val/acc", "val acc"),
                 ("synthetic/acc", "synthetic acc"), ("generator/kl_loss", "KL"),
-                ("gen/active_units", "active units"))
+                ("gen/active_units", "active units"), ("images/acc", "images acc"))
 
 
 def round_summary(round_: int, rounds: int, metrics: dict[str, float]) -> str:

@@ -2,7 +2,9 @@
 
 The adapter maps an audio token sequence ``[L, Da]`` into the text encoder's space: a per-token MLP
 (LayerNorm, GELU, dropout) lifts each token, then ``n_latents`` learned queries attend over the
-tokens. One latent gives a pooled vector; more give a token sequence (for diffusion conditioning).
+tokens; their mean is the pooled vector that is trained and scored against the class prompts.
+A sequence head (when the text encoder gives token sequences) has T more queries over the same
+lifted tokens, producing the ``[T, Ds]`` sequence a diffusion pipeline is conditioned on.
 The keys have no bias: it would add the same amount to every score of a query, which the softmax
 cancels, so its gradient is zero and only rounding noise (which Adam would magnify) moves it.
 
@@ -25,8 +27,9 @@ Params = dict[str, torch.Tensor]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
-#: Distinct streams of dropout masks within one step: the token MLP and the attention weights.
-_SITES = (0x2545F491, 0x4F6CDD1D)
+#: Distinct streams of dropout masks within one step: the token MLP, the attention weights and
+#: the sequence head's attention weights.
+_SITES = (0x2545F491, 0x4F6CDD1D, 0x1B873593)
 
 
 def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
@@ -66,84 +69,173 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+def _lift(params: Params, tokens: torch.Tensor, dropout: float,
+          keys: torch.Tensor | None) -> torch.Tensor:
+    """The per-token MLP: ``[C, B, L, Da]`` to ``[C, B, L, hidden]``."""
+    h = F.layer_norm(tokens, tokens.shape[-1:])
+    h = h * params["norm.weight"][:, None, None] + params["norm.bias"][:, None, None]
+    h = F.gelu(_linear(h, params["lift.weight"], params["lift.bias"]))
+    return _dropout(h, keys, 0, dropout)
+
+
+def _pool(params: Params, prefix: str, h: torch.Tensor, num_heads: int, dropout: float,
+          keys: torch.Tensor | None, site: int) -> torch.Tensor:
+    """The learned queries of head ``prefix`` attending over the lifted tokens ``h``:
+    ``[C, B, L, hidden]`` to ``[C, B, queries, D]``."""
+    c, b, length, _ = h.shape
+    values = _linear(h, params[prefix + "project.weight"], params[prefix + "project.bias"])
+    d = values.shape[-1]
+    wq, wk, wv = params[prefix + "attend.in_weight"].chunk(3, dim=1)
+    heads, width = num_heads, d // num_heads
+    q = _linear(params[prefix + "queries"], wq, params[prefix + "attend.query_bias"])
+    q = q.view(c, 1, -1, heads, width).transpose(2, 3)
+    k = _linear(values, wk, torch.zeros_like(params[prefix + "attend.query_bias"]))
+    k = k.view(c, b, length, heads, width).transpose(2, 3)
+    v = _linear(values, wv, params[prefix + "attend.value_bias"])
+    v = v.view(c, b, length, heads, width).transpose(2, 3)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width), dim=-1)
+    weights = _dropout(weights, keys, site, dropout)
+    pooled = (weights @ v).transpose(2, 3).reshape(c, b, -1, d)
+    return _linear(pooled, params[prefix + "attend.out_weight"],
+                   params[prefix + "attend.out_bias"])
+
+
 def adapter_forward(params: Params, tokens: torch.Tensor, num_heads: int, dropout: float,
                     keys: torch.Tensor | None) -> torch.Tensor:
     """``[C, B, L, Da]`` tokens to ``[C, B, n_latents, D]`` under stacked parameters ``[C, ...]``
     (names as in :class:`AudioAdapter`); ``keys [C]`` switch dropout on (None: off)."""
-    c, b, length, _ = tokens.shape
-    h = F.layer_norm(tokens, tokens.shape[-1:])
-    h = h * params["norm.weight"][:, None, None] + params["norm.bias"][:, None, None]
-    h = F.gelu(_linear(h, params["lift.weight"], params["lift.bias"]))
-    h = _dropout(h, keys, 0, dropout)
-    values = _linear(h, params["project.weight"], params["project.bias"])
-    d = values.shape[-1]
-    wq, wk, wv = params["attend.in_weight"].chunk(3, dim=1)
-    heads, width = num_heads, d // num_heads
-    q = _linear(params["queries"], wq, params["attend.query_bias"])
-    q = q.view(c, 1, -1, heads, width).transpose(2, 3)
-    k = _linear(values, wk, torch.zeros_like(params["attend.query_bias"]))
-    k = k.view(c, b, length, heads, width).transpose(2, 3)
-    v = _linear(values, wv, params["attend.value_bias"]).view(c, b, length, heads, width)
-    v = v.transpose(2, 3)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width), dim=-1)
-    weights = _dropout(weights, keys, 1, dropout)
-    pooled = (weights @ v).transpose(2, 3).reshape(c, b, -1, d)
-    return _linear(pooled, params["attend.out_weight"], params["attend.out_bias"])
+    return _pool(params, "", _lift(params, tokens, dropout, keys), num_heads, dropout, keys, 1)
+
+
+def adapter_outputs(params: Params, tokens: torch.Tensor, num_heads: int, dropout: float,
+                    keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The latents of :func:`adapter_forward` and, for an adapter with a sequence head, its
+    token sequence ``[C, B, T, Ds]`` (the pipeline conditioning), from one pass of the MLP."""
+    h = _lift(params, tokens, dropout, keys)
+    latents = _pool(params, "", h, num_heads, dropout, keys, 1)
+    if SEQUENCE + "queries" not in params:
+        return latents, None
+    sequence = _pool(params, SEQUENCE, h, num_heads, dropout, keys, 2)
+    return latents, sequence + params[SEQUENCE + "base"][:, None]
+
+
+#: Name prefix of the sequence head's parameters.
+SEQUENCE = "sequence."
+
+
+def _attention_pool(owner: nn.Module, hidden_dim: int, width: int, queries: int) -> None:
+    """Give ``owner`` the parameters :func:`_pool` reads: a projection of the lifted tokens to
+    ``width`` and ``queries`` learned queries attending over them."""
+    owner.project = nn.Linear(hidden_dim, width)
+    owner.queries = nn.Parameter(torch.randn(queries, width) * width**-0.5)
+    owner.attend = nn.Module()
+    owner.attend.in_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
+    owner.attend.query_bias = nn.Parameter(torch.zeros(width))
+    owner.attend.value_bias = nn.Parameter(torch.zeros(width))
+    out = nn.Linear(width, width)
+    owner.attend.out_weight = nn.Parameter(out.weight.detach().clone())
+    owner.attend.out_bias = nn.Parameter(torch.zeros(width))
 
 
 class AudioAdapter(nn.Module):
-    """``[B, L, audio_dim]`` audio tokens to ``[B, n_latents, text_dim]``."""
+    """``[B, L, audio_dim]`` audio tokens to ``[B, n_latents, text_dim]``; with
+    ``sequence_shape=(T, Ds)`` also a sequence head to ``[B, T, Ds]``: T more queries over the
+    same lifted tokens, added to a learned base sequence (:meth:`set_sequence_base`)."""
 
-    def __init__(self, audio_dim: int, text_dim: int, config: AdapterConfig) -> None:
+    def __init__(self, audio_dim: int, text_dim: int, config: AdapterConfig,
+                 sequence_shape: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if text_dim % config.num_heads:
-            raise ConfigError(f"adapter.num_heads={config.num_heads}: must divide the text "
-                              f"embedding size {text_dim}")
+        for width in (text_dim, *(sequence_shape or ())[1:]):
+            if width % config.num_heads:
+                raise ConfigError(f"adapter.num_heads={config.num_heads}: must divide the text "
+                                  f"embedding size {width}")
         self.num_heads, self.dropout = config.num_heads, config.dropout
         self.norm = nn.LayerNorm(audio_dim)
         self.lift = nn.Linear(audio_dim, config.hidden_dim)
-        self.project = nn.Linear(config.hidden_dim, text_dim)
-        self.queries = nn.Parameter(torch.randn(config.n_latents, text_dim) * text_dim**-0.5)
-        self.attend = nn.Module()
-        self.attend.in_weight = nn.Parameter(nn.init.xavier_uniform_(
-            torch.empty(3 * text_dim, text_dim)))
-        self.attend.query_bias = nn.Parameter(torch.zeros(text_dim))
-        self.attend.value_bias = nn.Parameter(torch.zeros(text_dim))
-        out = nn.Linear(text_dim, text_dim)
-        self.attend.out_weight = nn.Parameter(out.weight.detach().clone())
-        self.attend.out_bias = nn.Parameter(torch.zeros(text_dim))
+        _attention_pool(self, config.hidden_dim, text_dim, config.n_latents)
+        if sequence_shape is not None:
+            self.sequence = nn.Module()
+            _attention_pool(self.sequence, config.hidden_dim, sequence_shape[1],
+                            sequence_shape[0])
+            self.sequence.base = nn.Parameter(torch.zeros(sequence_shape))
+
+    @property
+    def has_sequence(self) -> bool:
+        return hasattr(self, "sequence")
+
+    @torch.no_grad()
+    def set_sequence_base(self, targets: torch.Tensor) -> None:
+        """Start the sequence head at the mean of the class targets ``[K, T, Ds]``: what every
+        prompt shares (start token, template, padding) is then there from the first step."""
+        self.sequence.base.copy_(targets.mean(0))
+
+    def _params(self) -> Params:
+        return {name: p.unsqueeze(0) for name, p in self.named_parameters()}
+
+    def _key(self, tokens: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor | None:
+        """Dropout's key in training mode (``key``, or one drawn from torch's generator)."""
+        if not self.training:
+            return None
+        if self.dropout > 0 and key is None:
+            return torch.randint(2**32, (1,), device=tokens.device)
+        return key
 
     def forward(self, tokens: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         """Dropout applies in training mode only, with masks from ``key`` (a one-element int64
         tensor, see :func:`step_keys`), or from a key drawn from torch's generator."""
-        if self.training and self.dropout > 0 and key is None:
-            key = torch.randint(2**32, (1,), device=tokens.device)
-        params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}
-        return adapter_forward(params, tokens.unsqueeze(0), self.num_heads, self.dropout,
-                               key if self.training else None).squeeze(0)
+        return adapter_forward(self._params(), tokens.unsqueeze(0), self.num_heads, self.dropout,
+                               self._key(tokens, key)).squeeze(0)
 
     def embed(self, tokens: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         """One vector per clip ``[B, text_dim]``: the mean of the latents."""
         return self.forward(tokens, key).mean(1)
 
+    def outputs(self, tokens: torch.Tensor, key: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`embed`'s vectors ``[B, text_dim]`` and the sequence head's ``[B, T, Ds]``
+        (None without one), from one pass."""
+        latents, sequence = adapter_outputs(self._params(), tokens.unsqueeze(0), self.num_heads,
+                                            self.dropout, self._key(tokens, key))
+        return latents.squeeze(0).mean(1), None if sequence is None else sequence.squeeze(0)
+
 
 class AdapterLoss:
     """``mse``, ``cosine``, ``mse+cosine`` against the class prompt, or ``contrastive`` (InfoNCE
-    of the output against every prompt of the label space)."""
+    of the output against every prompt of the label space); plus, for an adapter with a
+    sequence head, ``sequence_weight`` times the MSE of its sequence to the class's token
+    sequence ``sequence [C, T, Ds]``, relative to the variance of the label space's sequences
+    (so that predicting their mean scores about 1)."""
 
     def __init__(self, config: AdapterConfig, prompts: torch.Tensor,
-                 label_space: torch.Tensor) -> None:
+                 label_space: torch.Tensor, sequence: torch.Tensor | None = None) -> None:
         self.kind = config.loss
         self.mse_weight, self.cosine_weight = config.mse_weight, config.cosine_weight
         self.temperature = config.temperature
+        self.sequence_weight = config.sequence_weight
         self.prompts = prompts
+        self.sequence = sequence
+        # The sequence MSE in units of the class sequences' spread: 1 is what their mean scores,
+        # whatever the pipeline's scale (CLIP's and T5's hidden states differ by orders).
+        self.sequence_scale = (None if sequence is None else
+                               1 / float(sequence[label_space].var(0, correction=0).mean()
+                                         .clamp(min=1e-12)))
         self.space_prompts = F.normalize(prompts[label_space], dim=-1)
         self.position = torch.full((prompts.shape[0],), -1, dtype=torch.long,
                                    device=prompts.device)
         self.position[label_space] = torch.arange(len(label_space), device=prompts.device)
 
-    def per_sample(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Each row's loss, for pooled outputs ``[..., D]`` and dataset class ids ``[...]``."""
+    def per_sample(self, output: torch.Tensor, labels: torch.Tensor,
+                   sequence: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's loss, for pooled outputs ``[..., D]``, dataset class ids ``[...]`` and
+        the sequence head's outputs ``[..., T, Ds]`` (if any)."""
+        value = self._pooled(output, labels)
+        if sequence is not None:
+            target = self.sequence[labels]
+            error = (sequence - target).square().mean((-2, -1))
+            value = value + self.sequence_weight * self.sequence_scale * error
+        return value
+
+    def _pooled(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.kind == "contrastive":
             logits = F.normalize(output, dim=-1) @ self.space_prompts.T / self.temperature
             return F.cross_entropy(logits.flatten(0, -2), self.position[labels].flatten(),
@@ -157,6 +249,8 @@ class AdapterLoss:
             return cosine
         return self.mse_weight * mse + self.cosine_weight * cosine
 
-    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss of pooled outputs ``[B, D]`` for dataset class ids ``labels``."""
-        return self.per_sample(output, labels).mean()
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor,
+                 sequence: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss of pooled outputs ``[B, D]`` (and sequences ``[B, T, Ds]``) for dataset
+        class ids ``labels``."""
+        return self.per_sample(output, labels, sequence).mean()
