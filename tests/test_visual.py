@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from flcore.errors import ConfigError, ResourceError, TrainingError
@@ -106,7 +106,8 @@ def test_nan_weights_name_the_image(sd_folder: Path, sequence: torch.Tensor) -> 
     with torch.no_grad():
         pipe.unet.conv_in.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"^image round_002/test/global/dog_01: the pipeline "
-                                            r"returned NaN pixels; .*images\.dtype=fp32"):
+                                            r"returned NaN pixels; render in fp32 or bf16 "
+                                            r"\(images\.dtype"):
         render(pipe, "sd", sequence, None, [0, 1, 2], NAMES, **FAST, batch_size=3)
 
 
@@ -254,12 +255,17 @@ def test_png_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> DiffusionPipeline:
-    folder = save_tiny_flux(tmp_path_factory.mktemp("flux") / "flux")
-    return load_pipeline("flux", str(folder), CPU, torch.float32)
+def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "flux")
 
 
-def test_flux_renders_from_t5_sequence_and_pooled_conditioning(flux: DiffusionPipeline) -> None:
+@pytest.fixture(scope="module")
+def flux(flux_folder: Path) -> DiffusionPipeline:
+    return load_pipeline("flux", str(flux_folder), CPU, torch.float32)
+
+
+def test_flux_renders_from_t5_sequence_and_pooled_conditioning(flux: DiffusionPipeline,
+                                                               flux_folder: Path) -> None:
     assert conditioning_shape(flux, "flux") == {"sequence_width": 32, "pooled": 32}
     generator = torch.Generator().manual_seed(0)
     sequence, pooled = torch.randn(2, 16, 32, generator=generator), torch.randn(2, 32)
@@ -270,10 +276,22 @@ def test_flux_renders_from_t5_sequence_and_pooled_conditioning(flux: DiffusionPi
     alone = render(flux, "flux", sequence[1:], pooled[1:], [1], NAMES[1:2], **options,
                    batch_size=1)
     torch.testing.assert_close(alone[0], images[1], atol=1e-5, rtol=0)
-    own, own_pooled, _ = flux.encode_prompt(["a dog", "rain"], None, max_sequence_length=8)
+    whole = FluxPipeline.from_pretrained(flux_folder)  # with the text encoders load_pipeline skips
+    own, own_pooled, _ = whole.encode_prompt(["a dog", "rain"], None, max_sequence_length=8)
     assert render(flux, "flux", own, own_pooled, [0, 1], NAMES[:2], **options,
                   batch_size=2).shape == (2, 3, 32, 32)
     with pytest.raises(ConfigError, match=r"images\.pipeline=flux: the pipeline expects token "
                                           r"sequences of width 32 and a pooled vector of width "
                                           r"32 but the adapter gives widths 16 and 32"):
         check_conditioning(flux, "flux", (16, 16), 32)
+
+
+def test_pipelines_load_in_the_dtype_asked_for(sd_folder: Path) -> None:
+    """images.dtype reaches the weights (bf16 works on the CPU; fp16 is refused there)."""
+    pipe = load_pipeline("sd", str(sd_folder), CPU, torch.bfloat16)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.bfloat16}
+
+
+def test_flux_loads_without_its_text_encoders(flux: DiffusionPipeline) -> None:
+    """Flux renders from embeddings: its T5 and CLIP stay on disk."""
+    assert flux.text_encoder is None and flux.text_encoder_2 is None

@@ -803,7 +803,7 @@ def validate(cfg: DictConfig) -> Config:
     return config
 
 
-#: The text encoder each pipeline's conditioning comes from: (name, output, what it gives).
+#: The text encoder each pipeline's conditioning comes from, and what that conditioning is.
 PIPELINE_TEXT_ENCODERS = {
     PipelineName.sd: (TextEncoderName.clip, "CLIP token sequences (77 x 768 for SD 1.x)"),
     PipelineName.flux: (TextEncoderName.clip_t5, "a CLIP pooled embedding and T5 token sequences"),
@@ -835,8 +835,10 @@ def _check_images(config: Config) -> None:
     _require(i.per_class >= 1, "images.per_class", i.per_class, "must be >= 1")
     _require(i.steps >= 1, "images.steps", i.steps, "must be >= 1")
     _require(i.guidance >= 0, "images.guidance", i.guidance, "must be >= 0")
+    step = 16 if i.pipeline is PipelineName.flux else 8  # the VAE's, times Flux's 2x2 patches
     for key, value in (("images.height", i.height), ("images.width", i.width)):
-        _require(value >= 8 and value % 8 == 0, key, value, "must be a multiple of 8, >= 8")
+        _require(value >= step and value % step == 0, key, value,
+                 f"must be a multiple of {step} for images.pipeline={i.pipeline.value}")
     _require(i.batch_size >= 1, "images.batch_size", i.batch_size, "must be >= 1")
     _require(0 <= i.log_limit <= 50, "images.log_limit", i.log_limit,
              "must be in [0, 50] (images logged to the tracker per round; all are saved)")
@@ -850,3 +852,5 @@ def _check_images(config: Config) -> None:
     if i.nodes:
         _require(config.federation.algorithm is not Algorithm.centralized, "images.nodes",
                  True, "federation.algorithm=centralized has no nodes to render for")
+        _require(config.server.adapter_training != "synthetic", "images.nodes", True,
+                 "server.adapter_training=synthetic trains no node adapters to render with")

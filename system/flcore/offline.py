@@ -1,15 +1,16 @@
-"""Rendering a saved run without retraining (``scripts/render.py``): the run's config with
-``images.*`` overrides, its embeddings from the cache, its adapters from the latest checkpoint."""
+"""Rendering a saved run without retraining (``scripts/render.py``): the config the run was
+trained under with ``images`` overrides, its embeddings from the cache, its adapters from the
+latest checkpoint."""
 
 import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flcore import checkpoint
-from flcore.config import Config, PipelineName, validate
+from flcore.config import Config, ExecutorName, PipelineName, validate
 from flcore.data import load_dataset
 from flcore.data.embeddings import encode_dataset
 from flcore.data.partition import build_partition
@@ -25,35 +26,53 @@ from flcore.visual.renderer import check_images
 log = logging.getLogger(__name__)
 
 
-def run_config(run_dir: Path, overrides: list[str]) -> Any:
-    """The run's composed config (``.hydra/config.yaml``) with ``key=value`` overrides."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir}: no .hydra/config.yaml; pass the folder of a FedA2V run")
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
-    if groups:
-        raise ConfigError(f"{groups[0]}: scripts/render.py takes key=value overrides of the "
-                          "run's config (images.pipeline=sd images.path=...), not config groups")
+def compose(saved: dict[str, Any], overrides: list[str], configs: Path | None) -> DictConfig:
+    """The run's resolved config (as its checkpoint holds it) with ``overrides``: ``key=value``
+    pairs, and ``images=NAME`` (the ``configs/images/NAME.yaml`` option) when ``configs``
+    is given."""
+    groups = [o.split("=", 1) for o in overrides if "=" in o
+              and configs is not None and (configs / o.split("=", 1)[0]).is_dir()]
+    for key, _ in groups:
+        if key != "images":
+            raise ConfigError(f"{key}=...: rendering keeps the run's {key}; only the images "
+                              "option and key=value overrides can change")
+    layers: list[Any] = [OmegaConf.structured(Config), saved]
+    for _, name in groups:
+        assert configs is not None
+        option = configs / "images" / f"{name}.yaml"
+        if not option.is_file():
+            raise ConfigError(f"images={name}: no such option; use one of "
+                              f"{', '.join(sorted(p.stem for p in option.parent.glob('*.yaml')))}")
+        for part in (configs / "images" / "none.yaml", option):
+            layers.append({"images": {k: v for k, v in OmegaConf.to_container(
+                OmegaConf.load(part)).items() if k != "defaults"}})
+    pairs = [o for o in overrides if "=" in o and o.split("=", 1)[0] not in {k for k, _ in groups}]
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{bad[0]}: overrides are key=value (images.path=/models/sd15)")
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved),
-                               OmegaConf.from_dotlist(overrides))
+        return OmegaConf.merge(*layers, OmegaConf.from_dotlist(pairs))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"scripts/render.py overrides {' '.join(overrides)}: "
-                          f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
-def render_run(run_dir: Path, overrides: list[str]) -> dict[str, float]:
+def render_run(run_dir: Path, overrides: list[str],
+               configs: Path | None = None) -> dict[str, float]:
     """Render and judge from ``run_dir``'s latest checkpoint; the metrics, also written to
-    ``images/round_NNN/metrics.json``. Only ``images.*`` (and what a resume may change) can
-    differ from the run's config."""
+    ``images/round_NNN/metrics.json``. Only ``images.*`` and what a resume may change (device,
+    cache, executor) can differ from the run's config."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir, overrides)
+    if not checkpoint.checkpoints(run_dir):
+        raise ConfigError(f"{run_dir}: no checkpoint in {checkpoint.folder(run_dir)}; rendering "
+                          "needs a run saved with checkpoint.every > 0")
+    saved = checkpoint.load_latest(run_dir)
+    cfg = compose(saved["config"], overrides, configs)
     config = validate(cfg)
     if config.images.pipeline is PipelineName.none:
         raise ConfigError("images.pipeline=none: name the pipeline to render with "
-                          "(images.pipeline=sd images.path=/models/sd15)")
-    saved = checkpoint.load_latest(run_dir)
+                          "(images=sd images.path=/models/sd15)")
     checkpoint.check_config(saved["config"], resolved_config(cfg))
+    config.executor.name = ExecutorName.sequential  # rendering trains nothing
     seed_everything(config.seed)
     device = resolve_device(config.device)
     check_images(config, device)
@@ -64,8 +83,11 @@ def render_run(run_dir: Path, overrides: list[str]) -> dict[str, float]:
     server = ServerA2V(config, build_clients(partition, config.federation.algorithm, device),
                        shared, Trackers([]), run_dir, {})
     try:
-        server.load_state_dict(saved["server"])
+        server.load_adapters(saved["server"])
         round_ = int(saved["round"])
+        if config.images.nodes and not server.strategy.stateful:
+            log.warning("images.nodes: the nodes' adapters of round %d were not saved (only "
+                        "federation.algorithm=local keeps them); rendering the global one", round_)
         log.info("Rendering round %d of %s with %s", round_, run_dir, config.images.path)
         metrics = server.render(round_, {})
     finally:

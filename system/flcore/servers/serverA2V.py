@@ -135,6 +135,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.executor = build_executor(config, shared, self.loss, self.model)
         self.renderer = (Renderer(config, shared, run_dir, trackers) if needs_renderer(config)
                          else None)
+        self.node_states: dict[int, StateDict] = {}
         if self.strategy.stateful:
             for client in clients:
                 client.model_state = _clone(self.global_state)
@@ -201,8 +202,18 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             metrics.update(self.quality.scalars)
         if self.is_eval_round(round_):
             metrics.update(self.evaluate_all())
-        if rendering:
-            metrics.update(self.render(round_, trained))
+        if rendering and self.config.images.nodes:
+            self.node_states = {n: _offload(state) for n, state in trained.items()}
+        return metrics
+
+    def after_checkpoint(self, round_: int) -> dict[str, float]:
+        """Rendering rounds render after the checkpoint, so a failed render loses no round."""
+        if self.renderer is None or not self.renderer.is_render_round(round_):
+            return {}
+        tic = time.perf_counter()
+        metrics = self.render(round_, self.node_states)
+        self.node_states = {}
+        metrics["time/render_s"] = time.perf_counter() - tic
         return metrics
 
     def render(self, round_: int, trained: dict[int, StateDict]) -> dict[str, float]:
@@ -453,26 +464,40 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
     def distill(self, x: torch.Tensor, y: torch.Tensor,
                 teachers: list[tuple[torch.Tensor, StateDict]], round_: int) -> StateDict:
         """Knowledge distillation into the global adapter: each synthetic sample's target is the
-        mean output of the round's client adapters that hold its class (MSE + cosine)."""
+        mean output of the round's client adapters that hold its class (MSE + cosine), and for
+        an adapter with a sequence head the mean of their sequences too (the sequence loss)."""
+        sequences = self.model.has_sequence
         total = torch.zeros(len(x), self.shared.prompts.shape[1], device=x.device)
+        total_sequence = (torch.zeros(len(x), *self.model.sequence.base.shape, device=x.device)
+                          if sequences else None)
         count = torch.zeros(len(x), device=x.device)
         for held, state in teachers:
             mask = torch.isin(y, held)
             self.model.load_state_dict(state)
             self.model.eval()
             with torch.no_grad():
-                total[mask] += self.model.embed(x[mask])
+                pooled, sequence = self.model.outputs(x[mask])
+                total[mask] += pooled
+                if total_sequence is not None:
+                    total_sequence[mask] += sequence
             count[mask] += 1
         keep = count > 0
         targets = total[keep] / count[keep, None]
-        a = self.config.adapter
+        target_sequences = (None if total_sequence is None
+                            else total_sequence[keep] / count[keep, None, None])
+        a, loss = self.config.adapter, self.loss
 
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, rows: torch.Tensor,
                       key: torch.Tensor) -> torch.Tensor:
-            out, target = net.embed(xb, key), targets[rows]
+            out, sequence = net.outputs(xb, key)
+            target = targets[rows]
             cosine = 1 - torch.nn.functional.cosine_similarity(out, target, dim=-1).mean()
-            return a.mse_weight * torch.nn.functional.mse_loss(out, target) + (
+            value = a.mse_weight * torch.nn.functional.mse_loss(out, target) + (
                 a.cosine_weight * cosine)
+            if target_sequences is not None:
+                error = torch.nn.functional.mse_loss(sequence, target_sequences[rows])
+                value = value + loss.sequence_weight * loss.sequence_scale * error
+            return value
 
         self.model.load_state_dict(self.global_state)
         rows = torch.arange(int(keep.sum()), device=x.device)
@@ -612,6 +637,18 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 state["server_generators"] = bank(self.server_bank)
                 state["pool"] = list(self.pool) if self.pool is not None else None
         return state
+
+    def load_adapters(self, state: dict[str, Any]) -> None:
+        """What rendering a saved round needs from its checkpoint (``state_dict``): the global
+        adapter, the nodes' own (stateful strategies) and the synthetic samples received."""
+        device = self.shared.tokens.device
+        self.global_state = {k: v.to(device) for k, v in state["global"].items()}
+        if self.strategy.stateful:
+            for client in self.clients:
+                client.model_state = {k: v.to(device) for k, v in
+                                      state["clients"][str(client.node)]["model"].items()}
+        self.synthetic = {int(node): (x.to(device), y.to(device))
+                          for node, (x, y) in state.get("synthetic", {}).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.shared.tokens.device

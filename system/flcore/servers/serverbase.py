@@ -106,11 +106,19 @@ class ServerBase(ABC):
             metrics = self.train_round(round_, self.select(round_))
             metrics["time/round_s"] = time.perf_counter() - tic
             self.rounds_seconds += metrics["time/round_s"]
-            if self.is_eval_round(round_):
-                log.info("%s", round_summary(round_, rounds, metrics))
-            self.trackers.log(metrics, step=round_)
             self.history.append({"round": round_, **metrics})
             self.completed_round = round_
             if every > 0 and (round_ % every == 0 or round_ == rounds):
                 self.save_checkpoint(round_)
+            extra = self.after_checkpoint(round_)
+            metrics.update(extra)
+            self.history[-1].update(extra)
+            if self.is_eval_round(round_):
+                log.info("%s", round_summary(round_, rounds, metrics))
+            self.trackers.log(metrics, step=round_)
         return self.history
+
+    def after_checkpoint(self, round_: int) -> dict[str, float]:
+        """Work on the round's final state once its checkpoint is safe (a failure here loses
+        no training); its scalars join the round's."""
+        return {}

@@ -82,18 +82,26 @@ def load_pipeline(kind: str, path: str, device: torch.device,
     from diffusers import FluxPipeline, StableDiffusionPipeline
     from safetensors import SafetensorError
 
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    # SD keeps its text encoder for the empty prompt of guidance; Flux is given embeddings only,
+    # so its T5 and CLIP (about 9.5 GB in bf16) stay on disk.
+    extra: dict[str, Any] = (
+        {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else
+        {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None})
     cls = StableDiffusionPipeline if kind == "sd" else FluxPipeline
     try:
-        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                   **(extra if kind == "sd" else {}))
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"images.path={path}: the {PIPELINE_CLASSES[kind]} in {folder} does "
                           f"not load ({reason}); its weight files are missing or corrupt, "
                           f"{download_hint(path, str(folder))}") from err
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    try:
+        return pipe.to(device)
+    except torch.OutOfMemoryError:
+        raise ResourceError(f"images.path={path}: the {PIPELINE_CLASSES[kind]} does not fit in "
+                            f"the memory of {device} beside the run; use images.dtype=bf16 or "
+                            "fp16, or render later with scripts/render.py") from None
 
 
 def conditioning_shape(pipe: "DiffusionPipeline", kind: str) -> dict[str, Any]:
@@ -201,8 +209,8 @@ def render(pipe: "DiffusionPipeline", kind: str, sequence: torch.Tensor,
         bad = _first_nonfinite(batch)
         if bad is not None:
             raise TrainingError(f"image {names[start + bad]}: the pipeline returned NaN pixels; "
-                                "render in fp32 (images.dtype=fp32) or with fewer images.steps, "
-                                "or check the weights at images.path")
+                                "render in fp32 or bf16 (images.dtype; fp16 overflows in some "
+                                "pipelines), or check the weights at images.path")
         images.append(batch)
         start = stop
     return torch.cat(images)

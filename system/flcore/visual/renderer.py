@@ -5,6 +5,7 @@ An image's name carries its round, split, renderer (``global`` or ``node{i}``), 
 ``images/round_003/test/node2/dog_01.png`` under the run folder."""
 
 import csv
+import importlib.util
 import io
 import logging
 from dataclasses import dataclass
@@ -122,8 +123,8 @@ class Renderer:
 
     def run(self, round_: int, model: AudioAdapter, sets: list[RenderSet]) -> dict[str, float]:
         """Render, save and judge every set; ``images/*`` of the global sets (``images/val/*``
-        for val; of all node sets when there is no global adapter) and ``node{i}/images/acc``
-        per node, from its own set where it has one."""
+        for val; of all node sets when there is no global adapter) and ``node{i}/images/*``
+        (acc, balanced_acc, macro_f1) per node, from its own set where it has one."""
         i, metrics, logged = self.images, {}, 0
         rows: list[dict[str, str | float]] = []
         own = {s.who for s in sets if s.who != "global"}
@@ -134,7 +135,7 @@ class Renderer:
                 continue
             names = self.names(round_, s)
             sequence, pooled = self.conditioning(model, s)
-            seeds = [i.seed * 1_000_003 + hash_name(n) for n in names]
+            seeds = [image_seed(i.seed, n) for n in names]
             pictures = render(self.pipe, self.kind, sequence, pooled, seeds, names,
                               steps=i.steps, guidance=i.guidance, height=i.height,
                               width=i.width, batch_size=i.batch_size)
@@ -151,12 +152,13 @@ class Renderer:
             prefix = "images/" if s.split in ("test", "synthetic") else f"images/{s.split}/"
             if s.who == "global" or not has_global:
                 judged.setdefault(prefix, []).append((position, scores))
-            hits = (scores.argmax(1) == position).double()
-            for node in s.nodes.unique().tolist():
+            nodes = s.nodes.cpu()
+            for node in nodes.unique().tolist():
                 if s.who == "global" and f"node{node}" in own:
                     continue
-                mask = (s.nodes == node).cpu()
-                metrics[f"node{node}/{prefix}acc"] = hits[mask].mean().item()
+                mask = nodes == node
+                metrics.update({f"node{node}/{prefix}{k}": v for k, v in classification_metrics(
+                    position[mask], scores[mask]).items() if k != "top5"})
             predicted = scores.argmax(1).tolist()
             rows += [{"image": n, "class": self.shared.class_names[c],
                       "judged": self.judge_prompts[p], "correct": float(p == t)}
@@ -180,6 +182,14 @@ class Renderer:
                           buffer.getvalue())
 
 
+def image_seed(seed: int, name: str) -> int:
+    """The noise seed of image ``name`` (``round_003/test/global/dog_01``): from its split, class
+    and index only, so the same clip's images share their noise across rounds and between the
+    global and the nodes' adapters, and differ only by their conditioning."""
+    _, split, _, picture = name.split("/")
+    return seed * 1_000_003 + hash_name(f"{split}/{picture}")
+
+
 def hash_name(name: str) -> int:
     """A stable 31-bit number of an image name (Python's ``hash`` of a str is salted per
     process), so an image's seed depends on its name only."""
@@ -198,6 +208,9 @@ def check_images(config: Config, device: torch.device) -> None:
     kind in ``images.path`` and a model in ``images.judge_path`` (file-system checks; loading
     them is the renderer's first step)."""
     if needs_renderer(config):
+        if importlib.util.find_spec("diffusers") is None:
+            raise ConfigError(f"images.pipeline={config.images.pipeline.value}: diffusers is not "
+                              "installed; pip install -e \".[images]\"")
         if device.type == "cpu" and config.images.dtype is ImageDtype.fp16:
             raise ConfigError("images.dtype=fp16: half precision diffusion runs on a GPU only; "
                               "set images.dtype=fp32 (or bf16) to render on the CPU")
