@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,3 +310,31 @@ def test_a_nan_image_is_named_and_loses_no_round(sd_run: Callable[..., dict], tm
                f"text_encoder.path={models['sd']}")
     # Rendering follows the round's checkpoint: the failure lost no training.
     assert (tmp_path / "run" / "checkpoints" / "round_0001.pt").is_file()
+
+
+def test_flux_pooled_conditioning_is_rescaled_to_the_prompts_norm(
+        make_config: Callable[..., Any], models: dict[str, Path], tmp_path: Path) -> None:
+    """Flux reads CLIP's unnormalised pooled output: the adapter's pooled vector (trained on
+    the normalised one) keeps its direction and takes the class prompts' mean norm."""
+    from flcore.clients.clientbase import SharedTensors, build_adapter
+    from flcore.config import validate
+    from flcore.tracking import Trackers
+    from flcore.visual.renderer import Renderer, RenderSet
+
+    config = validate(make_config(*FAST, "+experiment=synthetic_flux",
+                                  f"images.path={models['flux']}", "text_encoder.max_length=8"))
+    targets = ClipT5TextEncoder(config.text_encoder).encode(PROMPTS)
+    gen = torch.Generator().manual_seed(0)
+    shared = SharedTensors(torch.randn(6, 4, 8, generator=gen), torch.arange(6) % 3,
+                           targets.pooled, torch.arange(3), ["a", "b", "c"], targets.sequence,
+                           targets.pooled_raw)
+    renderer = Renderer(config, shared, tmp_path, Trackers([]))
+    model = build_adapter(shared, config.adapter)
+    picked = RenderSet("global", "test", model.state_dict(), shared.tokens, shared.labels,
+                       torch.zeros(6, dtype=torch.long))
+    sequence, pooled = renderer.conditioning(model, picked)
+    assert pooled is not None and sequence.shape == (6, 8, 32)
+    norm = targets.pooled_raw.norm(dim=-1).mean()
+    torch.testing.assert_close(pooled.norm(dim=-1), norm.expand(6))
+    torch.testing.assert_close(F.normalize(pooled, dim=-1),
+                               F.normalize(model.eval().outputs(shared.tokens)[0], dim=-1))
