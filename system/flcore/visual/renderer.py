@@ -200,6 +200,7 @@ def hash_name(name: str) -> int:
 
 
 def needs_renderer(config: Config) -> bool:
+    """Whether the run renders images (``images.pipeline`` is not ``none``)."""
     return config.images.pipeline is not PipelineName.none
 
 
