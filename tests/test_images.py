@@ -5,6 +5,7 @@ computation, offline rendering from a checkpoint, and the bad-input paths."""
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -294,6 +295,28 @@ def test_at_most_log_limit_images_reach_the_tracker(sd_run: Callable[..., dict],
     assert [step for _, step in images] == [1, 1, 1, 2, 2, 2]
     assert all(key.startswith("images/test/") for key, _ in images)
     assert len(list((tmp_path / "run" / "images" / "round_002").rglob("*.png"))) == 20
+
+
+def test_a_batch_that_ran_out_of_memory_stays_small(sd_run: Callable[..., dict],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU that holds 2 images at once (simulated: the pipeline raises torch's out-of-memory
+    error above 2): the first set halves 4 -> 2 once, and every later set and round starts at
+    2, so the run warns once and renders every image."""
+    from diffusers import StableDiffusionPipeline
+
+    real = StableDiffusionPipeline.__call__
+
+    def tight(self: StableDiffusionPipeline, **kwargs: Any) -> Any:
+        if len(kwargs["prompt_embeds"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", tight)
+    with caplog.at_level(logging.WARNING, logger="flcore.visual.pipelines"):
+        results = sd_run("federation.rounds=2", "images.every=1", "images.nodes=true")
+    assert caplog.text.count("ran out of GPU memory") == 1
+    assert "images/acc" in results["final"]
 
 
 def test_a_nan_image_is_named_and_loses_no_round(sd_run: Callable[..., dict], tmp_path: Path,

@@ -136,11 +136,14 @@ def test_out_of_memory_halves_the_batch(sd: DiffusionPipeline, sequence: torch.T
                                         monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:
     _out_of_memory_above(monkeypatch, 1)
+    sizes: list[int] = []
     with caplog.at_level(logging.WARNING, logger="flcore.visual.pipelines"):
-        images = render(sd, "sd", sequence, None, [0, 1, 2], NAMES, **FAST, batch_size=4)
+        images = render(sd, "sd", sequence, None, [0, 1, 2], NAMES, **FAST, batch_size=4,
+                        shrunk=sizes.append)
     torch.testing.assert_close(images, one_by_one, atol=1e-5, rtol=0)
     assert "rendering 4 images of 32x32 at once ran out of GPU memory; trying 2" in caplog.text
     assert "trying 1" in caplog.text
+    assert sizes == [2, 1]  # what the renderer starts from next time
 
 
 def test_out_of_memory_for_one_image_is_a_resource_error(

@@ -8,6 +8,7 @@ batch it was rendered in; batches shrink on running out of GPU memory.
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,10 +180,12 @@ def _halve(batch_size: int, height: int, width: int) -> int:
 
 def render(pipe: "DiffusionPipeline", kind: str, sequence: torch.Tensor,
            pooled: torch.Tensor | None, seeds: list[int], names: list[str], *, steps: int,
-           guidance: float, height: int, width: int, batch_size: int) -> torch.Tensor:
+           guidance: float, height: int, width: int, batch_size: int,
+           shrunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """One image per row of ``sequence`` ``[N, T, D]`` (flux: and of ``pooled`` ``[N, Dp]``),
     each from its own seed: float32 CPU images ``[N, 3, H, W]`` in [0, 1]. ``names`` name the
-    images in errors."""
+    images in errors; ``shrunk`` hears each smaller batch size out of memory forced, so that the
+    caller can start there next time."""
     if not len(sequence) == len(seeds) == len(names):
         raise ValueError(f"{len(sequence)} conditionings, {len(seeds)} seeds, {len(names)} names")
     check_conditioning(pipe, kind, tuple(sequence.shape[1:]),
@@ -205,6 +208,8 @@ def render(pipe: "DiffusionPipeline", kind: str, sequence: torch.Tensor,
                               negative, options)
         if batch is None:
             batch_size = _halve(batch_size, height, width)
+            if shrunk is not None:
+                shrunk(batch_size)
             continue
         bad = _first_nonfinite(batch)
         if bad is not None:

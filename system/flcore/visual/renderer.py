@@ -73,6 +73,7 @@ class Renderer:
             raise ConfigError(f"images.pipeline={i.pipeline.value}: the adapter has no sequence "
                               "head; set text_encoder.output=sequence")
         self.kind = i.pipeline.value
+        self.batch_size = i.batch_size
         self.pipe = load_pipeline(self.kind, str(i.path), device, DTYPES[i.dtype])
         pooled = shared.pooled_raw
         check_conditioning(self.pipe, self.kind, tuple(shared.sequence.shape[1:]),
@@ -87,6 +88,10 @@ class Renderer:
         # one) are rescaled to the class prompts' mean norm.
         self.pooled_norm = (None if pooled is None
                             else float(pooled[space].norm(dim=-1).mean()))
+
+    def shrink(self, batch_size: int) -> None:
+        """Keep the batch size that out of memory forced for every later set and round."""
+        self.batch_size = batch_size
 
     def is_render_round(self, round_: int) -> bool:
         every = self.images.every
@@ -138,7 +143,7 @@ class Renderer:
             seeds = [image_seed(i.seed, n) for n in names]
             pictures = render(self.pipe, self.kind, sequence, pooled, seeds, names,
                               steps=i.steps, guidance=i.guidance, height=i.height,
-                              width=i.width, batch_size=i.batch_size)
+                              width=i.width, batch_size=self.batch_size, shrunk=self.shrink)
             for name, picture in zip(names, pictures, strict=True):
                 path = self.folder / f"{name}.png"
                 save_png(picture, path)
