@@ -6,7 +6,9 @@ folder's default ACL) exactly as for any other new file: the umask is never read
 ``os.umask``, which would briefly change it for every thread of the process.
 """
 
+import csv
 import errno
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,15 @@ def _reason(path: Path, err: OSError) -> str:
         if blocker is not None:
             return f"{blocker} is a file"
     return err.strerror or str(err)
+
+
+def write_csv(path: Path, columns: list[str], rows: list[Mapping[str, Any]]) -> None:
+    """Atomically write ``rows`` as a CSV with a header of ``columns``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_json(path: Path, payload: Any) -> None:

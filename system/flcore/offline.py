@@ -30,15 +30,18 @@ def compose(saved: dict[str, Any], overrides: list[str], configs: Path | None) -
     """The run's resolved config (as its checkpoint holds it) with ``overrides``: ``key=value``
     pairs, and ``images=NAME`` (the ``configs/images/NAME.yaml`` option) when ``configs``
     is given."""
-    groups = [o.split("=", 1) for o in overrides if "=" in o
-              and configs is not None and (configs / o.split("=", 1)[0]).is_dir()]
-    for key, _ in groups:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{bad[0]}: overrides are key=value (images.path=/models/sd15)")
+    split = [o.split("=", 1) for o in overrides]
+    groups = [(k, v) for k, v in split if configs is not None and (configs / k).is_dir()]
+    pairs = [f"{k}={v}" for k, v in split if (k, v) not in groups]
+    layers: list[Any] = [OmegaConf.structured(Config), saved]
+    for key, name in groups:
+        assert configs is not None
         if key != "images":
             raise ConfigError(f"{key}=...: rendering keeps the run's {key}; only the images "
                               "option and key=value overrides can change")
-    layers: list[Any] = [OmegaConf.structured(Config), saved]
-    for _, name in groups:
-        assert configs is not None
         option = configs / "images" / f"{name}.yaml"
         if not option.is_file():
             raise ConfigError(f"images={name}: no such option; use one of "
@@ -46,10 +49,6 @@ def compose(saved: dict[str, Any], overrides: list[str], configs: Path | None) -
         for part in (configs / "images" / "none.yaml", option):
             layers.append({"images": {k: v for k, v in OmegaConf.to_container(
                 OmegaConf.load(part)).items() if k != "defaults"}})
-    pairs = [o for o in overrides if "=" in o and o.split("=", 1)[0] not in {k for k, _ in groups}]
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"{bad[0]}: overrides are key=value (images.path=/models/sd15)")
     try:
         return OmegaConf.merge(*layers, OmegaConf.from_dotlist(pairs))
     except OmegaConfBaseException as err:

@@ -1,7 +1,5 @@
 """Build everything from the config, run it, and write the run's outputs (DESIGN.md)."""
 
-import csv
-import io
 import json
 import logging
 import shlex
@@ -38,6 +36,7 @@ from flcore.files import (
     atomic_write_text,
     remove_stale_temporaries,
     require_writable_dir,
+    write_csv,
     write_json,
 )
 from flcore.metrics.classification import save_confusion_png
@@ -275,11 +274,7 @@ def save_generator_quality(quality: GeneratorQuality, results: Results, run_dir:
     from flcore.plots import plot_kl_per_dimension
 
     columns = list(dict.fromkeys(k for row in quality.per_class for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(quality.per_class)
-    atomic_write_text(run_dir / "generator_quality.csv", buffer.getvalue())
+    write_csv(run_dir / "generator_quality.csv", columns, quality.per_class)
     trackers.log_table("gen/per_class", quality.per_class, step)
     results.generator_quality = {"held_out": quality.held_out, "per_class": quality.per_class,
                                  "undefined": quality.undefined}

@@ -5,7 +5,6 @@ finished exactly once, also when the run raises, so a multirun never logs job 2 
 """
 
 import csv
-import io
 import logging
 import os
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flcore.config import CsvLoggerConfig, LoggerConfig, WandbLoggerConfig
-from flcore.files import atomic_write_text
+from flcore.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,7 @@ class CsvFile:
             return list(reader.fieldnames or []), list(reader)
 
     def _rewrite(self, columns: list[str], rows: list[Mapping[str, Any]]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        write_csv(self.path, columns, rows)
         self.columns = columns
 
 

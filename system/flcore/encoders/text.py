@@ -144,11 +144,10 @@ class ClipTextEncoder(TextEncoder):
         folder = local_model_dir(config.path, config.model_id, "text_encoder",
                                  pipelines_allowed=True)
         super().__init__(config, folder)
-        pipeline = (folder / "model_index.json").is_file()
-        self.model_dir = _pipeline_part(folder, "text_encoder", "text_encoder") if pipeline \
-            else folder
-        self.tokenizer_dir = _pipeline_part(folder, "tokenizer", "text_encoder") if pipeline \
-            else folder
+        self.model_dir = self.tokenizer_dir = folder
+        if (folder / "model_index.json").is_file():
+            self.model_dir = _pipeline_part(folder, "text_encoder", "text_encoder")
+            self.tokenizer_dir = _pipeline_part(folder, "tokenizer", "text_encoder")
 
     @cached_property
     def parts(self) -> tuple["PreTrainedModel", bool, "PreTrainedTokenizerBase"]:

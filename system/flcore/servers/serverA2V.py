@@ -225,8 +225,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         stateful = self.strategy.stateful and self.algorithm is not Algorithm.centralized
         own = ({c.node: c.model_state for c in self.clients} if stateful else trained)
         prompt = i.source is ImageSource.prompt
-        node_states = {} if prompt or not (i.nodes or self.algorithm is Algorithm.local) \
-            else own
+        own_images = not prompt and (i.nodes or self.algorithm is Algorithm.local)
+        node_states = own if own_images else {}
         global_state = None if self.algorithm is Algorithm.local else self.global_state
         sets: list[RenderSet] = []
         splits = ["synthetic"] if i.source is ImageSource.synthetic else i.splits

@@ -4,10 +4,9 @@ configured pipeline, saving every image, logging some, and judging them zero-sho
 An image's name carries its round, split, renderer (``global`` or ``node{i}``), class and index:
 ``images/round_003/test/node2/dog_01.png`` under the run folder."""
 
-import csv
 import importlib.util
-import io
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from flcore.clients.clientbase import SharedTensors
 from flcore.config import Config, ImageDtype, ImageSource, PipelineName
 from flcore.encoders.text import class_prompts
 from flcore.errors import ConfigError
-from flcore.files import atomic_write_text
+from flcore.files import write_csv
 from flcore.metrics.classification import classification_metrics
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AudioAdapter
@@ -179,12 +178,7 @@ class Renderer:
 
     def write_judgements(self, round_: int, rows: list[dict[str, str | float]]) -> None:
         """``images/round_NNN/judgements.csv``: each image, its class and the judge's pick."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.folder / f"round_{round_:03d}" / "judgements.csv",
-                          buffer.getvalue())
+        write_csv(self.folder / f"round_{round_:03d}" / "judgements.csv", list(rows[0]), rows)
 
 
 def image_seed(seed: int, name: str) -> int:
@@ -198,10 +192,7 @@ def image_seed(seed: int, name: str) -> int:
 def hash_name(name: str) -> int:
     """A stable 31-bit number of an image name (Python's ``hash`` of a str is salted per
     process), so an image's seed depends on its name only."""
-    value = 2166136261
-    for byte in name.encode():
-        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
-    return value & 0x7FFFFFFF
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def needs_renderer(config: Config) -> bool:
