@@ -2,12 +2,16 @@
 module per client, the reference): same updates, in float64 to rounding and in whole runs to
 float32 tolerance; batches that do not fit; no host round trip in the step loop."""
 
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S, REPO
 from flcore.clients.clientbase import (
     AdapterJob,
     LocalUpdate,
@@ -268,3 +272,19 @@ def test_gpus_that_do_not_exist_are_refused_before_any_data_is_read(run_config) 
                                             r"GPU"):
         run_config("logger=[csv]", "executor=ray", "executor.num_gpus=0.5", "dataset=folder",
                    "dataset.root=/nonexistent/collection")
+
+
+def test_ray_executor_without_ray_installed_is_one_line(tmp_path, cache_dir) -> None:
+    """Ray is the ``ray`` extra: ``executor=ray`` in an install without it stops before any work
+    with the install command (here Ray is hidden from the import system, as if absent)."""
+    hide_ray = ("import runpy, sys; sys.modules['ray'] = None; "
+                f"sys.argv = ['main.py', 'executor=ray', 'logger=none', 'cache_dir={cache_dir}']; "
+                f"runpy.run_path({str(REPO / 'main.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide_ray], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S, check=False,
+                          env={**os.environ, "WANDB_SILENT": "true"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        'error: executor=ray: Ray is not installed; pip install -e ".[ray]" (or use '
+        "executor=batched, which needs nothing more)"]
+    assert "Embeddings" not in proc.stdout + proc.stderr

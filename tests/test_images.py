@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import HANG_GUARD_S
+
 pytest.importorskip("diffusers")
 
 from PIL import Image
@@ -210,8 +212,8 @@ def test_a_run_renders_from_its_checkpoint_offline(run_config: Callable[..., dic
     assert not (tmp_path / "plain" / "images").exists()
     script = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "render.py"), str(tmp_path / "plain"),
-         "images=sd", "device=cpu", *overrides], capture_output=True, text=True, timeout=300,
-        check=False)
+         "images=sd", "device=cpu", *overrides], capture_output=True, text=True,
+        timeout=HANG_GUARD_S, check=False)
     assert script.returncode == 0, script.stderr
     assert "images/acc" in script.stdout
     assert len(list((tmp_path / "plain" / "images" / "round_001" / "test" / "global").glob(
@@ -222,7 +224,7 @@ def test_render_script_bad_input_is_one_line(tmp_path: Path, models: dict[str, P
     (tmp_path / "run").mkdir()
     script = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "render.py"), str(tmp_path / "run"),
-         "images=sd"], capture_output=True, text=True, timeout=120, check=False)
+         "images=sd"], capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert script.returncode == 1
     assert script.stderr.strip() == (
         f"error: {tmp_path / 'run'}: no checkpoint in {tmp_path / 'run' / 'checkpoints'}; "

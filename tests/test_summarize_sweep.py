@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_GUARD_S
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
 FAST = ["logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
         "federation.local_epochs=1", "federation.rounds=1", "generator.training_epochs=2",
@@ -20,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def summarize(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=HANG_GUARD_S, check=False)
 
 
 def table(markdown: str) -> list[dict[str, str]]:
