@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 ROUND_METRICS = ("global/acc", "val/acc", "local/acc_mean", "synthetic/acc",
                  "synthetic/prompt_acc")
@@ -78,3 +79,50 @@ def plot_kl_per_dimension(kl: dict[str, list[float]], path: Path) -> Path | None
     if len(kl) <= 12:
         ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def plot_sweep_metric(path: Path, lines: dict[str, list[tuple[float, float, float]]],
+                      x_key: str, metric: str, references: list[tuple[float, str]]) -> Path:
+    """``metric`` against ``x_key``: one line per label of (x, mean, 95% CI half-width) points,
+    error bars where a half-width is known, and a dashed line per (value, name) reference."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in lines.items():
+        xs, means, halves = zip(*sorted(points), strict=True)
+        ax.errorbar(xs, means, yerr=halves if any(halves) else None, marker="o", capsize=3,
+                    label=label or None)
+    _references(ax, references)
+    if any(lines) or references:
+        ax.legend(fontsize="small")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {x_key}\nmean over seeds, error bars: 95% CI (Student t)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sweep_rounds(path: Path, curves: dict[str, list[tuple[int, float, float]]],
+                      metric: str, references: list[tuple[float, str]]) -> Path:
+    """``metric`` per round, one line per arm label of (round, mean, 95% CI half-width) points
+    with the interval as a band, so that convergence speed is visible."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        rounds, means, halves = (list(v) for v in zip(*points, strict=True))
+        (line,) = ax.plot(rounds, means, marker="o", markersize=3, label=label or metric)
+        ax.fill_between(rounds, [m - h for m, h in zip(means, halves, strict=True)],
+                        [m + h for m, h in zip(means, halves, strict=True)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    _references(ax, references)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per round\nmean over seeds, band: 95% CI (Student t)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _references(ax: Any, references: list[tuple[float, str]]) -> None:
+    """A dashed horizontal line per (value, name)."""
+    for value, name in references:
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=name)
