@@ -50,6 +50,27 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
 @pytest.mark.parametrize(("args", "line"), [
     (["generator.beta_warmup_ratio=1.5"],
      "error: generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
+    (["+genrator.beta_warmup_ratio=0.25"], "error: genrator: not a config key; did you mean "
+                                           "generator? (docs/configuration.md lists every key)"),
+])
+def test_refused_config_leaves_no_run_folder(run_main, tmp_path: Path, args: list[str],
+                                             line: str) -> None:
+    proc = run_main(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [line], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_refused_sweep_job_keeps_its_failed_record(run_main, tmp_path: Path) -> None:
+    proc = run_main("-m", "generator.beta_warmup_ratio=1.5", "logger=none")
+    assert proc.returncode == 1
+    job = only(list((tmp_path / "outputs" / "default" / "multiruns").glob("*/0")))
+    results = json.loads((job / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["error"] == "ConfigError: generator.beta_warmup_ratio=1.5: must be in (0, 1]"
+
+
+@pytest.mark.parametrize(("args", "line"), [
     (["dataset=esc50", "dataset.root=/nowhere"], "error: dataset.root=/nowhere: folder not found;"),
     (["federation.nodes=[{classes:[dgo]}]"], "error: federation.nodes[0].classes: unknown class "
                                              "'dgo'"),
