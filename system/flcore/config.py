@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -716,14 +716,30 @@ def _keys(node: Any, prefix: str = "") -> dict[str, bool]:
     return found
 
 
+def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (list items and user dicts not entered): what a
+    misspelt key is matched against."""
+    keys = []
+    for f in fields(schema):
+        keys.append(prefix + f.name)
+        inner = [t for t in (f.type, *get_args(f.type)) if isinstance(t, type) and is_dataclass(t)]
+        if inner and get_origin(f.type) is not list:
+            keys += schema_keys(inner[0], f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key(key: str, known: list[str]) -> ConfigError:
+    """The refusal of a key the schema lacks, naming the closest key it has."""
+    match = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {match[0]}?" if match else ""
+    return ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists every key)")
+
+
 def _check_known_keys(config: Config) -> None:
     keys = _keys(config)
     for key, known in keys.items():
         if not known:
-            match = difflib.get_close_matches(key, [k for k, ok in keys.items() if ok], n=1)
-            hint = f"; did you mean {match[0]}?" if match else ""
-            raise ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists "
-                              "every key)")
+            raise unknown_key(key, [k for k, ok in keys.items() if ok])
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:
