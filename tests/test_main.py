@@ -52,6 +52,9 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
      "error: generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
     (["+genrator.beta_warmup_ratio=0.25"], "error: genrator: not a config key; did you mean "
                                            "generator? (docs/configuration.md lists every key)"),
+    (["executor=sequential", "executor.clients_per_batch=8"],
+     "error: executor.clients_per_batch=8: applies to executor=batched and executor=ray only, "
+     "not executor=sequential; drop it"),
 ])
 def test_refused_config_leaves_no_run_folder(run_main, tmp_path: Path, args: list[str],
                                              line: str) -> None:

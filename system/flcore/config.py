@@ -604,7 +604,19 @@ def _check_adapter(a: AdapterConfig) -> None:
     _require(a.grad_clip >= 0, "adapter.grad_clip", a.grad_clip, "must be >= 0 (0 = off)")
 
 
+#: The executors each executor key applies to; set under another it is refused, not ignored.
+EXECUTOR_KEYS = {"clients_per_batch": (ExecutorName.batched, ExecutorName.ray),
+                 **{key: (ExecutorName.ray,) for key in ("num_cpus", "num_gpus", "address",
+                                                        "connect_timeout_s", "max_retries")}}
+
+
 def _check_executor(x: ExecutorConfig) -> None:
+    default = ExecutorConfig()
+    for key, users in EXECUTOR_KEYS.items():
+        named = " and ".join(f"executor={u.value}" for u in users)
+        _require(x.name in users or getattr(x, key) == getattr(default, key), f"executor.{key}",
+                 getattr(x, key), f"applies to {named} only, not executor={x.name.value}; "
+                 "drop it")
     _require(x.clients_per_batch >= 1, "executor.clients_per_batch", x.clients_per_batch,
              "must be >= 1")
     _require(x.num_cpus > 0, "executor.num_cpus", x.num_cpus, "must be > 0 (fractions allowed)")
