@@ -339,10 +339,12 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``."""
+    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``: the
+    ``keep_last`` newest, and after a completed run none unless ``keep_on_complete``."""
 
     every: int = 5
-    keep: int = 2
+    keep_last: int = 1
+    keep_on_complete: bool = True
     optimizer_state: bool = True
 
 
@@ -793,8 +795,8 @@ def validate(cfg: DictConfig) -> Config:
     _require(e.max_rows >= 2, "eval.max_rows", e.max_rows, "must be >= 2")
     _require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every,
              "must be >= 0 (0 = no checkpoints)")
-    _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,
-             "must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
+             config.checkpoint.keep_last, "must be >= 1")
     _check_generator(config.generator)
     if config.generator.load_from is not None:
         config.generator.load_from = str(Path(config.generator.load_from).expanduser())
