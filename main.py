@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from flcore.cli import one_line_compose_errors
 from flcore.run import run_job
 
 
@@ -12,4 +13,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_compose_errors():
+        main()

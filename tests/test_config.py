@@ -59,6 +59,13 @@ def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> N
 SD = ["images=sd", "images.path=/models/sd", "text_encoder=clip", "text_encoder.output=sequence"]
 
 
+@pytest.mark.parametrize("executor", ["sequential", "batched", "ray"])
+def test_executor_options_pass_with_the_keys_they_set(make_config: Callable[..., DictConfig],
+                                                      executor: str) -> None:
+    """The keys each configs/executor file sets are not taken as keys the user set."""
+    assert validate(make_config(f"executor={executor}")).executor.name.value == executor
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["generator.beta_warmup_ratio=1.5"], "generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
     (["generator.beta_warmup_ratio=0"], "generator.beta_warmup_ratio=0.0: must be in (0, 1]"),
@@ -122,6 +129,16 @@ SD = ["images=sd", "images.path=/models/sd", "text_encoder=clip", "text_encoder.
     (["federation.nodes=[{classes:[]}]"], "federation.nodes[0].classes=[]: must name at least"),
     (["federation.nodes=[{classes:[dog,dog]}]"], "lists a class twice"),
     (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0 (0 = no checkpoints)"),
+    (["executor=sequential", "executor.clients_per_batch=8"],
+     "executor.clients_per_batch=8: applies to executor=batched and executor=ray only, not "
+     "executor=sequential; drop it"),
+    (["executor=batched", "executor.num_gpus=0.5"],
+     "executor.num_gpus=0.5: applies to executor=ray only, not executor=batched; drop it"),
+    (["executor=sequential", "executor.address=auto"],
+     "executor.address=auto: applies to executor=ray only, not executor=sequential; drop it"),
+    (["executor.max_retries=3"], "executor.max_retries=3: applies to executor=ray only"),
+    (["executor.num_cpus=2"], "executor.num_cpus=2.0: applies to executor=ray only"),
+    (["executor.connect_timeout_s=5"], "executor.connect_timeout_s=5.0: applies to executor=ray"),
     (["generator=none", "server.adapter_training=synthetic"],
      "server.adapter_training=synthetic: needs synthetic samples: set generator.enabled=true"),
 ])

@@ -106,7 +106,7 @@ def test_local_algorithm_resumes_client_state_exactly(fast_run) -> None:
 
 
 def test_checkpoints_are_plain_data(fast_run, tmp_path: Path) -> None:
-    fast_run("federation.rounds=3", "checkpoint.keep=2")
+    fast_run("federation.rounds=3", "checkpoint.keep_last=2")
     files = checkpoint.checkpoints(tmp_path / "run")
     assert [f.name for f in files] == ["round_0002.pt", "round_0003.pt"]
     state = torch.load(files[-1], weights_only=True)

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from conftest import REPO
 from flcore import checkpoint
-from flcore.errors import CheckpointError, ConfigError
+from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
+from flcore.servers.serverA2V import ServerA2V
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
         "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
@@ -143,6 +144,33 @@ def test_checkpoints_off_and_without_optimizer_state(fast_run, tmp_path: Path) -
                                               r"could not be exact"):
         fast_run("federation.rounds=3", "federation.algorithm=local",
                  "checkpoint.optimizer_state=false", "resume=true", folder="lean")
+
+
+def test_only_the_last_checkpoint_is_kept_by_default(fast_run, tmp_path: Path) -> None:
+    fast_run("federation.rounds=3")
+    assert [f.name for f in checkpoint.checkpoints(tmp_path / "run")] == ["round_0003.pt"]
+
+
+def test_keep_on_complete_false_removes_checkpoints_only_once_the_run_completes(
+        fast_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lean = ("federation.rounds=3", "checkpoint.keep_on_complete=false")
+    train_round = ServerA2V.train_round
+
+    def stop_in_round_3(self: ServerA2V, round_: int, selected: list) -> dict:
+        if round_ == 3:
+            raise KeyboardInterrupt
+        return train_round(self, round_, selected)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ServerA2V, "train_round", stop_in_round_3)
+        with pytest.raises(RunInterrupted):
+            fast_run(*lean)
+    assert [f.name for f in checkpoint.checkpoints(tmp_path / "run")] == ["round_0002.pt"]
+    resumed = fast_run(*lean, "resume=true")
+    assert resumed["status"] == "completed" and resumed["rounds"][-1]["round"] == 3
+    assert checkpoint.checkpoints(tmp_path / "run") == []
+    with pytest.raises(CheckpointError, match=r"checkpoint\.keep_on_complete=false removes"):
+        fast_run("federation.rounds=4", "checkpoint.keep_on_complete=false", "resume=true")
 
 
 def test_whole_run_schedule_refuses_a_new_length_on_resume(

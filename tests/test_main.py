@@ -50,6 +50,59 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
 @pytest.mark.parametrize(("args", "line"), [
     (["generator.beta_warmup_ratio=1.5"],
      "error: generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
+    (["+genrator.beta_warmup_ratio=0.25"], "error: genrator: not a config key; did you mean "
+                                           "generator? (docs/configuration.md lists every key)"),
+    (["executor=sequential", "executor.clients_per_batch=8"],
+     "error: executor.clients_per_batch=8: applies to executor=batched and executor=ray only, "
+     "not executor=sequential; drop it"),
+])
+def test_refused_config_leaves_no_run_folder(run_main, tmp_path: Path, args: list[str],
+                                             line: str) -> None:
+    proc = run_main(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [line], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["generator=foo"], "error: generator=foo: no such option; available: none, per_class, "
+                        "per_group, unified"),
+    (["seed=abc"], "error: seed=abc: must be an integer"),
+    (["dataset.name=foo"], "error: dataset.name=foo: must be one of synthetic, esc50, folder"),
+    (["-m", "deterministic=maybe,true"], "error: deterministic=maybe: must be true or false"),
+    (["genrator.beta_warmup_ratio=0.25"], "error: genrator.beta_warmup_ratio: not a config key; "
+                                          "did you mean generator.beta_warmup_ratio? "
+                                          "(docs/configuration.md lists every key)"),
+    (["federation.rounds=[1"], "error: federation.rounds=[1: cannot parse it (no viable "
+                               "alternative at input '[1'); see "
+                               "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"),
+])
+def test_hydra_compose_errors_are_one_line(run_main, args: list[str], line: str) -> None:
+    proc = run_main(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [line], proc.stderr
+
+
+def test_hydra_full_error_keeps_the_trace(run_main, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    proc = run_main("generator=foo")
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last):" in proc.stderr
+    assert ("hydra.errors.MissingConfigException: In 'config': Could not find 'generator/foo'\n"
+            in proc.stderr)
+    assert "error: " not in proc.stderr
+
+
+def test_refused_sweep_job_keeps_its_failed_record(run_main, tmp_path: Path) -> None:
+    proc = run_main("-m", "generator.beta_warmup_ratio=1.5", "logger=none")
+    assert proc.returncode == 1
+    job = only(list((tmp_path / "outputs" / "default" / "multiruns").glob("*/0")))
+    results = json.loads((job / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["error"] == "ConfigError: generator.beta_warmup_ratio=1.5: must be in (0, 1]"
+
+
+@pytest.mark.parametrize(("args", "line"), [
     (["dataset=esc50", "dataset.root=/nowhere"], "error: dataset.root=/nowhere: folder not found;"),
     (["federation.nodes=[{classes:[dgo]}]"], "error: federation.nodes[0].classes: unknown class "
                                              "'dgo'"),

@@ -63,12 +63,20 @@ def save(run_dir: Path, round_: int, payload: dict[str, Any], keep: int) -> Path
     return path
 
 
+def remove_all(run_dir: Path) -> None:
+    """Delete the run's checkpoints (``checkpoint.keep_on_complete=false``, once it completed)."""
+    for path in checkpoints(run_dir):
+        path.unlink()
+
+
 def load_latest(run_dir: Path) -> dict[str, Any]:
     """The newest checkpoint of ``run_dir``; a clear error if there is none or it is corrupted."""
     files = checkpoints(run_dir)
     if not files:
         raise CheckpointError(f"resume=true but {folder(run_dir)} has no checkpoint: pass "
-                              "hydra.run.dir=<the folder of the run to resume>")
+                              "hydra.run.dir=<the folder of the run to resume> (a run with "
+                              "checkpoint.keep_on_complete=false removes its own once it "
+                              "completes)")
     latest = files[-1]
     try:
         return torch.load(latest, map_location="cpu", weights_only=True)

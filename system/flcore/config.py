@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -339,10 +339,12 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``."""
+    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``: the
+    ``keep_last`` newest, and after a completed run none unless ``keep_on_complete``."""
 
     every: int = 5
-    keep: int = 2
+    keep_last: int = 1
+    keep_on_complete: bool = True
     optimizer_state: bool = True
 
 
@@ -604,7 +606,19 @@ def _check_adapter(a: AdapterConfig) -> None:
     _require(a.grad_clip >= 0, "adapter.grad_clip", a.grad_clip, "must be >= 0 (0 = off)")
 
 
+#: The executors each executor key applies to; set under another it is refused, not ignored.
+EXECUTOR_KEYS = {"clients_per_batch": (ExecutorName.batched, ExecutorName.ray),
+                 **{key: (ExecutorName.ray,) for key in ("num_cpus", "num_gpus", "address",
+                                                        "connect_timeout_s", "max_retries")}}
+
+
 def _check_executor(x: ExecutorConfig) -> None:
+    default = ExecutorConfig()
+    for key, users in EXECUTOR_KEYS.items():
+        named = " and ".join(f"executor={u.value}" for u in users)
+        _require(x.name in users or getattr(x, key) == getattr(default, key), f"executor.{key}",
+                 getattr(x, key), f"applies to {named} only, not executor={x.name.value}; "
+                 "drop it")
     _require(x.clients_per_batch >= 1, "executor.clients_per_batch", x.clients_per_batch,
              "must be >= 1")
     _require(x.num_cpus > 0, "executor.num_cpus", x.num_cpus, "must be > 0 (fractions allowed)")
@@ -716,14 +730,30 @@ def _keys(node: Any, prefix: str = "") -> dict[str, bool]:
     return found
 
 
+def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (list items and user dicts not entered): what a
+    misspelt key is matched against."""
+    keys = []
+    for f in fields(schema):
+        keys.append(prefix + f.name)
+        inner = [t for t in (f.type, *get_args(f.type)) if isinstance(t, type) and is_dataclass(t)]
+        if inner and get_origin(f.type) is not list:
+            keys += schema_keys(inner[0], f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key(key: str, known: list[str]) -> ConfigError:
+    """The refusal of a key the schema lacks, naming the closest key it has."""
+    match = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {match[0]}?" if match else ""
+    return ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists every key)")
+
+
 def _check_known_keys(config: Config) -> None:
     keys = _keys(config)
     for key, known in keys.items():
         if not known:
-            match = difflib.get_close_matches(key, [k for k, ok in keys.items() if ok], n=1)
-            hint = f"; did you mean {match[0]}?" if match else ""
-            raise ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists "
-                              "every key)")
+            raise unknown_key(key, [k for k, ok in keys.items() if ok])
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:
@@ -765,8 +795,8 @@ def validate(cfg: DictConfig) -> Config:
     _require(e.max_rows >= 2, "eval.max_rows", e.max_rows, "must be >= 2")
     _require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every,
              "must be >= 0 (0 = no checkpoints)")
-    _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep,
-             "must be >= 1")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
+             config.checkpoint.keep_last, "must be >= 1")
     _check_generator(config.generator)
     if config.generator.load_from is not None:
         config.generator.load_from = str(Path(config.generator.load_from).expanduser())

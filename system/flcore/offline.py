@@ -36,7 +36,8 @@ def compose(saved: dict[str, Any], overrides: list[str], configs: Path | None) -
     split = [o.split("=", 1) for o in overrides]
     groups = [(k, v) for k, v in split if configs is not None and (configs / k).is_dir()]
     pairs = [f"{k}={v}" for k, v in split if (k, v) not in groups]
-    layers: list[Any] = [OmegaConf.structured(Config), saved]
+    kept = {k: v for k, v in saved.items() if k != "checkpoint"}  # runs saved before keep_last
+    layers: list[Any] = [OmegaConf.structured(Config), kept]
     for key, name in groups:
         assert configs is not None
         if key != "images":

@@ -413,6 +413,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         log.info("Final: %s", ", ".join(f"{k}={results.final[k]:.4g}" for k in HEADLINE
                                         if k in results.final))
         results.status = "completed"
+        if not config.checkpoint.keep_on_complete:
+            checkpoint.remove_all(job.run_dir)
         return results.to_dict()
     except KeyboardInterrupt as err:
         results.status = "interrupted"

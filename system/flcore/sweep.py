@@ -1,6 +1,6 @@
-"""Hydra callbacks: a one-line error for an output folder that cannot be written or for jobs
-that ask for GPUs their launcher cannot give them (both before any job starts), and at the end of
-a sweep the jobs that failed, with a non-zero exit."""
+"""Hydra callbacks: a one-line error for a single run's config that fails validation, an output
+folder that cannot be written or jobs that ask for GPUs their launcher cannot give them (all
+before any job starts), and at the end of a sweep the jobs that failed, with a non-zero exit."""
 
 import json
 import logging
@@ -13,7 +13,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flcore.errors import FedA2VError
+from flcore.config import validate
+from flcore.errors import ConfigError, FedA2VError
 from flcore.files import require_writable_dir
 
 log = logging.getLogger(__name__)
@@ -221,12 +222,16 @@ def _check_output_dir(path: str, key: str) -> None:
 
 
 class SweepReport(Callback):
-    """Hydra callback (``hydra.callbacks.sweep_report``): checks the output folder before
-    Hydra writes into it and, for a sweep, that its launcher can give each job the GPUs it asks
-    for; after the last job of a sweep lists the jobs that did not complete and exits with
-    status 1 if there are any."""
+    """Hydra callback (``hydra.callbacks.sweep_report``): checks a single run's config and the
+    output folder before Hydra creates it and, for a sweep, that its launcher can give each job
+    the GPUs it asks for; after the last job of a sweep lists the jobs that did not complete and
+    exits with status 1 if there are any."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # a refused run leaves no folder behind (a sweep's jobs keep their failed record)
+            validate(config)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
         _check_output_dir(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

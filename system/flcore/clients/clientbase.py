@@ -16,6 +16,7 @@ from torch import nn
 
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import TrainingError
+from flcore.progress import phase
 from flcore.runtime import autocast
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, step_keys
 
@@ -135,11 +136,12 @@ def check_finite(first: torch.Tensor, who: str, epoch: int) -> None:
 
 def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: torch.Tensor,
         config: AdapterConfig, epochs: int, seed: int, who: str,
-        optimizer_state: dict | None = None) -> tuple[float, dict]:
+        optimizer_state: dict | None = None, progress: str | None = None) -> tuple[float, dict]:
     """Train ``model`` in place with AdamW on seeded minibatches of ``features``; return the last
     epoch's mean loss and the optimizer state. ``seed`` fixes the minibatch order and dropout
     masks (``step_loss(model, x, y, key)`` passes ``key`` on to the adapter). Raises
-    TrainingError naming ``who`` and the epoch on a NaN or infinite loss."""
+    TrainingError naming ``who`` and the epoch on a NaN or infinite loss. ``progress`` names a
+    per-epoch bar (on a terminal)."""
     device = features.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -157,7 +159,7 @@ def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: t
             else torch.zeros(epochs * per_epoch, dtype=torch.long, device=device))
     model.train()
     epoch_loss = math.nan
-    for epoch in range(epochs):
+    for epoch in range(epochs) if progress is None else phase(range(epochs), progress, "epoch"):
         total = torch.zeros((), device=device)
         first = torch.zeros((), device=device)
         for b, start in enumerate(range(0, n, config.batch_size)):

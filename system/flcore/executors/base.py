@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.progress import phase
 from flcore.trainmodel.banks import Bank
 from flcore.trainmodel.generators import EpochLog, VAELoss
 
@@ -37,7 +38,8 @@ class Executor(ABC):
         """Train each node's generator bank on its job; each bank's epoch logs, in order. By
         default one bank after another."""
         return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
-                for bank, job in zip(banks, jobs, strict=True)]
+                for bank, job in phase(zip(banks, jobs, strict=True), "generators", "node",
+                                       len(banks))]
 
     def close(self) -> None:
         """Release what the executor holds: workers, and the device memory torch caches."""

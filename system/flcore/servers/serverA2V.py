@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import (
@@ -48,6 +47,7 @@ from flcore.metrics.classification import (
     per_class_accuracy,
     zero_shot_scores,
 )
+from flcore.progress import phase
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
@@ -270,9 +270,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         spec = RoundSpec(self.config.adapter, f.local_epochs, strategy.anchor(self),
                          f.fedprox_mu, strategy.stateful)
         updates = self.executor.train_adapters(jobs, spec)
-        for client, update in tqdm(zip(selected, updates, strict=True), total=len(selected),
-                                   desc=f"round {round_}", unit="client", leave=False,
-                                   disable=None):
+        for client, update in phase(zip(selected, updates, strict=True),
+                                    f"round {round_} clients", "client", len(selected)):
             if strategy.stateful:
                 update.state = _offload(update.state)
                 client.optimizer_state = _offload(update.optimizer_state)
@@ -387,7 +386,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.model.load_state_dict(state)
         fit(self.model, step_loss, x, y, self.config.adapter, self.config.server.synthetic_epochs,
             training_seed(self.config.seed, round_, SERVER_STREAM + stream),
-            f"server, round {round_}")
+            f"server, round {round_}", progress=f"round {round_} server")
         return _clone(self.model.state_dict())
 
     def curate(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int
@@ -502,7 +501,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.model.load_state_dict(self.global_state)
         rows = torch.arange(int(keep.sum()), device=x.device)
         fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
-            training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}")
+            training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}",
+            progress=f"round {round_} server")
         return _clone(self.model.state_dict())
 
     def learn_from_synthetic(self, round_: int, x: torch.Tensor,

@@ -88,10 +88,10 @@ class ServerBase(ABC):
                                {"server": self.state_dict(c.optimizer_state),
                                 "history": self.history, "rounds_s": self.rounds_seconds,
                                 "optimizer_state": c.optimizer_state,
-                                **self.checkpoint_extra}, c.keep)
+                                **self.checkpoint_extra}, c.keep_last)
         if not self.checkpoint_size_logged:
-            log.info("Checkpoint %s: %.1f MB (checkpoint.every=%d, keep=%d)", path.name,
-                     path.stat().st_size / 1e6, c.every, c.keep)
+            log.info("Checkpoint %s: %.1f MB (checkpoint.every=%d, keep_last=%d)", path.name,
+                     path.stat().st_size / 1e6, c.every, c.keep_last)
             self.checkpoint_size_logged = True
 
     def run(self, start: int = 0) -> list[dict[str, Any]]:
