@@ -371,7 +371,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                        "files": {s: files[s] for s in ("train", "val", "test")}}
                       for n, files in zip(partition.nodes, partition.files(), strict=True)],
         }
-        results.warnings = partition.warnings()
+        results.warnings = partition.warnings() + (partition.unscored()
+                                                    if config.generator.enabled else [])
         for warning in results.warnings:
             log.warning("%s", warning)
         scalars = {f"partition/{k}": v for k, v in stats.items()}
