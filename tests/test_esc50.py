@@ -158,3 +158,23 @@ def test_clip_shorter_than_the_encoder_window_is_a_bad_file(tiny_esc50: Path,
     sf.write(victim, np.zeros(22050, dtype=np.float32), 44100, subtype="PCM_16")  # 0.5 s
     assert len(load_dataset(config, tmp_path, min_seconds=mfcc).clips) == 30
     assert list(load_dataset(config, tmp_path, min_seconds=yamnet).skipped) == [victim.name]
+
+
+def test_a_subset_keeping_its_original_targets_is_renumbered_in_target_order(
+        tmp_path: Path) -> None:
+    rows = [("1-100-A-12.wav", 1, 12, "siren"), ("1-200-A-3.wav", 1, 3, "dog"),
+            ("2-300-A-7.wav", 2, 7, "rain"), ("2-400-A-3.wav", 2, 3, "dog")]
+    dataset = load_esc50(write_esc50(tmp_path / "subset", rows))
+    assert dataset.class_names == ["dog", "rain", "siren"]  # targets 3, 7, 12 -> 0, 1, 2
+    assert {c.filename: c.target for c in dataset.clips} == {
+        "1-100-A-12.wav": 2, "1-200-A-3.wav": 0, "2-300-A-7.wav": 1, "2-400-A-3.wav": 0}
+    assert [dataset.class_names[c.target] for c in dataset.clips] == [r[3] for r in rows]
+
+
+def test_a_category_under_two_targets_is_refused(tmp_path: Path) -> None:
+    rows = [("1-100-A-3.wav", 1, 3, "dog"), ("1-200-A-7.wav", 1, 7, "dog")]
+    root = write_esc50(tmp_path / "twice", rows)
+    with pytest.raises(DataError) as err:
+        load_esc50(root)
+    assert str(err.value) == (f"{root / 'meta' / 'esc50.csv'}: category 'dog' has targets [3, 7]; "
+                              "give each category one target")

@@ -8,7 +8,7 @@ metadata and every file header are checked once at load time so that a bad file 
 import csv
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,18 +99,28 @@ def _read_metadata(root: Path) -> list[Clip]:
     return clips
 
 
-def _class_names(clips: list[Clip], meta: Path) -> list[str]:
+def _classes(clips: list[Clip], meta: Path) -> tuple[list[Clip], list[str]]:
+    """The clips with their targets renumbered 0..K-1 in the order of the K original targets
+    present (a subset of ESC-50 keeps its original numbers), and the class names in that order."""
     by_target: dict[int, str] = {}
     for clip in clips:
         known = by_target.setdefault(clip.target, clip.category)
         if known != clip.category:
             raise DataError(f"{meta}: target {clip.target} is both '{known}' and "
-                            f"'{clip.category}'")
+                            f"'{clip.category}'; give each target one category")
     targets = sorted(by_target)
+    names = [by_target[t] for t in targets]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        shared = [t for t in targets if by_target[t] == twice]
+        raise DataError(f"{meta}: category '{twice}' has targets {shared}; give each category "
+                        "one target")
     if targets != list(range(len(targets))):
-        raise DataError(f"{meta}: targets must be 0..{len(targets) - 1} without gaps, got "
-                        f"{targets[:10]}")
-    return [by_target[t] for t in targets]
+        log.info("%s: targets %s mapped to 0..%d in that order", meta,
+                 ", ".join(map(str, targets[:10])) + (", ..." if len(targets) > 10 else ""),
+                 len(targets) - 1)
+    index = {t: i for i, t in enumerate(targets)}
+    return [replace(c, target=index[c.target]) for c in clips], names
 
 
 def _file_problem(path: Path, min_seconds: float) -> str | None:
@@ -158,8 +168,7 @@ def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset.root={root}: folder not found; " + HOW_TO_GET)
-    clips = _read_metadata(root)
-    class_names = _class_names(clips, root / "meta" / "esc50.csv")
+    clips, class_names = _classes(_read_metadata(root), root / "meta" / "esc50.csv")
     kept, skipped = screen_files(clips, root / "audio", on_bad_file, min_seconds)
     if not kept:
         raise DataError(f"dataset.root={root}: no usable clips")
