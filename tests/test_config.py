@@ -116,6 +116,10 @@ SD = ["images=sd", "images.path=/models/sd", "text_encoder=clip", "text_encoder.
     (["dataset.test_folds=[3]"], "dataset.test_folds=[3]: fold 3 is also in dataset.train_folds"),
     (["dataset.train_folds=[]"], "dataset.train_folds=[]: must name at least one fold"),
     (["dataset.synthetic.clips_per_class=2"], "dataset.synthetic.clips_per_class=2: must be >= 5"),
+    (["dataset.clip_seconds=0"], "dataset.clip_seconds=0.0: must be null (no stated length) or "
+     "in (0, 3600]"),
+    (["dataset=folder", "dataset.root=/x", "dataset.strict=true"],
+     "dataset.strict=True: refuses clips shorter than dataset.clip_seconds, which is null; set it"),
     (["federation.partition.num_nodes=0"], "federation.partition.num_nodes=0: must be >= 1"),
     (["federation.partition.alpha=0"], "federation.partition.alpha=0.0: must be > 0"),
     (["federation.partition.min_samples_per_node=0"], "min_samples_per_node=0: must be >= 1"),

@@ -1,5 +1,6 @@
 """The ESC-50 reader: metadata checks, bad files, format conversion and resampling."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,7 @@ def test_non_integer_fold_is_located(tiny_esc50: Path) -> None:
     (lambda p: p.write_bytes(b""), "unreadable audio"),
     (lambda p: p.write_bytes(b"RIFF not really a wave file"), "unreadable audio"),
     (lambda p: sf.write(p, np.zeros(0, dtype=np.float32), 16000), "empty file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:30]), "unreadable audio"),  # cut inside the header
 ])
 def test_bad_files_stop_the_run_or_are_skipped_and_counted(tiny_esc50: Path, damage,
                                                            problem: str) -> None:
@@ -178,3 +180,36 @@ def test_a_category_under_two_targets_is_refused(tmp_path: Path) -> None:
         load_esc50(root)
     assert str(err.value) == (f"{root / 'meta' / 'esc50.csv'}: category 'dog' has targets [3, 7]; "
                               "give each category one target")
+
+
+def cut(path: Path, frames: int) -> None:
+    """Truncate a mono 16-bit WAV after ``frames`` samples, as an interrupted copy would (its
+    header still states the full length)."""
+    header = path.stat().st_size - 2 * sf.info(str(path)).frames
+    path.write_bytes(path.read_bytes()[: header + 2 * frames])
+
+
+def test_a_truncated_clip_is_a_warning_naming_it_or_under_strict_an_error(
+        tiny_esc50: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tiny_esc50's clips last 1 s at 44.1 kHz: one cut to 22050 frames (0.5 s) is short, one
+    cut to 43880 frames (0.995 s, within the 10 ms tolerance) is not."""
+    victim, nearly = sorted((tiny_esc50 / "audio").iterdir())[:2]
+    cut(victim, 22050)
+    cut(nearly, 43880)
+    assert sf.info(str(victim)).frames == 22050
+    assert load_esc50(tiny_esc50).short == {}  # no stated length: nothing to compare
+    config = DatasetConfig(name=DatasetName.esc50, root=str(tiny_esc50), clip_seconds=1.0)
+    with caplog.at_level(logging.WARNING, logger="flcore.data.esc50"):
+        dataset = load_dataset(config, tmp_path)
+    assert len(dataset.clips) == 30 and dataset.short == {victim.name: 0.5}
+    assert (f"1 clip(s) of {tiny_esc50 / 'audio'} shorter than dataset.clip_seconds=1 "
+            f"(truncated?), kept (dataset.strict=true refuses them): {victim.name} (0.500 s)"
+            ) in caplog.messages
+    config.strict = True
+    with pytest.raises(DataError) as err:
+        load_dataset(config, tmp_path)
+    assert str(err.value) == (f"{victim}: 0.500 s, shorter than dataset.clip_seconds=1 "
+                              "(truncated?); re-export or remove it, or set dataset.strict=false "
+                              "to keep it with a warning")
+    config.clip_seconds = 0.5
+    assert load_dataset(config, tmp_path).short == {}

@@ -195,6 +195,8 @@ def test_a_class_of_one_clip_under_a_ratio_split_is_a_warning_not_a_crash(
                       "federation.rounds=1", "federation.partition.num_nodes=3",
                       "federation.partition.classes_per_node=1")
     assert results["status"] == "completed"
+    assert results["partition"]["short_clips"] == 21  # 1 s clips; dataset=esc50 states 5 s
+    assert results["partition"]["short"]["1-999000-A-2.wav"] == 1.0
     [node] = [n for n in results["partition"]["nodes"] if n["classes"] == ["siren"]]
     assert (node["train"], node["val"], node["test"]) == (1, 0, 0)
     assert (f"node {node['node']}: class 'siren' has no test clips to score its generators on "

@@ -362,11 +362,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                  "cached" if embeddings.text_cached else "computed",
                  results.timings["embedding_s"])
 
-        stats = {**partition.stats(), "skipped_files": len(dataset.skipped)}
+        stats = {**partition.stats(), "skipped_files": len(dataset.skipped),
+                 "short_clips": len(dataset.short)}
         results.partition = {
             **stats,
             "dataset_root": str(dataset.root),
             "skipped": dataset.skipped,
+            "short": dataset.short,
             "nodes": [{"node": n.node, "classes": n.classes, **n.counts(),
                        "files": {s: files[s] for s in ("train", "val", "test")}}
                       for n, files in zip(partition.nodes, partition.files(), strict=True)],
