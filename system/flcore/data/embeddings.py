@@ -8,10 +8,10 @@ with ``torch.load(weights_only=True)``. A loaded entry is checked as a fresh res
 a crash.
 
 Audio embeddings are stored in shards: ``<cache_dir>/<key>/shard-00000.pt`` holds clips
-``0 .. shard_size - 1`` (in ``dataset.clips`` order) and their checksum (:mod:`flcore.data.shards`),
-and so on, each written as soon as it is computed, then ``manifest.json`` once every shard is
-there. A killed pass therefore keeps its
-finished shards, and the next pass computes only the missing or bad ones. Shards are computed
+``0 .. shard_size - 1`` (in ``dataset.clips`` order) with their checksum
+(:mod:`flcore.data.shards`), and so on, each written as soon as it is computed, then
+``manifest.json`` once every shard is there. A killed pass therefore keeps its finished
+shards, and the next pass computes only the missing or bad ones. Shards are computed
 in the run's process (``workers=0``) or in ``workers`` spawned processes that each build the
 encoder once; both give the same tensors (each shard is encoded in the same batches).
 """
