@@ -1,6 +1,7 @@
 """The embedding cache: hits, misses on any changed input, atomic writes, bad entries,
-bypass, bad folders."""
+shard checksums, bypass, bad folders."""
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import flcore.files
 from flcore.config import AudioEncoderConfig, AudioEncoderName, TextEncoderConfig
 from flcore.data.embeddings import EmbeddingCache, embed_audio, embed_text
 from flcore.data.esc50 import load_esc50
+from flcore.data.shards import shard_digest
 from flcore.encoders.audio import MfccEncoder
 from flcore.encoders.text import MiniLMEncoder
 
@@ -121,6 +123,55 @@ def test_bad_but_loadable_audio_entry_is_recomputed(tiny_esc50: Path, tmp_path: 
     assert torch.isfinite(again).all()
     torch.testing.assert_close(again, reference)
     assert embed(tiny_esc50, cache)[1] is True
+
+
+def test_a_flipped_bit_in_a_shard_is_caught_by_its_checksum(
+        tiny_esc50: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The lowest mantissa bit of one float on disk: the shard still loads, finite and of the
+    right shape, so only the checksum tells it from the stored tokens."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    reference, _ = embed(tiny_esc50, cache)
+    path = shard(tmp_path / "cache")
+    blob = bytearray(path.read_bytes())
+    start = blob.find(reference.numpy().tobytes())
+    assert start > 0 and reference.dtype == torch.float32
+    blob[start + 4 * 1000] ^= 0x01  # flat element 1000 = [1, 0, 40]
+    path.write_bytes(bytes(blob))
+    flipped = torch.load(path, weights_only=True)["tokens"]
+    assert torch.isfinite(flipped).all()
+    assert (flipped != reference).nonzero().tolist() == [[1, 0, 40]]
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed(tiny_esc50, cache)
+    assert hit is False
+    assert f"Ignoring bad cache entry {path} (checksum mismatch: stored sha256" in caplog.text
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    assert embed(tiny_esc50, cache)[1] is True
+
+
+def test_a_shard_without_a_checksum_is_recomputed(tiny_esc50: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache(tmp_path / "cache")
+    reference, _ = embed(tiny_esc50, cache)
+    path = shard(tmp_path / "cache")
+    entry = torch.load(path, weights_only=True)
+    del entry["sha256"]
+    torch.save(entry, path)
+    with caplog.at_level(logging.WARNING):
+        again, hit = embed(tiny_esc50, cache)
+    assert hit is False
+    assert (f"Ignoring bad cache entry {path} (no checksum (written before shards carried "
+            "one)); recomputing") in caplog.text
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    assert "sha256" in torch.load(path, weights_only=True)
+
+
+def test_shard_digest_hashes_dtype_shape_bytes_and_names() -> None:
+    tokens = torch.tensor([[[1.0]], [[-2.0]]])
+    by_hand = hashlib.sha256(b"torch.float32\0[2, 1, 1]\0"
+                             + np.array([1.0, -2.0], dtype="<f4").tobytes() + b"a.wav\0b.wav")
+    assert shard_digest(tokens, ["a.wav", "b.wav"]) == by_hand.hexdigest()
+    assert shard_digest(tokens, ["a.wav", "c.wav"]) != by_hand.hexdigest()
+    assert shard_digest(tokens.double(), ["a.wav", "b.wav"]) != by_hand.hexdigest()
 
 
 def test_entry_that_is_not_a_dict_is_recomputed(tiny_esc50: Path, tmp_path: Path,

@@ -1,5 +1,6 @@
 """The ESC-50 reader: metadata checks, bad files, format conversion and resampling."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,7 @@ def test_non_integer_fold_is_located(tiny_esc50: Path) -> None:
     (lambda p: p.write_bytes(b""), "unreadable audio"),
     (lambda p: p.write_bytes(b"RIFF not really a wave file"), "unreadable audio"),
     (lambda p: sf.write(p, np.zeros(0, dtype=np.float32), 16000), "empty file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:30]), "unreadable audio"),  # cut inside the header
 ])
 def test_bad_files_stop_the_run_or_are_skipped_and_counted(tiny_esc50: Path, damage,
                                                            problem: str) -> None:
@@ -158,3 +160,56 @@ def test_clip_shorter_than_the_encoder_window_is_a_bad_file(tiny_esc50: Path,
     sf.write(victim, np.zeros(22050, dtype=np.float32), 44100, subtype="PCM_16")  # 0.5 s
     assert len(load_dataset(config, tmp_path, min_seconds=mfcc).clips) == 30
     assert list(load_dataset(config, tmp_path, min_seconds=yamnet).skipped) == [victim.name]
+
+
+def test_a_subset_keeping_its_original_targets_is_renumbered_in_target_order(
+        tmp_path: Path) -> None:
+    rows = [("1-100-A-12.wav", 1, 12, "siren"), ("1-200-A-3.wav", 1, 3, "dog"),
+            ("2-300-A-7.wav", 2, 7, "rain"), ("2-400-A-3.wav", 2, 3, "dog")]
+    dataset = load_esc50(write_esc50(tmp_path / "subset", rows))
+    assert dataset.class_names == ["dog", "rain", "siren"]  # targets 3, 7, 12 -> 0, 1, 2
+    assert {c.filename: c.target for c in dataset.clips} == {
+        "1-100-A-12.wav": 2, "1-200-A-3.wav": 0, "2-300-A-7.wav": 1, "2-400-A-3.wav": 0}
+    assert [dataset.class_names[c.target] for c in dataset.clips] == [r[3] for r in rows]
+
+
+def test_a_category_under_two_targets_is_refused(tmp_path: Path) -> None:
+    rows = [("1-100-A-3.wav", 1, 3, "dog"), ("1-200-A-7.wav", 1, 7, "dog")]
+    root = write_esc50(tmp_path / "twice", rows)
+    with pytest.raises(DataError) as err:
+        load_esc50(root)
+    assert str(err.value) == (f"{root / 'meta' / 'esc50.csv'}: category 'dog' has targets [3, 7]; "
+                              "give each category one target")
+
+
+def cut(path: Path, frames: int) -> None:
+    """Truncate a mono 16-bit WAV after ``frames`` samples, as an interrupted copy would (its
+    header still states the full length)."""
+    header = path.stat().st_size - 2 * sf.info(str(path)).frames
+    path.write_bytes(path.read_bytes()[: header + 2 * frames])
+
+
+def test_a_truncated_clip_is_a_warning_naming_it_or_under_strict_an_error(
+        tiny_esc50: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tiny_esc50's clips last 1 s at 44.1 kHz: one cut to 22050 frames (0.5 s) is short, one
+    cut to 43880 frames (0.995 s, within the 10 ms tolerance) is not."""
+    victim, nearly = sorted((tiny_esc50 / "audio").iterdir())[:2]
+    cut(victim, 22050)
+    cut(nearly, 43880)
+    assert sf.info(str(victim)).frames == 22050
+    assert load_esc50(tiny_esc50).short == {}  # no stated length: nothing to compare
+    config = DatasetConfig(name=DatasetName.esc50, root=str(tiny_esc50), clip_seconds=1.0)
+    with caplog.at_level(logging.WARNING, logger="flcore.data.esc50"):
+        dataset = load_dataset(config, tmp_path)
+    assert len(dataset.clips) == 30 and dataset.short == {victim.name: 0.5}
+    assert (f"1 clip(s) of {tiny_esc50 / 'audio'} shorter than dataset.clip_seconds=1 "
+            f"(truncated?), kept (dataset.strict=true refuses them): {victim.name} (0.500 s)"
+            ) in caplog.messages
+    config.strict = True
+    with pytest.raises(DataError) as err:
+        load_dataset(config, tmp_path)
+    assert str(err.value) == (f"{victim}: 0.500 s, shorter than dataset.clip_seconds=1 "
+                              "(truncated?); re-export or remove it, or set dataset.strict=false "
+                              "to keep it with a warning")
+    config.clip_seconds = 0.5
+    assert load_dataset(config, tmp_path).short == {}

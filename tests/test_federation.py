@@ -119,6 +119,17 @@ def test_resume_refuses_a_different_config(fast_run) -> None:
         fast_run("federation.rounds=2", "resume=true", "adapter.lr=0.01")
 
 
+def test_clip_length_checks_may_differ_on_resume() -> None:
+    """dataset.clip_seconds and dataset.strict only warn about or refuse clips at load time (a
+    run checkpointed before they existed has neither); other dataset keys must match."""
+    saved = {"dataset": {"name": "esc50", "train_ratio": 0.7}}
+    checkpoint.check_config(saved, {"dataset": {"name": "esc50", "train_ratio": 0.7,
+                                                "clip_seconds": 5.0, "strict": True}})
+    with pytest.raises(CheckpointError, match=r"dataset.train_ratio \(0.7 -> 0.8\)"):
+        checkpoint.check_config(saved, {"dataset": {"name": "esc50", "train_ratio": 0.8,
+                                                    "clip_seconds": 5.0, "strict": False}})
+
+
 def test_corrupted_checkpoint_is_named_and_earlier_one_offered(fast_run, tmp_path: Path) -> None:
     fast_run("federation.rounds=2")
     latest = checkpoint.checkpoints(tmp_path / "run")[-1]

@@ -261,6 +261,22 @@ def test_too_short_file_is_a_bad_file_or_skipped(tmp_path: Path) -> None:
     assert len(dataset.clips) == 2 and list(dataset.skipped) == ["dog/short.wav"]
 
 
+def test_a_clip_under_the_stated_length_is_kept_and_listed_or_refused_when_strict(
+        tmp_path: Path) -> None:
+    """1 s clips at 16 kHz; one written with 12000 samples is 0.75 s."""
+    for i in range(2):
+        write_clip(tmp_path / "dog" / f"{i}.wav", 0, i)
+    sf.write(tmp_path / "dog" / "cut.wav", np.zeros(12000, np.float32), 16000)
+    config = DatasetConfig(name=DatasetName.folder, root=str(tmp_path), split=SplitKind.ratio,
+                           clip_seconds=1.0)
+    dataset = load_dataset(config, tmp_path)
+    assert len(dataset.clips) == 3 and dataset.short == {"dog/cut.wav": 0.75}
+    config.strict = True
+    with pytest.raises(DataError, match=r"dog/cut\.wav: 0\.750 s, shorter than "
+                                         r"dataset\.clip_seconds=1 \(truncated\?\)"):
+        load_dataset(config, tmp_path)
+
+
 def test_fingerprint_follows_the_csv_and_the_files(tmp_path: Path) -> None:
     rows = write_collection(tmp_path, groups=1, per_group=2)
     meta = write_csv(tmp_path / "meta.csv", rows)

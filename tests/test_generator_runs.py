@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from conftest import epoch_rows
+from conftest import epoch_rows, write_esc50
 from flcore.errors import ConfigError, TrainingError
 from flcore.run import run
 
@@ -181,3 +181,26 @@ def test_generators_of_adapter_outputs(gen_run, make_config: Callable[..., DictC
     with pytest.raises(ConfigError, match=r"generator\.training_data=adapter_output: samples in "
                                           r"the text space"):
         validate(make_config("generator.training_data=adapter_output"))
+
+
+def test_a_class_of_one_clip_under_a_ratio_split_is_a_warning_not_a_crash(
+        gen_run: Callable[..., dict], tmp_path: Path) -> None:
+    """'siren' has one clip: the ratio split keeps it in train, so the node holding siren alone
+    has nothing held out; scoring its generator used to crash on the empty held-out rows."""
+    rows = [(f"{fold}-{target}{fold}{take}000-A-{target}.wav", fold, target, name)
+            for target, name in enumerate(["dog", "rain"]) for fold in range(1, 6)
+            for take in range(2)]
+    root = write_esc50(tmp_path / "esc", [*rows, ("1-999000-A-2.wav", 1, 2, "siren")])
+    results = gen_run("dataset=esc50", f"dataset.root={root}", "dataset.split=ratio",
+                      "federation.rounds=1", "federation.partition.num_nodes=3",
+                      "federation.partition.classes_per_node=1")
+    assert results["status"] == "completed"
+    assert results["partition"]["short_clips"] == 21  # 1 s clips; dataset=esc50 states 5 s
+    assert results["partition"]["short"]["1-999000-A-2.wav"] == 1.0
+    [node] = [n for n in results["partition"]["nodes"] if n["classes"] == ["siren"]]
+    assert (node["train"], node["val"], node["test"]) == (1, 0, 0)
+    assert (f"node {node['node']}: class 'siren' has no test clips to score its generators on "
+            "(its per-class gen/* metrics are undefined)") in results["warnings"]
+    undefined = results["generator_quality"]["undefined"]["per_class"][f"node{node['node']}/siren"]
+    assert undefined["fd"] == "needs 2 or more real rows, got 0"
+    assert undefined["l2_distance"] == "needs 1 or more real rows, got 0"

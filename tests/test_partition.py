@@ -287,3 +287,22 @@ def test_more_nodes_than_clips_of_a_class_still_share_each_split_evenly() -> Non
     train = np.array([len(n.train) for n in partition.nodes])
     expected = partition.stats()["train_clips"] / 1000
     assert train.min() >= np.floor(expected) and train.max() <= np.ceil(expected)
+
+
+def test_unscored_names_node_classes_without_clips_in_the_scoring_split() -> None:
+    """Folds 1-3 train, 4 val, 5 test: 'rain' has one clip in fold 1, 'siren' clips in folds 1
+    and 5. One node: it has val clips, so val scores it and both lack val clips. Two nodes, one
+    per class: neither has val clips, so test scores them and only rain lacks one."""
+    clips = [Clip(f"dog-{i}.wav", i % 5 + 1, 0, "dog") for i in range(5)]
+    clips += [Clip("rain-0.wav", 1, 1, "rain"), Clip("siren-0.wav", 1, 2, "siren"),
+              Clip("siren-1.wav", 5, 2, "siren")]
+    dataset = AudioDataset(root=Path("/nowhere"), clips=clips, class_names=["dog", "rain", "siren"])
+    one = build_partition(dataset, DatasetConfig(),
+                          FederationConfig(nodes=[NodeConfig(["dog", "rain", "siren"])]), 0)
+    assert one.unscored() == [
+        f"node 0: class '{c}' has no val clips to score its generators on (its per-class gen/* "
+        "metrics are undefined)" for c in ("rain", "siren")]
+    two = build_partition(dataset, DatasetConfig(),
+                          FederationConfig(nodes=[NodeConfig(["rain"]), NodeConfig(["siren"])]), 0)
+    assert two.unscored() == ["node 0: class 'rain' has no test clips to score its generators "
+                              "on (its per-class gen/* metrics are undefined)"]

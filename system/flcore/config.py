@@ -223,6 +223,8 @@ class DatasetConfig:
     train_ratio: float = 0.7
     val_ratio: float = 0.1
     on_bad_file: OnBadFile = OnBadFile.error
+    clip_seconds: float | None = None
+    strict: bool = False
     csv: str | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -536,6 +538,10 @@ def _check_dataset(d: DatasetConfig) -> None:
     else:
         _require(d.csv is None, "dataset.csv", d.csv,
                  "applies to dataset.name=folder only; set dataset=folder or drop it")
+    _require(d.clip_seconds is None or 0 < d.clip_seconds <= 3600, "dataset.clip_seconds",
+             d.clip_seconds, "must be null (no stated length) or in (0, 3600]")
+    _require(not d.strict or d.clip_seconds is not None, "dataset.strict", d.strict,
+             "refuses clips shorter than dataset.clip_seconds, which is null; set it")
     s = d.synthetic
     _require(s.clips_per_class >= 5, "dataset.synthetic.clips_per_class", s.clips_per_class,
              "must be >= 5 (one clip per fold at least)")

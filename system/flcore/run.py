@@ -362,16 +362,19 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                  "cached" if embeddings.text_cached else "computed",
                  results.timings["embedding_s"])
 
-        stats = {**partition.stats(), "skipped_files": len(dataset.skipped)}
+        stats = {**partition.stats(), "skipped_files": len(dataset.skipped),
+                 "short_clips": len(dataset.short)}
         results.partition = {
             **stats,
             "dataset_root": str(dataset.root),
             "skipped": dataset.skipped,
+            "short": dataset.short,
             "nodes": [{"node": n.node, "classes": n.classes, **n.counts(),
                        "files": {s: files[s] for s in ("train", "val", "test")}}
                       for n, files in zip(partition.nodes, partition.files(), strict=True)],
         }
-        results.warnings = partition.warnings()
+        results.warnings = partition.warnings() + (partition.unscored()
+                                                    if config.generator.enabled else [])
         for warning in results.warnings:
             log.warning("%s", warning)
         scalars = {f"partition/{k}": v for k, v in stats.items()}

@@ -8,9 +8,10 @@ with ``torch.load(weights_only=True)``. A loaded entry is checked as a fresh res
 a crash.
 
 Audio embeddings are stored in shards: ``<cache_dir>/<key>/shard-00000.pt`` holds clips
-``0 .. shard_size - 1`` (in ``dataset.clips`` order), and so on, each written as soon as it is
-computed, then ``manifest.json`` once every shard is there. A killed pass therefore keeps its
-finished shards, and the next pass computes only the missing or bad ones. Shards are computed
+``0 .. shard_size - 1`` (in ``dataset.clips`` order) with their checksum
+(:mod:`flcore.data.shards`), and so on, each written as soon as it is computed, then
+``manifest.json`` once every shard is there. A killed pass therefore keeps its finished
+shards, and the next pass computes only the missing or bad ones. Shards are computed
 in the run's process (``workers=0``) or in ``workers`` spawned processes that each build the
 encoder once; both give the same tensors (each shard is encoded in the same batches).
 """
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from flcore.data.esc50 import AudioDataset, load_waveform
 from flcore.data.folder import FolderDataset
+from flcore.data.shards import SHARD_FORMAT, checksum_problem, shard_payload, tensor_problem
 from flcore.encoders.text import class_prompts
 from flcore.errors import DataError
 from flcore.files import atomic_write_bytes, atomic_write_text
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 256
 MANIFEST = "manifest.json"
-SHARD_FORMAT = 1
 
 
 def _metadata_bytes(dataset: AudioDataset) -> bytes:
@@ -166,19 +167,6 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _tensor_problem(value: Any, shape: tuple[int | None, ...]) -> str | None:
-    """Why ``value`` is not a finite float tensor of ``shape`` (None: any size), or None."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return f"not a float tensor ({type(value).__name__})"
-    if value.ndim != len(shape) or any(n not in (None, m)
-                                       for n, m in zip(shape, value.shape, strict=True)):
-        wanted = ", ".join("*" if n is None else str(n) for n in shape)
-        return f"shape {list(value.shape)}, expected [{wanted}]"
-    if not torch.isfinite(value).all():
-        return "NaN/inf values"
-    return None
-
-
 def _audio_dim(encoder: "AudioEncoder") -> int | None:
     """The feature size D of ``encoder``'s tokens, known without loading its model (None for an
     encoder this function does not know)."""
@@ -200,7 +188,7 @@ def _cached(cache: EmbeddingCache, key: str, field: str, shape: tuple[int | None
     entry = cache.load(key)
     if entry is None or any(entry.get(k) != v for k, v in expected.items()):
         return None
-    problem = _tensor_problem(entry.get(field), shape)
+    problem = tensor_problem(entry.get(field), shape)
     if problem is not None:
         log.warning("Ignoring bad cache entry %s (%s: %s); recomputing", cache.path(key), field,
                     problem)
@@ -277,9 +265,13 @@ class _AudioPass:
                         "recomputing", path, start, stop - 1)
             return False
         dim = self.dim or (self.tokens.shape[2] if self.tokens is not None else None)
-        problem = _tensor_problem(entry.get("tokens"), (stop - start, self.encoder.tokens, dim))
+        problem = tensor_problem(entry.get("tokens"), (stop - start, self.encoder.tokens, dim))
         if problem is not None:
             log.warning("Ignoring bad cache entry %s (tokens: %s); recomputing", path, problem)
+            return False
+        problem = checksum_problem(entry)
+        if problem is not None:
+            log.warning("Ignoring bad cache entry %s (%s); recomputing", path, problem)
             return False
         self._put(index, entry["tokens"])
         return True
@@ -292,8 +284,8 @@ class _AudioPass:
             raise DataError(f"{self.encoder.name} gave NaN/inf embeddings for {len(bad)} clip(s), "
                             f"e.g. {self.dataset.path(self.dataset.clips[start + bad[0]])}; "
                             "check those files")
-        self.cache.store_shard(self.key, index, {"tokens": tokens,
-                                                 "filenames": self.filenames[start:stop]})
+        self.cache.store_shard(self.key, index,
+                               shard_payload(tokens, self.filenames[start:stop]))
         self._put(index, tokens)
 
     def paths(self, index: int) -> list[Path]:

@@ -8,8 +8,9 @@ metadata and every file header are checked once at load time so that a bad file 
 import csv
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -27,6 +28,7 @@ HOW_TO_GET = (
     "ESC-50-master.zip) and pass dataset.root=/path/to/ESC-50-master, or run on the bundled "
     "synthetic data with dataset=synthetic"
 )
+CLIP_TOLERANCE_S = 0.01  # a clip this much under dataset.clip_seconds still counts as whole
 ESC50_NAME = re.compile(r"^\d+-([^-]+)-[^-]+-\d+\.wav$", re.IGNORECASE)
 
 
@@ -57,12 +59,15 @@ class Clip:
 
 @dataclass
 class AudioDataset:
-    """Clips of a dataset folder and its class names (``class_names[target]``)."""
+    """Clips of a dataset folder and its class names (``class_names[target]``); ``skipped``:
+    each bad file left out and why; ``short``: each kept clip shorter than the stated clip
+    length, in seconds."""
 
     root: Path
     clips: list[Clip]
     class_names: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
+    short: dict[str, float] = field(default_factory=dict)
 
     def path(self, clip: Clip) -> Path:
         return self.root / "audio" / clip.filename
@@ -99,71 +104,110 @@ def _read_metadata(root: Path) -> list[Clip]:
     return clips
 
 
-def _class_names(clips: list[Clip], meta: Path) -> list[str]:
+def _classes(clips: list[Clip], meta: Path) -> tuple[list[Clip], list[str]]:
+    """The clips with their targets renumbered 0..K-1 in the order of the K original targets
+    present (a subset of ESC-50 keeps its original numbers), and the class names in that order."""
     by_target: dict[int, str] = {}
     for clip in clips:
         known = by_target.setdefault(clip.target, clip.category)
         if known != clip.category:
             raise DataError(f"{meta}: target {clip.target} is both '{known}' and "
-                            f"'{clip.category}'")
+                            f"'{clip.category}'; give each target one category")
     targets = sorted(by_target)
+    names = [by_target[t] for t in targets]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        shared = [t for t in targets if by_target[t] == twice]
+        raise DataError(f"{meta}: category '{twice}' has targets {shared}; give each category "
+                        "one target")
     if targets != list(range(len(targets))):
-        raise DataError(f"{meta}: targets must be 0..{len(targets) - 1} without gaps, got "
-                        f"{targets[:10]}")
-    return [by_target[t] for t in targets]
+        log.info("%s: targets %s mapped to 0..%d in that order", meta,
+                 ", ".join(map(str, targets[:10])) + (", ..." if len(targets) > 10 else ""),
+                 len(targets) - 1)
+    index = {t: i for i, t in enumerate(targets)}
+    return [replace(c, target=index[c.target]) for c in clips], names
 
 
-def _file_problem(path: Path, min_seconds: float) -> str | None:
-    """Why ``path`` cannot be used as a clip, or None when its header reads and it lasts at
-    least ``min_seconds`` (the audio encoder's shortest input)."""
+def _file_problem(path: Path, min_seconds: float) -> tuple[str | None, float]:
+    """Why ``path`` cannot be used as a clip (None when its header reads and it lasts at least
+    ``min_seconds``, the audio encoder's shortest input), and its length in seconds."""
     if not path.is_file():
-        return "file not found"
+        return "file not found", 0.0
     try:
         info = sf.info(str(path))
     except (RuntimeError, sf.LibsndfileError) as err:
-        return f"unreadable audio ({err})"
+        return f"unreadable audio ({err})", 0.0
     if info.frames == 0:
-        return "empty file (0 samples)"
+        return "empty file (0 samples)", 0.0
     seconds = info.frames / info.samplerate
     if seconds < min_seconds:
         return (f"too short ({seconds:.3f} s; the audio encoder needs at least "
-                f"{min_seconds:.3f} s)")
-    return None
+                f"{min_seconds:.3f} s)"), seconds
+    return None, seconds
 
 
-def screen_files(clips: list[Clip], folder: Path, on_bad_file: OnBadFile,
-                 min_seconds: float) -> tuple[list[Clip], dict[str, str]]:
-    """The clips whose files under ``folder`` are usable, and the problem of each skipped one;
-    with ``on_bad_file=error`` the first bad file is a DataError naming it."""
-    kept, skipped = [], {}
+class Screened(NamedTuple):
+    """The usable clips, each skipped file's problem, and the length in seconds of each usable
+    clip shorter than the dataset's stated clip length."""
+
+    kept: list[Clip]
+    skipped: dict[str, str]
+    short: dict[str, float]
+
+
+def _is_short(seconds: float, clip_seconds: float | None) -> bool:
+    """Whether a clip of ``seconds`` falls short of the stated ``clip_seconds`` by more than
+    :data:`CLIP_TOLERANCE_S` (resampling rounding is not truncation)."""
+    return clip_seconds is not None and seconds < clip_seconds - CLIP_TOLERANCE_S
+
+
+def screen_files(clips: list[Clip], folder: Path, on_bad_file: OnBadFile, min_seconds: float,
+                 *, clip_seconds: float | None = None, strict: bool = False) -> Screened:
+    """Screen the clips' files under ``folder``: with ``on_bad_file=error`` the first bad file
+    is a DataError naming it (else it is skipped); a usable clip shorter than ``clip_seconds``
+    (a truncated file) is a warning naming it, or with ``strict`` a DataError."""
+    kept, skipped, short = [], {}, {}
     for clip in clips:
-        problem = _file_problem(folder / clip.filename, min_seconds)
-        if problem is None:
-            kept.append(clip)
-        elif on_bad_file is OnBadFile.error:
-            raise DataError(f"{folder / clip.filename}: {problem}; fix or remove it, or set "
+        path = folder / clip.filename
+        problem, seconds = _file_problem(path, min_seconds)
+        if problem is not None and on_bad_file is OnBadFile.error:
+            raise DataError(f"{path}: {problem}; fix or remove it, or set "
                             "dataset.on_bad_file=skip to leave it out")
-        else:
+        if problem is not None:
             skipped[clip.filename] = problem
+            continue
+        if _is_short(seconds, clip_seconds) and strict:
+            raise DataError(f"{path}: {seconds:.3f} s, shorter than dataset.clip_seconds="
+                            f"{clip_seconds:g} (truncated?); re-export or remove it, or set "
+                            "dataset.strict=false to keep it with a warning")
+        if _is_short(seconds, clip_seconds):
+            short[clip.filename] = round(seconds, 3)
+        kept.append(clip)
     if skipped:
         log.warning("Skipped %d unusable file(s) of %s (dataset.on_bad_file=skip): %s",
                     len(skipped), folder, ", ".join(list(skipped)[:5]))
-    return kept, skipped
+    if short:
+        log.warning("%d clip(s) of %s shorter than dataset.clip_seconds=%g (truncated?), kept "
+                    "(dataset.strict=true refuses them): %s", len(short), folder, clip_seconds,
+                    ", ".join(f"{name} ({s:.3f} s)" for name, s in list(short.items())[:5]))
+    return Screened(kept, skipped, short)
 
 
 def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
-               min_seconds: float = 0.0) -> AudioDataset:
-    """Read the metadata under ``root`` and check every listed WAV file's header; a clip shorter
-    than ``min_seconds`` is a bad file."""
+               min_seconds: float = 0.0, *, clip_seconds: float | None = None,
+               strict: bool = False) -> AudioDataset:
+    """Read the metadata under ``root`` and screen every listed WAV file's header
+    (:func:`screen_files`); a clip shorter than ``min_seconds`` is a bad file."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset.root={root}: folder not found; " + HOW_TO_GET)
-    clips = _read_metadata(root)
-    class_names = _class_names(clips, root / "meta" / "esc50.csv")
-    kept, skipped = screen_files(clips, root / "audio", on_bad_file, min_seconds)
+    clips, class_names = _classes(_read_metadata(root), root / "meta" / "esc50.csv")
+    kept, skipped, short = screen_files(clips, root / "audio", on_bad_file, min_seconds,
+                                        clip_seconds=clip_seconds, strict=strict)
     if not kept:
         raise DataError(f"dataset.root={root}: no usable clips")
-    return AudioDataset(root=root, clips=kept, class_names=class_names, skipped=skipped)
+    return AudioDataset(root=root, clips=kept, class_names=class_names, skipped=skipped,
+                        short=short)
 
 
 def load_waveform(path: Path, sample_rate: int) -> torch.Tensor:

@@ -135,18 +135,20 @@ def _roots(root: str | Path | None, csv_path: str | Path | None) -> tuple[Path, 
 
 
 def load_folder(root: str | Path | None, csv_path: str | Path | None = None,
-                on_bad_file: OnBadFile = OnBadFile.error,
-                min_seconds: float = 0.0) -> FolderDataset:
+                on_bad_file: OnBadFile = OnBadFile.error, min_seconds: float = 0.0, *,
+                clip_seconds: float | None = None, strict: bool = False) -> FolderDataset:
     """Read class folders under ``root`` (``csv_path`` None) or the CSV ``csv_path`` (file names
-    relative to ``root``, else to the CSV's folder), and check every file's header; a clip
-    shorter than ``min_seconds`` is a bad file."""
+    relative to ``root``, else to the CSV's folder), and screen every file's header
+    (:func:`~flcore.data.esc50.screen_files`); a clip shorter than ``min_seconds`` is a bad
+    file."""
     folder, meta = _roots(root, csv_path)
     if meta is None:
         clips, classes = _class_folder_clips(folder)
         has_splits = False
     else:
         clips, classes, has_splits = _csv_clips(meta)
-    kept, skipped = screen_files(clips, folder, on_bad_file, min_seconds)
+    kept, skipped, short = screen_files(clips, folder, on_bad_file, min_seconds,
+                                        clip_seconds=clip_seconds, strict=strict)
     used = {clip.target for clip in kept}
     empty = [name for t, name in enumerate(classes) if t not in used]
     if empty:
@@ -154,7 +156,7 @@ def load_folder(root: str | Path | None, csv_path: str | Path | None = None,
                         f"skipped{f'; {len(empty)} such classes' if len(empty) > 1 else ''}); "
                         "fix its files or remove the class")
     return FolderDataset(root=folder, clips=kept, class_names=classes, skipped=skipped,
-                         metadata=meta, has_splits=has_splits)
+                         short=short, metadata=meta, has_splits=has_splits)
 
 
 def check_split(dataset: FolderDataset, config: DatasetConfig) -> None:

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+def scoring_split(val: np.ndarray, test: np.ndarray) -> str:
+    """The split that holds out a node's clips to score its generators: val, else test."""
+    return "val" if len(val) else "test"
+
+
 @dataclass
 class NodeSplit:
     """One node: the class names it holds and indices into ``AudioDataset.clips`` per split."""
@@ -89,6 +94,19 @@ class Partition:
             if len(n.test) == 0:
                 lines.append(f"node {n.node} has no test clips (its local accuracy is not "
                              "measured)")
+        return lines
+
+    def unscored(self) -> list[str]:
+        """One line per node class with train clips but none in the node's scoring split
+        (:func:`scoring_split`): its generators have no held-out rows of that class to score."""
+        lines = []
+        for n in self.nodes:
+            split = scoring_split(n.val, n.test)
+            held, trained = ({self.class_names[self.clips[i].target] for i in rows}
+                             for rows in (getattr(n, split), n.train))
+            lines += [f"node {n.node}: class '{c}' has no {split} clips to score its generators "
+                      "on (its per-class gen/* metrics are undefined)"
+                      for c in n.classes if c in trained and c not in held]
         return lines
 
     def table(self, width: int = 56) -> str:

@@ -15,6 +15,7 @@ import torch
 from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.clientbase import SharedTensors
 from flcore.config import Config
+from flcore.data.partition import scoring_split
 from flcore.metrics.generative import generator_report, kl_per_dimension, latent_usage
 from flcore.trainmodel.generators import GeneratorBank, generator_rows
 
@@ -33,7 +34,8 @@ class GeneratorQuality:
 
 def held_out(client: ClientA2V) -> tuple[torch.Tensor, str]:
     """The node's clips that score its generators: validation, else test."""
-    return (client.val_idx, "val") if len(client.val_idx) else (client.test_idx, "test")
+    split = scoring_split(client.val_idx, client.test_idx)
+    return (client.val_idx if split == "val" else client.test_idx), split
 
 
 def _latent(client: ClientA2V, rows: torch.Tensor, labels: torch.Tensor,

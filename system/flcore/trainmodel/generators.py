@@ -856,9 +856,10 @@ def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
 
 
 def generator_rows(tokens: torch.Tensor, sequence_length: int) -> torch.Tensor:
-    """Cached tokens ``[n, L, D]`` pooled to ``[n, sequence_length, D]`` and flattened."""
+    """Cached tokens ``[n, L, D]`` pooled to ``[n, sequence_length, D]`` and flattened (also for
+    n = 0: a node class without held-out clips)."""
     pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), sequence_length).transpose(1, 2)
-    return pooled.reshape(len(tokens), -1)
+    return pooled.flatten(1)
 
 
 def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
