@@ -4,7 +4,7 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import flcore  # noqa: F401  (registers the schema and resolvers)
 from flcore.config import SyntheticConfig
@@ -24,23 +24,56 @@ CONFIGS = REPO / "configs"
 # A subprocess's timeout guards against a hang, never checks speed: a loaded 2-core machine
 # runs these tests many times slower than an idle one.
 HANG_GUARD_S = 3600
+# Tests run on the small bundled set (80 test clips) unless they pick a dataset: the default
+# benchmark (400 test clips) is for results, tests/test_synthetic.py checks its shape.
+SMALL_DATASET = "dataset=synthetic_small"
+
+
+def _experiment_sets_dataset(name: str) -> bool:
+    """Whether ``configs/experiment/NAME.yaml`` (or an experiment it builds on) picks a dataset."""
+    path = CONFIGS / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return False
+    defaults = OmegaConf.load(path).get("defaults", [])
+    return any(_experiment_sets_dataset(d) if isinstance(d, str) else "override /dataset" in d
+               for d in defaults)
+
+
+def on_small_dataset(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` plus ``dataset=synthetic_small``, unless they pick a dataset themselves
+    (``dataset=...`` or an experiment that does)."""
+    experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("+experiment=")]
+    if any(o.startswith("dataset=") for o in overrides) or any(
+            map(_experiment_sets_dataset, experiments)):
+        return list(overrides)
+    return [*overrides, SMALL_DATASET]
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder shared by the session, holding the default synthetic dataset."""
+def small_synthetic() -> SyntheticConfig:
+    """The ``dataset=synthetic_small`` set's parameters, as configs/ compose them."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        config = compose("config", overrides=[SMALL_DATASET])
+    return SyntheticConfig(**OmegaConf.to_container(config.dataset.synthetic))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, small_synthetic: SyntheticConfig) -> Path:
+    """A cache folder shared by the session, holding the small synthetic dataset."""
     root = tmp_path_factory.mktemp("cache")
-    synthetic.ensure_dataset(root, SyntheticConfig())
+    synthetic.ensure_dataset(root, small_synthetic)
     return root
 
 
 @pytest.fixture
 def make_config(cache_dir: Path) -> Callable[..., DictConfig]:
-    """Compose ``configs/config.yaml`` with overrides, as ``python main.py`` would."""
+    """Compose ``configs/config.yaml`` with overrides, as ``python main.py`` would (on the small
+    set unless the overrides pick a dataset: :func:`on_small_dataset`)."""
 
     def _compose(*overrides: str) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose("config", overrides=[f"cache_dir={cache_dir}", *overrides])
+            return compose("config", overrides=[f"cache_dir={cache_dir}",
+                                                *on_small_dataset(overrides)])
 
     return _compose
 
@@ -66,12 +99,14 @@ def epoch_rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture
 def run_main(cache_dir: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``python main.py ARGS`` in a fresh working folder with the session cache."""
+    """Run ``python main.py ARGS`` in a fresh working folder with the session cache (on the small
+    set unless the arguments pick a dataset: :func:`on_small_dataset`)."""
 
     def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir), "WANDB_SILENT": "true"}
         env.pop("WANDB_MODE", None)
-        return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd or tmp_path,
+        return subprocess.run([sys.executable, str(REPO / "main.py"), *on_small_dataset(args)],
+                              cwd=cwd or tmp_path,
                               env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
                               check=False)
 

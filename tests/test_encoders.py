@@ -95,8 +95,9 @@ def nearest_centroid_accuracy(tokens: torch.Tensor, labels: np.ndarray, test: np
 
 @pytest.mark.parametrize(("name", "threshold"), [("yamnet", 0.8), ("mfcc", 0.45)])
 def test_probe_on_pooled_embeddings_separates_synthetic_classes(
-        cache_dir: Path, tmp_path: Path, name: str, threshold: float) -> None:
-    dataset = load_esc50(synthetic.ensure_dataset(cache_dir, SyntheticConfig()))
+        cache_dir: Path, small_synthetic: SyntheticConfig, tmp_path: Path, name: str,
+        threshold: float) -> None:
+    dataset = load_esc50(synthetic.ensure_dataset(cache_dir, small_synthetic))
     config = AudioEncoderConfig(name=AudioEncoderName(name))
     encoder = (YamnetEncoder(config, cache_dir / "models") if name == "yamnet"
                else MfccEncoder(config))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import REPO
+from conftest import REPO, SMALL_DATASET
 from flcore import checkpoint
 from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
@@ -25,7 +25,7 @@ from flcore.servers.serverA2V import ServerA2V
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
         "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
 FAST_CLI = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-            "federation.local_epochs=1", "checkpoint.every=1")
+            "federation.local_epochs=1", "checkpoint.every=1", SMALL_DATASET)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SMALL_DATASET
 from flcore.sweep import short_name, swept_keys
 
 
@@ -41,7 +41,7 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
     assert (folder / "plots" / "generator.png").stat().st_size > 1000
     assert (folder / ".hydra" / "config.yaml").is_file()
     environment = results["environment"]
-    assert environment["overrides"] == [] and environment["git_commit"]
+    assert environment["overrides"] == [SMALL_DATASET] and environment["git_commit"]
     assert environment["packages"]["torch"].startswith("2.11")
     assert len(environment["dataset_fingerprint"]) == 64
     assert results["final"]["generator/steps_per_epoch"] == 3.0  # 24 rows per class, batch 8
@@ -143,8 +143,8 @@ def test_multirun_gives_separate_folders_and_wandb_runs(run_main, tmp_path: Path
 def test_two_runs_started_together_get_different_folders(cache_dir: Path, tmp_path: Path) -> None:
     """The folder name's time part is the same for both; the process id keeps them apart."""
     env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir)}
-    command = [sys.executable, str(REPO / "main.py"), "logger=none", "federation.rounds=1",
-               "generator=none", "server.adapter_training=fedavg",
+    command = [sys.executable, str(REPO / "main.py"), SMALL_DATASET, "logger=none",
+               "federation.rounds=1", "generator=none", "server.adapter_training=fedavg",
                "hydra.run.dir=outputs/same/fixed-time_${feda2v.process_id:}"]
     procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]

@@ -250,8 +250,9 @@ def test_a_mixed_recording_goes_with_its_majority_class() -> None:
                                     "never trains on it)"]
 
 
-def test_bundled_synthetic_data_has_one_recording_per_clip(cache_dir: Path) -> None:
-    dataset = load_esc50(synthetic.ensure_dataset(cache_dir, SyntheticConfig()))
+def test_bundled_synthetic_data_has_one_recording_per_clip(
+        cache_dir: Path, small_synthetic: SyntheticConfig) -> None:
+    dataset = load_esc50(synthetic.ensure_dataset(cache_dir, small_synthetic))
     assert [c.src_file for c in dataset.clips] == [c.filename.split("-")[1]
                                                    for c in dataset.clips]
     assert len({c.src_file for c in dataset.clips}) == len(dataset.clips) == 400

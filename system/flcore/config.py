@@ -202,11 +202,17 @@ class WandbMode(str, Enum):
 
 @dataclass
 class SyntheticConfig:
-    """The bundled synthetic dataset, generated into the cache on first use."""
+    """The bundled synthetic dataset, generated into the cache on first use (defaults: the hard
+    benchmark of ``dataset=synthetic``; ``dataset=synthetic_small`` is the easy set)."""
 
-    clips_per_class: int = 40
-    duration_s: float = 5.0
+    clips_per_class: int = 72
+    clips_per_source: int = 4
+    fold_weights: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 5])
+    duration_s: float = 2.5
     sample_rate: int = 16000
+    snr_db: list[float] = field(default_factory=lambda: [5.0, 25.0])
+    background_db: list[float] = field(default_factory=lambda: [-18.0, -6.0])
+    room: bool = True
     seed: int = 0
 
 
@@ -522,6 +528,30 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={_show(value)}: {rule}")
 
 
+def _check_synthetic(s: SyntheticConfig) -> None:
+    """Range checks of ``dataset.synthetic``: every fold must get a recording of every class."""
+    _require(1 <= s.clips_per_source <= 26, "dataset.synthetic.clips_per_source",
+             s.clips_per_source, "must be in [1, 26] (takes are named A to Z)")
+    _require(len(s.fold_weights) == 5 and all(w >= 1 for w in s.fold_weights),
+             "dataset.synthetic.fold_weights", s.fold_weights,
+             "must be 5 integers >= 1 (the relative number of recordings in folds 1 to 5)")
+    need = s.clips_per_source * sum(s.fold_weights)
+    _require(s.clips_per_class >= need, "dataset.synthetic.clips_per_class", s.clips_per_class,
+             f"must be >= {need} (clips_per_source x the sum of fold_weights: one recording per "
+             "fold at least)")
+    _require(1 <= s.duration_s <= 60, "dataset.synthetic.duration_s", s.duration_s,
+             "must be in [1, 60]")
+    _require(8000 <= s.sample_rate <= 48000, "dataset.synthetic.sample_rate", s.sample_rate,
+             "must be in [8000, 48000]")
+    _require(len(s.snr_db) == 2 and -20 <= s.snr_db[0] <= s.snr_db[1] <= 60,
+             "dataset.synthetic.snr_db", s.snr_db,
+             "must be [low, high] with -20 <= low <= high <= 60")
+    _require(not s.background_db or (len(s.background_db) == 2
+                                     and -60 <= s.background_db[0] <= s.background_db[1] <= 0),
+             "dataset.synthetic.background_db", s.background_db,
+             "must be [] (no background) or [low, high] with -60 <= low <= high <= 0")
+
+
 def _check_dataset(d: DatasetConfig) -> None:
     if d.name is DatasetName.esc50:
         _require(
@@ -542,13 +572,7 @@ def _check_dataset(d: DatasetConfig) -> None:
              d.clip_seconds, "must be null (no stated length) or in (0, 3600]")
     _require(not d.strict or d.clip_seconds is not None, "dataset.strict", d.strict,
              "refuses clips shorter than dataset.clip_seconds, which is null; set it")
-    s = d.synthetic
-    _require(s.clips_per_class >= 5, "dataset.synthetic.clips_per_class", s.clips_per_class,
-             "must be >= 5 (one clip per fold at least)")
-    _require(1 <= s.duration_s <= 60, "dataset.synthetic.duration_s", s.duration_s,
-             "must be in [1, 60]")
-    _require(8000 <= s.sample_rate <= 48000, "dataset.synthetic.sample_rate", s.sample_rate,
-             "must be in [8000, 48000]")
+    _check_synthetic(d.synthetic)
     if d.split is SplitKind.folds:
         _require(len(d.train_folds) > 0, "dataset.train_folds", d.train_folds,
                  "must name at least one fold")
