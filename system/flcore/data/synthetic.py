@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -184,7 +185,7 @@ def fold_of(source: int, config: SyntheticConfig) -> int:
 
 
 def _source_rng(target: int, source: int, config: SyntheticConfig) -> np.random.Generator:
-    """The generator of what a recording's clips share (background class, room, EQ)."""
+    """The generator of what a recording's clips share (background class, then room and EQ)."""
     return np.random.default_rng([config.seed, target, source, 1])
 
 
@@ -220,13 +221,20 @@ def _background(target: int, clip: int, config: SyntheticConfig, t: np.ndarray,
     return sound * 10 ** (rng.uniform(*config.background_db) / 20)
 
 
+@lru_cache(maxsize=4)
+def _recording_room(seed: int, target: int, source: int, n: int, sr: int) -> np.ndarray:
+    """A recording's room filter, drawn once for all its takes (clips are written in order)."""
+    rng = np.random.default_rng([seed, target, source, 1])
+    rng.integers(len(CLASSES) - 1)  # the background class, drawn first by _background
+    return _room_filter(rng, n, sr)
+
+
 def _in_room(signal: np.ndarray, target: int, clip: int, config: SyntheticConfig) -> np.ndarray:
     """``signal`` as the recording's room and microphone colour it (linear convolution)."""
-    rng = _source_rng(target, source_of(clip, config)[0], config)
-    rng.integers(len(CLASSES) - 1)  # the background class, drawn first by _background
     n = len(signal)
-    wet = np.fft.irfft(np.fft.rfft(signal, 2 * n) * _room_filter(rng, n, config.sample_rate))
-    return wet[:n]
+    room = _recording_room(config.seed, target, source_of(clip, config)[0], n,
+                           config.sample_rate)
+    return np.fft.irfft(np.fft.rfft(signal, 2 * n) * room)[:n]
 
 
 def synthesize_clip(target: int, clip: int, config: SyntheticConfig) -> np.ndarray:
