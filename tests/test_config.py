@@ -63,6 +63,7 @@ SD = ["images=sd", "images.path=/models/sd", "text_encoder=clip", "text_encoder.
     (["generator.beta_warmup_ratio=1.5"], "generator.beta_warmup_ratio=1.5: must be in (0, 1]"),
     (["generator.beta_warmup_ratio=0"], "generator.beta_warmup_ratio=0.0: must be in (0, 1]"),
     (["generator.training_epochs=0"], "generator.training_epochs=0: must be >= 1"),
+    (["threads=0"], "threads=0: must be >= 1, or null for this process's share of the CPUs"),
     (["generator.model=gaussian", "generator.likelihood=mse"],
      "generator.likelihood=mse: is a VAE loss; generator.model=gaussian is fitted in closed form"),
     (["generator.model=gaussian", "generator.free_bits=0.5"],
