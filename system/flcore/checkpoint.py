@@ -22,7 +22,7 @@ from flcore.files import atomic_write_bytes
 RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_dir",
                      "embeddings.cache", "embeddings.cache_dir", "embeddings.workers",
                      "embeddings.shard_size", "checkpoint", "generator.load_from", "executor",
-                     "images", "dataset.clip_seconds", "dataset.strict")
+                     "images", "dataset.clip_seconds", "dataset.strict", "threads")
 
 
 def folder(run_dir: Path) -> Path:

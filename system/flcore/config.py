@@ -479,6 +479,7 @@ class Config:
     resume: bool = False
     device: str = "auto"
     deterministic: bool = False
+    threads: int | None = None
     cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
@@ -781,6 +782,8 @@ def validate(cfg: DictConfig) -> Config:
     _require(bool(_DEVICE.match(config.device)), "device", config.device,
              "must be auto, cpu, cuda or cuda:N")
     _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
+    _require(config.threads is None or config.threads >= 1, "threads", config.threads,
+             "must be >= 1, or null for this process's share of the CPUs")
     config.cache_dir = str(Path(config.cache_dir).expanduser())
     _check_dataset(config.dataset)
     _check_encoders(config.audio_encoder, config.text_encoder)

@@ -40,10 +40,18 @@ from flcore.files import (
     write_json,
 )
 from flcore.metrics.classification import save_confusion_png
-from flcore.runtime import environment, resolve_device, seed_everything, set_determinism
+from flcore.runtime import (
+    available_cpus,
+    environment,
+    resolve_device,
+    seed_everything,
+    set_determinism,
+    thread_share,
+    use_threads,
+)
 from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
-from flcore.sweep import short_name, swept_keys
+from flcore.sweep import concurrent_jobs, short_name, swept_keys
 from flcore.tracking import JobInfo, Trackers, build_trackers
 from flcore.visual.renderer import check_images
 
@@ -315,12 +323,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         results.config = resolved_config(cfg)
         require_writable_dir(Path(config.cache_dir), "cache_dir", env="FEDA2V_CACHE_DIR")
         require_writable_dir(job.run_dir, "hydra.run.dir")
+        cpus, jobs = available_cpus(), concurrent_jobs()
+        use_threads(thread_share(cpus, jobs, config.threads))
         seed_everything(config.seed)
         set_determinism(config.deterministic)
         device = resolve_device(config.device)
         check_executor(config)
         check_images(config, device)
-        results.environment = environment(device, overrides)
+        results.environment = environment(device, overrides, cpus, jobs)
         resumed = None
         if resume:
             resumed = checkpoint.load_latest(job.run_dir)
