@@ -1,6 +1,7 @@
 """Runs that never lose a result: sweeps with a bad job, refused resumes, occupied folders,
 interrupts, checkpoint switches and filesystem trouble."""
 
+import csv
 import json
 import os
 import shlex
@@ -18,8 +19,9 @@ from omegaconf import DictConfig
 
 from conftest import REPO
 from flcore import checkpoint
-from flcore.errors import CheckpointError, ConfigError
+from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
+from flcore.tracking import CsvTracker
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
         "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
@@ -85,6 +87,47 @@ def test_a_new_run_refuses_a_folder_that_holds_one(fast_run, tmp_path: Path) -> 
     again = fast_run("federation.rounds=2", "resume=true")
     assert again["timings"] == first["timings"] and again["final"] == first["final"]
     assert snapshot(tmp_path / "run") == before
+
+
+GENERATOR = ("generator.training_epochs=2", "generator.hidden_dim=16", "generator.latent_dim=4")
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV's rows without its timing columns (they differ between two runs of one seed)."""
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in row.items() if not k.startswith("time/")}
+                for row in csv.DictReader(fh)]
+
+
+def interrupt_before_log(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
+    """Make the CSV tracker raise Ctrl-C as it is about to log ``round_`` (after its
+    checkpoint, before its row): a kill in that gap."""
+    log = CsvTracker.log
+
+    def interrupted(self: CsvTracker, metrics: dict, step: int) -> None:
+        if step == round_:
+            raise KeyboardInterrupt
+        log(self, metrics, step)
+
+    monkeypatch.setattr(CsvTracker, "log", interrupted)
+
+
+def test_a_kill_between_checkpoint_and_log_loses_no_row(
+        fast_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("generator=per_class", *GENERATOR, "eval.generator_every=0",
+            "server.adapter_training=fedavg", "federation.rounds=2")
+    fast_run(*args, folder="whole")
+    with monkeypatch.context() as patch:
+        interrupt_before_log(patch, 1)
+        with pytest.raises(RunInterrupted, match=r"stopped after round 1 \(checkpoint of round 1"):
+            fast_run(*args, folder="cut")
+    assert [r["round"] for r in csv_rows(tmp_path / "cut" / "metrics.csv")] == ["0"]
+    fast_run(*args, "resume=true", folder="cut")
+    for name in ("metrics.csv", "generator_metrics.csv"):
+        rows = csv_rows(tmp_path / "cut" / name)
+        assert rows == csv_rows(tmp_path / "whole" / name), name
+    assert [r["round"] for r in csv_rows(tmp_path / "cut" / "metrics.csv")] == ["0", "1", "2"]
+    assert len(csv_rows(tmp_path / "cut" / "generator_metrics.csv")) == 4
 
 
 def test_timings_add_up_over_a_resume(fast_run) -> None:

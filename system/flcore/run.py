@@ -44,7 +44,7 @@ from flcore.runtime import environment, resolve_device, seed_everything, set_det
 from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
 from flcore.sweep import short_name, swept_keys
-from flcore.tracking import JobInfo, Trackers, build_trackers
+from flcore.tracking import JobInfo, ResumePoint, Trackers, build_trackers
 from flcore.visual.renderer import check_images
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,13 @@ def check_resume(resumed: dict[str, Any], results_config: dict[str, Any], config
                               "start a new run (or save with checkpoint.optimizer_state=true)")
 
 
+def resume_point(resumed: dict[str, Any]) -> ResumePoint:
+    """The checkpoint's round and saved rows, from which the CSV tracker fills in the rows a
+    kill between the checkpoint and the tracker lost."""
+    return ResumePoint(resumed["round"], list(resumed["history"]),
+                       list(resumed["server"].get("epoch_history", [])))
+
+
 def best_block(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Test metrics of the round with the best ``val/acc`` (the first on ties); empty without a
     validation split. Never selected on test."""
@@ -339,7 +346,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             log.info("Removed %s, left by an interrupted write", stale)
         write_hydra_files(cfg, job.run_dir)
         trackers = build_trackers(config.logger, job, results.config,
-                                  resume_round=resumed["round"] if resumed else None,
+                                  resume=resume_point(resumed) if resumed else None,
                                   run_id=resumed.get("tracker_run_id") if resumed else None)
 
         tic = time.perf_counter()
