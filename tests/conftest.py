@@ -66,12 +66,14 @@ def epoch_rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture
 def run_main(cache_dir: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``python main.py ARGS`` in a fresh working folder with the session cache."""
+    """Run ``python main.py ARGS`` (or another ``script``) in a fresh working folder with the
+    session cache."""
 
-    def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def _run(*args: str, cwd: Path | None = None,
+             script: Path = REPO / "main.py") -> subprocess.CompletedProcess:
         env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir), "WANDB_SILENT": "true"}
         env.pop("WANDB_MODE", None)
-        return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd or tmp_path,
+        return subprocess.run([sys.executable, str(script), *args], cwd=cwd or tmp_path,
                               env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
                               check=False)
 
