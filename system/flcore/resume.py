@@ -104,10 +104,11 @@ def plan_resume(run_dir: Path, current: dict[str, Any], config: Config,
     if status == "completed":
         done = earlier["rounds"][-1]["round"] if earlier.get("rounds") else 0
         if done != config.federation.rounds:
+            why = ("checkpoint.every=0" if config.checkpoint.every == 0 else
+                   "checkpoint.keep_on_complete=false removes them once a run completes")
             raise CheckpointError(f"federation.rounds={config.federation.rounds}: {run_dir} "
-                                  f"finished after round {done} without a checkpoint "
-                                  "(checkpoint.every=0), so it cannot be continued; start a new "
-                                  "run")
+                                  f"finished after round {done} without a checkpoint ({why}), "
+                                  "so it cannot be continued; start a new run")
         log.info("%s already finished all %d rounds; nothing to do", run_dir, done)
         return Resume(finished=earlier)
     if status == "interrupted":
