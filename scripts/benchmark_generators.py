@@ -33,10 +33,9 @@ from flcore.trainmodel.generators import (
     GeneratorData,
     GeneratorSpec,
     MaskedAdam,
-    VAEGenerator,
     train_generators,
-    vae_loss,
 )
+from flcore.trainmodel.vae import VAEGenerator, vae_loss
 
 
 def learned(config: GeneratorConfig) -> bool:

@@ -24,20 +24,16 @@ from flcore.config import (
 from flcore.errors import ConfigError, TrainingError
 from flcore.trainmodel.banks import fit_together
 from flcore.trainmodel.generators import (
-    BetaScheduler,
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
     MaskedAdam,
-    VAEGenerator,
-    VAELoss,
     _slice,
     clip_per_generator,
     train_banks,
     train_generators,
-    vae_loss,
-    warmup_epochs,
 )
+from flcore.trainmodel.vae import BetaScheduler, VAEGenerator, VAELoss, vae_loss, warmup_epochs
 
 
 def linear(total: int, ratio: float) -> BetaScheduler:

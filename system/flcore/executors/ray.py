@@ -39,7 +39,8 @@ from flcore.executors import check_executor
 from flcore.executors.base import Executor
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob

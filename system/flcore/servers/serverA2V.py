@@ -58,8 +58,8 @@ from flcore.trainmodel.generators import (
     GeneratorBank,
     SyntheticShare,
     generator_spec,
-    vae_loss,
 )
+from flcore.trainmodel.vae import vae_loss
 from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per_class
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""VAE generators of audio embeddings: beta schedules, the VAE loss, and a batched generator bank.
+"""Banks of VAE generators (:mod:`flcore.trainmodel.vae`) and their stacked training.
 
 All generators of a node (one unified, one per class or one per group) live in one module whose
 weights are stacked along a leading generator axis ``K`` and run with batched matmuls. Each
@@ -18,219 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.config import (
-    BetaSchedule,
     GeneratorConfig,
     Granularity,
-    KlReduction,
     Likelihood,
     OnNan,
     Precision,
     ScheduleScope,
 )
 from flcore.errors import TrainingError
+from flcore.trainmodel.vae import VAEGenerator, VAELoss
 
 log = logging.getLogger(__name__)
-
-
-def warmup_epochs(total_epochs: int, ratio: float) -> int:
-    """``max(1, ceil(total_epochs * ratio))`` with a tolerance, so that 10 * 0.3 gives 3."""
-    return max(1, math.ceil(total_epochs * ratio - 1e-9))
-
-
-@dataclass(frozen=True)
-class BetaScheduler:
-    """The KL weight of 0-based ``epoch`` (of ``total_epochs``).
-
-    - ``linear`` (the fix): ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
-    - ``cyclical`` (Fu et al. 2019): ``n_cycles`` cycles of ``P = ceil(total / n_cycles)``
-      epochs; within a cycle ``tau = (epoch mod P + 1) / P`` and
-      ``beta = beta_max * min(1, tau / cycle_ratio)``.
-    - ``sigmoid``: ``beta_max * sigmoid(12 * ((epoch + 1) / warmup_epochs - 0.5))`` during the
-      warm-up, ``beta_max`` after it.
-    - ``constant``: ``beta_max``.
-    """
-
-    schedule: BetaSchedule
-    total_epochs: int
-    warmup_ratio: float
-    beta_max: float = 1.0
-    n_cycles: int = 4
-    cycle_ratio: float = 0.5
-
-    @property
-    def warmup(self) -> int:
-        return warmup_epochs(self.total_epochs, self.warmup_ratio)
-
-    def __call__(self, epoch: int) -> float:
-        step = epoch + 1
-        if self.schedule is BetaSchedule.constant:
-            return self.beta_max
-        if self.schedule is BetaSchedule.cyclical:
-            period = math.ceil(self.total_epochs / self.n_cycles)
-            tau = (epoch % period + 1) / period
-            return self.beta_max * min(1.0, tau / self.cycle_ratio)
-        if step >= self.warmup:
-            return self.beta_max
-        if self.schedule is BetaSchedule.sigmoid:
-            return self.beta_max / (1 + math.exp(-12 * (step / self.warmup - 0.5)))
-        return self.beta_max * step / self.warmup
-
-
-@dataclass
-class VAELossTerms:
-    """Per-generator loss terms ``[K]``: ``recon`` is the reconstruction term optimized (the MSE
-    or the Gaussian NLL), ``kl`` the (free-bits) KL term, ``mse`` the mean squared error of every
-    likelihood (one scale to compare them on) and ``similarity`` the mean ``1 - cosine``."""
-
-    total: torch.Tensor
-    recon: torch.Tensor
-    kl: torch.Tensor
-    similarity: torch.Tensor
-    mse: torch.Tensor
-    beta: float | torch.Tensor
-
-    @property
-    def weighted_kl(self) -> torch.Tensor:
-        return self.beta * self.kl
-
-
-def gaussian_nll(squared_error: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
-    """``-log N(x; x_hat, sigma^2)`` summed over the last axis, from ``(x - x_hat)^2`` and one
-    shared ``log sigma^2`` per generator (broadcast ``[K, 1, 1]``): the calibrated decoder of the
-    sigma-VAE (Rybkin et al. 2021)."""
-    terms = squared_error * (-log_variance).exp() + log_variance + math.log(2 * math.pi)
-    return 0.5 * terms.sum(-1)
-
-
-class VAELoss(nn.Module):
-    """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
-
-    - ``likelihood=mse`` (the seed's loss, the reference row of every study): reconstruction is
-      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. Against a
-      KL summed over latent dimensions, a nat of KL costs ``features`` times more than the
-      reconstruction it buys, so posterior collapse is the optimum.
-    - ``likelihood=gaussian`` (sigma-VAE, Rybkin et al. 2021): reconstruction is the Gaussian
-      NLL summed over the features with each generator's learned shared log-variance
-      ``recon_logvar`` (clamped at ``log(variance_floor)``), so ``beta = 1`` gives the true
-      negative ELBO. No similarity term is added (it is no log-likelihood and would break the
-      bound); it is still returned as a diagnostic.
-
-    The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
-    at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
-    (``kl_reduction=sum``, the seed's form) or averaged over dimensions. The seed's fix: beta
-    follows the configured training length (``total_epochs`` and ``beta_warmup_ratio``)
-    instead of reaching 1 only after 100 epochs. Inputs carry a leading generator axis
-    ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
-    its own rows.
-    """
-
-    def __init__(self, total_epochs: int, beta_warmup_ratio: float,
-                 schedule: BetaSchedule = BetaSchedule.linear, beta_max: float = 1.0,
-                 kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
-                 n_cycles: int = 4, cycle_ratio: float = 0.5,
-                 likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
-                 free_bits: float = 0.0) -> None:
-        super().__init__()
-        self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
-                                  cycle_ratio)
-        self.kl_reduction = kl_reduction
-        self.similarity_weight = similarity_weight
-        self.likelihood = likelihood
-        self.log_variance_floor = math.log(variance_floor)
-        self.free_bits = free_bits
-
-    def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
-                logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
-                recon_logvar: torch.Tensor | None = None,
-                beta: float | torch.Tensor | None = None) -> VAELossTerms:
-        """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
-        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
-        ``beta`` (a float or one per generator ``[K]``) replaces the schedule's ``beta(epoch)``:
-        generators of several banks trained together may be at different epochs of it."""
-        weight = mask.to(x.dtype)
-        count = weight.sum(1).clamp(min=1)
-
-        def per_generator(values: torch.Tensor) -> torch.Tensor:
-            return (values * weight).sum(1) / count
-
-        squared_error = ((recon - x) ** 2).flatten(2)
-        mse = per_generator(squared_error.mean(-1))
-        kl_per_dim = -0.5 * (1 + logvar - mu**2 - logvar.exp())
-        kl_per_dim = (kl_per_dim * weight[..., None]).sum(1) / count[:, None]
-        if self.free_bits > 0:
-            kl_per_dim = kl_per_dim.clamp(min=self.free_bits)
-        kl = kl_per_dim.sum(-1) if self.kl_reduction is KlReduction.sum else kl_per_dim.mean(-1)
-        similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
-                                                            dim=-1))
-        beta = self.beta(epoch) if beta is None else beta
-        if self.likelihood is Likelihood.mse:
-            total = mse + beta * kl + self.similarity_weight * similarity
-            return VAELossTerms(total, mse, kl, similarity, mse, beta)
-        if recon_logvar is None:
-            raise ValueError("likelihood=gaussian needs the decoders' log-variances "
-                             "(a VAEGenerator with learned_variance=True)")
-        nll = per_generator(gaussian_nll(squared_error,
-                                         recon_logvar.clamp(min=self.log_variance_floor)))
-        return VAELossTerms(nll + beta * kl, nll, kl, similarity, mse, beta)
-
-
-class StackedLinear(nn.Module):
-    """K independent linear layers, weights ``[K, in, out]``, applied with one batched matmul."""
-
-    def __init__(self, k: int, fan_in: int, fan_out: int) -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = nn.Parameter(torch.empty(k, fan_in, fan_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(k, 1, fan_out).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class VAEGenerator(nn.Module):
-    """``K`` VAEs of flattened ``[S, D]`` embeddings, optionally conditioned on a prompt (CVAE).
-
-    ``x [K, B, S*D]`` -> encoder -> ``mu, logvar [K, B, Z]`` -> ``z = mu + sigma * noise`` ->
-    decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
-    With ``learned_variance`` each decoder also has one shared log-variance ``dec_logvar
-    [K, 1, 1]`` (starting at 0: sigma = 1) for the Gaussian likelihood of the sigma-VAE (Rybkin
-    et al. 2021); it belongs to the decoder (and its package) but sampling does not use it.
-    """
-
-    def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0,
-                 learned_variance: bool = False) -> None:
-        super().__init__()
-        self.k, self.features, self.latent, self.cond = k, features, latent, cond
-        self.enc = StackedLinear(k, features + cond, hidden)
-        self.enc_out = StackedLinear(k, hidden, 2 * latent)
-        self.dec = StackedLinear(k, latent + cond, hidden)
-        self.dec_out = StackedLinear(k, hidden, features)
-        self.dec_logvar = nn.Parameter(torch.zeros(k, 1, 1)) if learned_variance else None
-
-    def _with(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return x if cond is None else torch.cat([x, cond], dim=-1)
-
-    def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.enc_out(F.gelu(self.enc(self._with(x, cond)))).chunk(2, dim=-1)
-        return mu, logvar
-
-    def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dec_out(F.gelu(self.dec(self._with(z, cond))))
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encode(x, cond)
-        z = mu + (0.5 * logvar).exp() * noise
-        return self.decode(z, cond), mu, logvar
-
-    @torch.no_grad()
-    def sample(self, n: int, cond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws from each generator's prior: ``[K, n, features]``."""
-        device = self.enc.weight.device
-        z = torch.randn(self.k, n, self.latent, generator=generator, device="cpu").to(device)
-        return self.decode(z, cond)
 
 
 def _has_fused_adam(device: torch.device) -> bool:
@@ -859,11 +657,3 @@ def generator_rows(tokens: torch.Tensor, sequence_length: int) -> torch.Tensor:
     """Cached tokens ``[n, L, D]`` pooled to ``[n, sequence_length, D]`` and flattened."""
     pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), sequence_length).transpose(1, 2)
     return pooled.reshape(len(tokens), -1)
-
-
-def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
-    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix)."""
-    return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
-                   config.kl_reduction, config.similarity_weight, config.n_cycles,
-                   config.cycle_ratio, config.likelihood, config.variance_floor,
-                   config.free_bits)
