@@ -65,7 +65,8 @@ from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per
 log = logging.getLogger(__name__)
 
 SERVER_STREAM = 1_000_000
-GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.sequence_length",
+GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.decoder_variance",
+                        "generator.sequence_length",
                         "generator.latent_dim",
                         "generator.hidden_dim", "generator.conditional",
                         "generator.gaussian_covariance", "generator.gaussian_rank")
@@ -102,9 +103,12 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
     """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
     are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
     trained different numbers of times under ``whole_run``), ``weighted_kl`` the mean of each
-    generator's own beta x KL, and the optimizer steps an epoch took (mean over nodes)."""
+    generator's own beta x KL, ``log_sigma2`` and ``effective_beta`` the means of each
+    generator's decoder log-variance and KL weight relative to the calibrated ELBO, and the
+    optimizer steps an epoch took (mean over nodes). Generators without rows (NaN) are left
+    out."""
     def mean(values: list[torch.Tensor]) -> float:
-        return float(torch.cat([v.flatten() for v in values]).mean())
+        return float(torch.cat([v.flatten() for v in values]).nanmean())
 
     kl = mean([e.kl for e in epochs])
     return {f"{prefix}generator/recon_loss": mean([e.recon for e in epochs]),
@@ -113,6 +117,8 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
             f"{prefix}generator/weighted_kl": mean([e.beta * e.kl for e in epochs]),
             f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs]),
             f"{prefix}generator/mse": mean([e.mse for e in epochs]),
+            f"{prefix}generator/log_sigma2": mean([e.log_sigma2 for e in epochs]),
+            f"{prefix}generator/effective_beta": mean([e.effective_beta for e in epochs]),
             f"{prefix}generator/steps_per_epoch": float(np.mean([e.steps for e in epochs]))}
 
 
@@ -321,11 +327,14 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
     def log_generator_epochs(self, round_: int,
                              logs: dict[int, list[EpochLog]]) -> dict[str, float]:
         """One tracker row per generator epoch: means over all generators (``generator/*``)
-        and over each node's (``node{i}/generator/*``); returns the last epoch's values.
+        and over each node's (``node{i}/generator/*``), and each generator's decoder variance
+        (``node{i}/generator/log_sigma2/{name}``); returns the last epoch's means.
         ``generator/epoch`` counts epochs over the run's generator rounds, so no two rows share
         one."""
         epochs = self.config.generator.training_epochs
         before = self.generator_rounds_done * epochs
+        names = {c.node: c.generators.spec.names for c in self.clients if c.node in logs
+                 and c.generators is not None}
         row: dict[str, float] = {}
         for e in range(epochs):
             row = {"generator/epoch": float(before + e + 1)}
@@ -333,6 +342,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             parts.update({f"node{node}/": [log[e]] for node, log in logs.items()})
             for prefix, epoch_logs in parts.items():
                 row.update(_generator_scalars(epoch_logs, prefix))
+            for node, log in logs.items():
+                row.update({f"node{node}/generator/log_sigma2/{name}": float(value)
+                            for name, value in zip(names[node], log[e].log_sigma2.tolist(),
+                                                   strict=True)})
             self.trackers.log_epoch(row, step=round_)
             self.epoch_history.append({"round": round_, **row})
         return {k: v for k, v in row.items() if k.startswith("generator/")}

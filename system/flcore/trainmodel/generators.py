@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.config import (
+    DecoderVariance,
     GeneratorConfig,
     Granularity,
     Likelihood,
@@ -51,11 +52,16 @@ class MaskedAdam:
     inside the kernel (its ``found_inf`` flag, as for AMP's skipped steps) when the generator is
     inactive. Elsewhere an elementwise form uses ``torch.where`` so inactive generators stay
     untouched. On the CPU, where reading a flag costs no round trip, a step in which every
-    generator is active at the same count is one fused step over the whole tensors."""
+    generator is active at the same count is one fused step over the whole tensors. ``lr`` is
+    one learning rate, or one per parameter (torch's parameter groups)."""
 
-    def __init__(self, params: list[nn.Parameter], k: int, lr: float,
+    def __init__(self, params: list[nn.Parameter], k: int, lr: float | Sequence[float],
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.lrs = [lr] * len(params) if isinstance(lr, int | float) else list(lr)
+        if len(self.lrs) != len(params):
+            raise ValueError(f"MaskedAdam: {len(params)} parameters but {len(self.lrs)} "
+                             "learning rates")
+        self.params, self.betas, self.eps = params, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(k, device=params[0].device)
@@ -70,17 +76,26 @@ class MaskedAdam:
         else:
             self._elementwise_step(active)
 
+    def _groups(self) -> list[tuple[float, list[int]]]:
+        """The parameters' indices grouped by learning rate (one fused call per group)."""
+        groups: dict[float, list[int]] = {}
+        for i, lr in enumerate(self.lrs):
+            groups.setdefault(lr, []).append(i)
+        return list(groups.items())
+
     def _fused_step(self, active: torch.Tensor) -> None:
         b1, b2 = self.betas
-        n = len(self.params)
+        groups = self._groups()
         if self.steps.device.type == "cpu" and bool(active.all()) and bool(
                 (self.steps == self.steps[0]).all()):
             # On the CPU reading the flags is no device round trip, and one fused step over
             # whole tensors is several times faster there than K steps over their slices.
-            torch._fused_adam_([p.detach() for p in self.params],
-                               [p.grad for p in self.params], self.m, self.v, [],
-                               [self.steps[0]] * n, lr=self.lr, beta1=b1, beta2=b2,
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            for lr, ids in groups:
+                torch._fused_adam_([self.params[i].detach() for i in ids],
+                                   [self.params[i].grad for i in ids], [self.m[i] for i in ids],
+                                   [self.v[i] for i in ids], [], [self.steps[0]] * len(ids),
+                                   lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
+                                   amsgrad=False, maximize=False)
             return
         skip = (~active).to(self.steps.dtype).unbind(0)
         steps = self.steps.unbind(0)
@@ -89,20 +104,22 @@ class MaskedAdam:
         ms = [m.unbind(0) for m in self.m]
         vs = [v.unbind(0) for v in self.v]
         for g in range(len(steps)):
-            torch._fused_adam_([r[g] for r in rows], [r[g] for r in grads], [r[g] for r in ms],
-                               [r[g] for r in vs], [], [steps[g]] * n, lr=self.lr, beta1=b1,
-                               beta2=b2, weight_decay=0.0, eps=self.eps, amsgrad=False,
-                               maximize=False, found_inf=skip[g])
+            for lr, ids in groups:
+                torch._fused_adam_([rows[i][g] for i in ids], [grads[i][g] for i in ids],
+                                   [ms[i][g] for i in ids], [vs[i][g] for i in ids], [],
+                                   [steps[g]] * len(ids), lr=lr, beta1=b1, beta2=b2,
+                                   weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                                   found_inf=skip[g])
 
     def _elementwise_step(self, active: torch.Tensor) -> None:
         b1, b2 = self.betas
         on = active.to(self.steps.dtype)
         t = self.steps.clamp(min=1)
-        step_size = -self.lr / (1 - b1**t)
         inv_sqrt_bc2 = (1 - b2**t).rsqrt()
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs, strict=True):
             view = (-1,) + (1,) * (p.dim() - 1)
             keep = active.view(view)
+            step_size = -lr / (1 - b1**t)
             g = torch.where(keep, p.grad, 0.0)
             m.lerp_(g, ((1 - b1) * on).view(view))
             v.mul_((1 - (1 - b2) * on).view(view)).addcmul_(g, g * ((1 - b2) * on).view(view))
@@ -140,8 +157,12 @@ class GeneratorData:
 
 @dataclass
 class EpochLog:
-    """Per-generator means of one epoch's loss terms ``[K]`` (:class:`VAELossTerms`), the
-    epoch's beta and its optimizer steps (minibatches of the generator with the most rows)."""
+    """Per-generator means of one epoch's loss terms ``[K]`` (:class:`VAELossTerms`, each
+    minibatch weighted by the generator's rows in it), the epoch's beta and its optimizer steps
+    (minibatches of the generator with the most rows). ``log_sigma2`` is the log of the mean
+    decoder variance (so under the optimal sigma ``exp(log_sigma2) = mse`` above the floor; NaN
+    for a generator without rows) and ``effective_beta`` the mean KL weight relative to the
+    negative ELBO at the maximum-likelihood variance."""
 
     epoch: int
     beta: float
@@ -150,6 +171,8 @@ class EpochLog:
     kl: torch.Tensor
     similarity: torch.Tensor
     mse: torch.Tensor
+    log_sigma2: torch.Tensor
+    effective_beta: torch.Tensor
     steps: int = 0
 
 
@@ -168,7 +191,8 @@ def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
 @dataclass
 class _Epoch:
     """One epoch of a stacked training: 0-based ``epoch`` (without offsets), per-generator means
-    ``[5, K]`` of the loss terms and each generator's rows at the epoch's start (host ints)."""
+    ``[7, K]`` of the terms of :class:`EpochLog` and each generator's rows at the epoch's start
+    (host ints)."""
 
     epoch: int
     means: torch.Tensor
@@ -178,6 +202,29 @@ class _Epoch:
 def _steps(counts: list[int], batch_size: int) -> int:
     """Minibatches of an epoch: those of the generator with the most rows (at least one)."""
     return len(range(0, max(max(counts, default=0), 1), batch_size))
+
+
+def row_variance(data: GeneratorData) -> torch.Tensor:
+    """Each generator's data variance ``[K]``: the per-feature variance of its real rows
+    (population form), averaged over the features; the MSE of a decoder that predicts the
+    mean."""
+    n_max = data.x.shape[1]
+    counts = data.counts.to(data.x.device)
+    weight = (torch.arange(n_max, device=data.x.device) < counts[:, None]).to(data.x.dtype)
+    n = weight.sum(1).clamp(min=1)[:, None]
+    mean = (data.x * weight[..., None]).sum(1) / n
+    return (((data.x - mean[:, None]) ** 2) * weight[..., None]).sum(1).div(n).mean(-1)
+
+
+@torch.no_grad()
+def start_learned_variance(dec_logvar: torch.Tensor, steps: torch.Tensor, data: GeneratorData,
+                           floor: float) -> None:
+    """Start the learned ``log sigma^2 [K, 1, 1]`` of each generator that never took a step and
+    has rows at the log of its rows' variance (:func:`row_variance`, floored): a calibrated
+    start (Rybkin et al. 2021), not sigma = 1, which its own learning rate then tracks."""
+    fresh = (steps == 0) & (data.counts.to(steps.device) > 0)
+    start = row_variance(data).clamp(min=floor).log().to(dec_logvar.dtype)
+    dec_logvar.copy_(torch.where(fresh.view(-1, 1, 1), start.view(-1, 1, 1), dec_logvar))
 
 
 def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
@@ -196,6 +243,8 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
     params = list(model.parameters())
     bf16 = precision is Precision.bf16
     uniform = len(set(offsets)) == 1
+    if model.dec_logvar is not None:
+        start_learned_variance(model.dec_logvar, optimizer.steps, data, loss_fn.variance_floor)
     out = []
     for epoch in range(epochs):
         counts = [int(c) for c in data.counts.tolist()]
@@ -204,7 +253,7 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
             perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
         betas = [loss_fn.beta(epoch + offset) for offset in offsets]
         beta = betas[0] if uniform else torch.tensor(betas, device=device)
-        sums = torch.zeros(5, k, device=device)
+        sums = torch.zeros(7, k, device=device)
         seen = torch.zeros(k, device=device)
         alive = torch.ones(k, dtype=torch.bool, device=device)
         bad = torch.zeros(k, dtype=torch.bool, device=device)
@@ -244,10 +293,13 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                 clip_per_generator(params, grad_clip)
             optimizer.step(active)
             batch = mask.sum(1).to(sums.dtype)
-            sums += torch.nan_to_num(torch.stack([terms.total, terms.recon, terms.kl,
-                                                  terms.similarity, terms.mse]).detach()) * batch
+            sums += torch.nan_to_num(torch.stack([
+                terms.total, terms.recon, terms.kl, terms.similarity, terms.mse, terms.sigma2,
+                terms.effective_beta]).detach()) * batch
             seen += batch
-        out.append(_Epoch(epoch, sums / seen.clamp(min=1), counts))
+        means = sums / seen.clamp(min=1)
+        means[5] = torch.where(seen > 0, means[5].log(), torch.nan)
+        out.append(_Epoch(epoch, means, counts))
         if bool(bad.any()):  # the one host round trip of an epoch
             _report_non_finite(bad, first_value, first_step, epoch, offsets, labels, on_nan,
                                data)
@@ -328,8 +380,10 @@ class GeneratorBank:
                  cond_dim: int, device: torch.device) -> None:
         self.spec, self.config = spec, config
         self.model = VAEGenerator(len(spec.names), features, config.hidden_dim, config.latent_dim,
-                                  cond_dim, config.likelihood is Likelihood.gaussian).to(device)
-        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k, config.lr)
+                                  cond_dim, config.decoder_variance is DecoderVariance.learned
+                                  ).to(device)
+        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k,
+                                    learning_rates(self.model, config))
         self.trainings = 0
         self.dropped: list[str] = []
 
@@ -364,17 +418,17 @@ class GeneratorBank:
         m = self.model
         return (m.features, m.enc.weight.shape[-1], m.latent, m.cond, m.dec_logvar is not None)
 
-    def _warn_at_variance_floor(self, where: str) -> None:
-        """Name each trained generator whose learned decoder variance sits at
-        ``generator.variance_floor``: its reconstructions are (near) exact, e.g. identical or
-        memorized rows, and its NLL is no longer a calibrated likelihood."""
-        if self.model.dec_logvar is None:
+    def _warn_at_variance_floor(self, where: str, last: EpochLog) -> None:
+        """Name each trained generator whose decoder variance sat at ``generator.variance_floor``
+        in the ``last`` epoch (``likelihood=gaussian``): its reconstructions are (near) exact,
+        e.g. identical or memorized rows, and its NLL is no longer a calibrated likelihood."""
+        if self.config.likelihood is not Likelihood.gaussian:
             return
-        floor = math.log(self.config.variance_floor)
-        at_floor = (self.model.dec_logvar.detach().flatten() <= floor).tolist()
+        floor = math.log(self.config.variance_floor) + 1e-6
+        at_floor = (last.log_sigma2 <= floor).tolist()
         for name, low in zip(self.spec.names, at_floor, strict=True):
             if low and name not in self.dropped:
-                log.warning("%sgenerator %s: the learned decoder variance is at "
+                log.warning("%sgenerator %s: the decoder variance is at "
                             "generator.variance_floor=%g (near-exact reconstructions: identical "
                             "or memorized rows?)", where, name, self.config.variance_floor)
 
@@ -443,9 +497,17 @@ class GeneratorBank:
         self.trainings, self.dropped = state["trainings"], list(state["dropped"])
 
 
+def learning_rates(model: VAEGenerator, config: GeneratorConfig) -> list[float]:
+    """Each parameter's Adam learning rate: ``generator.lr``, and ``generator.variance_lr`` for
+    a learned decoder variance, whose optimum (the log reconstruction MSE) lies far from its
+    start and moves as the reconstructions improve."""
+    return [config.variance_lr if name == "dec_logvar" else config.lr
+            for name, _ in model.named_parameters()]
+
+
 #: The settings of a bank's training that banks trained together must share.
 _SHARED_SETTINGS = ("training_epochs", "batch_size", "grad_clip", "augmentation_noise", "lr",
-                    "on_nan", "schedule_scope", "precision")
+                    "variance_lr", "on_nan", "schedule_scope", "precision")
 
 
 def _stack_key(bank: GeneratorBank) -> dict[str, object]:
@@ -549,7 +611,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             bank = banks[chunk[0][0]]
             model, optimizer, data = bank.model, bank.optimizer, datas[chunk[0][0]]
         else:
-            model, optimizer = _stack(banks, chunk, c.lr)
+            model, optimizer = _stack(banks, chunk, c)
             data = _concat_data([_slice_data(datas[i], a, b) for i, a, b in chunk])
         chunk_rngs = [r for i, a, b in chunk for r in rngs[i][a:b]]
         chunk_offsets = [offsets[i] for i, a, b in chunk for _ in range(a, b)]
@@ -582,7 +644,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                                                           datas[i].counts.tolist(), strict=True)
                          if had and count == 0]
         bank.trainings += 1
-        bank._warn_at_variance_floor(wheres[i])
+        bank._warn_at_variance_floor(wheres[i], bank_logs[-1])
     return logs
 
 
@@ -592,7 +654,7 @@ def _slice_data(data: GeneratorData, a: int, b: int) -> GeneratorData:
 
 
 def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
-           lr: float) -> tuple[VAEGenerator, MaskedAdam]:
+           config: GeneratorConfig) -> tuple[VAEGenerator, MaskedAdam]:
     """One model and optimizer holding the generators ``chunk`` of ``banks`` (copies)."""
     first = banks[chunk[0][0]].model
     features, hidden, latent, cond, learned = banks[chunk[0][0]].shape()
@@ -602,7 +664,7 @@ def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
         for j, param in enumerate(model.parameters()):
             param.copy_(torch.cat([list(banks[i].model.parameters())[j][a:b]
                                    for i, a, b in chunk]))
-    optimizer = MaskedAdam(list(model.parameters()), k, lr)
+    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
     optimizer.load_state_dict({
         "m": [torch.cat([banks[i].optimizer.m[j][a:b] for i, a, b in chunk])
               for j in range(len(optimizer.m))],

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.config import BetaSchedule, GeneratorConfig, KlReduction, Likelihood
+from flcore.config import BetaSchedule, DecoderVariance, GeneratorConfig, KlReduction, Likelihood
 
 
 def warmup_epochs(total_epochs: int, ratio: float) -> int:
@@ -59,7 +59,10 @@ class BetaScheduler:
 class VAELossTerms:
     """Per-generator loss terms ``[K]``: ``recon`` is the reconstruction term optimized (the MSE
     or the Gaussian NLL), ``kl`` the (free-bits) KL term, ``mse`` the mean squared error of every
-    likelihood (one scale to compare them on) and ``similarity`` the mean ``1 - cosine``."""
+    likelihood (one scale to compare them on), ``similarity`` the mean ``1 - cosine``,
+    ``sigma2`` the decoder variance the reconstruction term uses (or implies) and
+    ``effective_beta`` the KL weight relative to the negative ELBO at the maximum-likelihood
+    variance (:func:`effective_beta`)."""
 
     total: torch.Tensor
     recon: torch.Tensor
@@ -67,6 +70,8 @@ class VAELossTerms:
     similarity: torch.Tensor
     mse: torch.Tensor
     beta: float | torch.Tensor
+    sigma2: torch.Tensor
+    effective_beta: torch.Tensor
 
     @property
     def weighted_kl(self) -> torch.Tensor:
@@ -81,18 +86,33 @@ def gaussian_nll(squared_error: torch.Tensor, log_variance: torch.Tensor) -> tor
     return 0.5 * terms.sum(-1)
 
 
+def effective_beta(beta: float | torch.Tensor, sigma2: torch.Tensor,
+                   mse: torch.Tensor) -> torch.Tensor:
+    """The KL weight relative to the reconstruction, on the scale of the negative ELBO at the
+    maximum-likelihood decoder variance ``sigma^2 = mse`` (Rybkin et al. 2021): a loss
+    ``D/(2 s^2) mse + beta KL`` is that ELBO's ``D/(2 mse) mse + beta (s^2/mse) KL`` rescaled,
+    so its effective beta is ``beta s^2 / mse``."""
+    return beta * sigma2 / mse.clamp(min=torch.finfo(mse.dtype).tiny)
+
+
 class VAELoss(nn.Module):
     """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
 
     - ``likelihood=mse`` (the seed's loss, the reference row of every study): reconstruction is
-      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. Against a
-      KL summed over latent dimensions, a nat of KL costs ``features`` times more than the
-      reconstruction it buys, so posterior collapse is the optimum.
+      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. It equals
+      the Gaussian NLL of variance ``D/2`` (D features) up to a constant, so its effective beta
+      is ``beta D / (2 mse)``: with a KL summed over latent dimensions, posterior collapse is
+      the optimum.
     - ``likelihood=gaussian`` (sigma-VAE, Rybkin et al. 2021): reconstruction is the Gaussian
-      NLL summed over the features with each generator's learned shared log-variance
-      ``recon_logvar`` (clamped at ``log(variance_floor)``), so ``beta = 1`` gives the true
-      negative ELBO. No similarity term is added (it is no log-likelihood and would break the
-      bound); it is still returned as a diagnostic.
+      NLL summed over the features, with one shared variance per generator.
+      ``decoder_variance=optimal`` (their optimal sigma) sets it to the generator's current
+      reconstruction MSE over its own real rows of the minibatch (detached, floored at
+      ``variance_floor``): the NLL is then ``D/2 (log(2 pi sigma^2) + 1)``, the ELBO at the
+      maximum-likelihood sigma, and ``beta`` means what it says at every step (``beta = 1`` is
+      that negative ELBO). ``learned`` uses the decoders' log-variances ``recon_logvar``
+      (clamped at ``log(variance_floor)``), a parameter with its own learning rate; its
+      effective beta is ``beta sigma^2 / mse``. No similarity term is added (it is no
+      log-likelihood and would break the bound); it is still returned as a diagnostic.
 
     The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
     at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
@@ -108,22 +128,25 @@ class VAELoss(nn.Module):
                  kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
                  n_cycles: int = 4, cycle_ratio: float = 0.5,
                  likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
-                 free_bits: float = 0.0) -> None:
+                 free_bits: float = 0.0,
+                 decoder_variance: DecoderVariance = DecoderVariance.optimal) -> None:
         super().__init__()
         self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
                                   cycle_ratio)
         self.kl_reduction = kl_reduction
         self.similarity_weight = similarity_weight
         self.likelihood = likelihood
+        self.variance_floor = variance_floor
         self.log_variance_floor = math.log(variance_floor)
         self.free_bits = free_bits
+        self.decoder_variance = decoder_variance
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                 logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
                 recon_logvar: torch.Tensor | None = None,
                 beta: float | torch.Tensor | None = None) -> VAELossTerms:
         """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
-        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
+        for a ``learned`` decoder variance, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
         ``beta`` (a float or one per generator ``[K]``) replaces the schedule's ``beta(epoch)``:
         generators of several banks trained together may be at different epochs of it."""
         weight = mask.to(x.dtype)
@@ -144,13 +167,25 @@ class VAELoss(nn.Module):
         beta = self.beta(epoch) if beta is None else beta
         if self.likelihood is Likelihood.mse:
             total = mse + beta * kl + self.similarity_weight * similarity
-            return VAELossTerms(total, mse, kl, similarity, mse, beta)
+            implied = torch.full_like(mse, squared_error.shape[-1] / 2)
+            return VAELossTerms(total, mse, kl, similarity, mse, beta, implied,
+                                effective_beta(beta, implied, mse.detach()))
+        log_sigma2 = self.log_sigma2(mse, recon_logvar)
+        nll = per_generator(gaussian_nll(squared_error, log_sigma2.view(-1, 1, 1)))
+        sigma2 = log_sigma2.detach().exp()
+        return VAELossTerms(nll + beta * kl, nll, kl, similarity, mse, beta, sigma2,
+                            effective_beta(beta, sigma2, mse.detach()))
+
+    def log_sigma2(self, mse: torch.Tensor, recon_logvar: torch.Tensor | None) -> torch.Tensor:
+        """Each generator's decoder ``log sigma^2 [K]``, floored at ``log(variance_floor)``: the
+        optimal sigma of Rybkin et al. 2021 (``mse`` over the generator's real rows, detached,
+        so no gradient moves it) or the learned ``recon_logvar``."""
+        if self.decoder_variance is DecoderVariance.optimal:
+            return mse.detach().clamp(min=self.variance_floor).log()
         if recon_logvar is None:
-            raise ValueError("likelihood=gaussian needs the decoders' log-variances "
+            raise ValueError("decoder_variance=learned needs the decoders' log-variances "
                              "(a VAEGenerator with learned_variance=True)")
-        nll = per_generator(gaussian_nll(squared_error,
-                                         recon_logvar.clamp(min=self.log_variance_floor)))
-        return VAELossTerms(nll + beta * kl, nll, kl, similarity, mse, beta)
+        return recon_logvar.flatten().clamp(min=self.log_variance_floor)
 
 
 class StackedLinear(nn.Module):
@@ -172,8 +207,9 @@ class VAEGenerator(nn.Module):
     ``x [K, B, S*D]`` -> encoder -> ``mu, logvar [K, B, Z]`` -> ``z = mu + sigma * noise`` ->
     decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
     With ``learned_variance`` each decoder also has one shared log-variance ``dec_logvar
-    [K, 1, 1]`` (starting at 0: sigma = 1) for the Gaussian likelihood of the sigma-VAE (Rybkin
-    et al. 2021); it belongs to the decoder (and its package) but sampling does not use it.
+    [K, 1, 1]`` for the Gaussian likelihood of the sigma-VAE (Rybkin et al. 2021; a generator's
+    first training starts it at its rows' variance, :func:`start_learned_variance`); it belongs
+    to the decoder (and its package) but sampling does not use it.
     """
 
     def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0,
@@ -217,4 +253,4 @@ def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
     return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
                    config.kl_reduction, config.similarity_weight, config.n_cycles,
                    config.cycle_ratio, config.likelihood, config.variance_floor,
-                   config.free_bits)
+                   config.free_bits, config.decoder_variance)
