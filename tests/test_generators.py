@@ -36,7 +36,14 @@ from flcore.trainmodel.generators import (
     train_banks,
     train_generators,
 )
-from flcore.trainmodel.vae import BetaScheduler, VAEGenerator, VAELoss, vae_loss, warmup_epochs
+from flcore.trainmodel.vae import (
+    BetaScheduler,
+    VAEGenerator,
+    VAELoss,
+    schedule_start,
+    vae_loss,
+    warmup_epochs,
+)
 
 
 def linear(total: int, ratio: float) -> BetaScheduler:
@@ -587,7 +594,7 @@ def _node(classes: list[int], rows: list[int], seed: int) -> tuple[torch.Tensor,
 
 def _banks(config: GeneratorConfig) -> tuple[list[GeneratorBank], list, list]:
     """Three nodes' banks (per-class, 2, 3 and 1 generators; a unified one of two classes), of
-    unequal sizes; the second bank is at its second training (whole_run schedules differ)."""
+    unequal sizes."""
     specs = [GeneratorSpec(["c0", "c1"], [[0], [1]]),
              GeneratorSpec(["c2", "c3", "c4"], [[2], [3], [4]]),
              GeneratorSpec(["all"], [[0, 5]])]
@@ -596,7 +603,6 @@ def _banks(config: GeneratorConfig) -> tuple[list[GeneratorBank], list, list]:
     for i, spec in enumerate(specs):
         torch.manual_seed(10 + i)
         banks.append(GeneratorBank(spec, 12, config, 0, torch.device("cpu")))
-    banks[1].trainings = 1
     return banks, [x for x, _ in nodes], [y for _, y in nodes]
 
 
@@ -662,19 +668,53 @@ def test_a_learned_variance_starts_at_each_generators_data_variance() -> None:
     assert ((bank.model.dec_logvar - trained).abs() <= 0.02 * steps.view(-1, 1, 1) + 1e-6).all()
 
 
+def test_a_node_sampled_late_ends_the_whole_run_warmup_on_time() -> None:
+    """``schedule_scope=whole_run``: the schedule's offset is the round, not the node's count of
+    trainings. A node trained only in rounds 7..10 of 10 (warm-up ratio 1: the whole run)
+    starts round 7 at schedule epoch 6 x epochs and reaches beta_max at its last epoch of
+    round 10 (counting its own trainings, it ended at beta 0.4)."""
+    config = _bank_config(schedule_scope=ScheduleScope.whole_run, beta_warmup_ratio=1.0,
+                          beta_max=2.0, training_epochs=3)
+    x, y = _node([0, 1], [6, 5], 7)
+    torch.manual_seed(0)
+    bank = GeneratorBank(GeneratorSpec(["c0", "c1"], [[0], [1]]), 12, config, 0,
+                         torch.device("cpu"))
+    logs = []
+    for round_ in range(7, 11):
+        rngs = [torch.Generator().manual_seed(round_ * 10 + g) for g in range(2)]
+        loss = vae_loss(config, 10 * config.training_epochs, schedule_start(config, round_))
+        logs += bank.fit(x, y, None, loss, rngs, f"round {round_}: ")
+    assert [log.epoch for log in logs] == list(range(18, 30))
+    assert [log.beta for log in logs] == pytest.approx([2.0 * (e + 1) / 30 for e in range(18, 30)])
+    assert logs[-1].beta == 2.0
+
+
+@pytest.mark.parametrize(("scope", "train_every", "round_", "start"), [
+    (ScheduleScope.per_round, 1, 5, 0), (ScheduleScope.whole_run, 1, 1, 0),
+    (ScheduleScope.whole_run, 1, 5, 12), (ScheduleScope.whole_run, 2, 2, 0),
+    (ScheduleScope.whole_run, 2, 6, 6), (ScheduleScope.whole_run, 3, 9, 6)])
+def test_schedule_start_counts_the_generator_rounds_before_this_one(
+        scope: ScheduleScope, train_every: int, round_: int, start: int) -> None:
+    """Generator rounds are every ``train_every``-th; round r starts after the
+    ``(r - 1) // train_every`` generator rounds before it (3 epochs each)."""
+    config = _bank_config(schedule_scope=scope, train_every=train_every, training_epochs=3)
+    assert schedule_start(config, round_) == start
+
+
 @pytest.mark.parametrize(("scope", "max_generators", "noise"), [
     (ScheduleScope.per_round, None, 0.0), (ScheduleScope.whole_run, None, 0.1),
     (ScheduleScope.whole_run, 2, 0.0), (ScheduleScope.per_round, 4, 0.1)])
 def test_banks_of_several_nodes_train_as_one_as_each_alone(
         scope: ScheduleScope, max_generators: int | None, noise: float) -> None:
-    """Three nodes' banks (2, 3 and 1 generators, unequal rows, one at its second training so
-    that its whole_run beta schedule is ahead), trained as one stack (or in chunks of at most
-    ``max_generators``, splitting banks), end where each trained alone ends: weights, Adam
-    moments and step counts, and every epoch log (epoch, beta, steps, loss terms)."""
+    """Three nodes' banks (2, 3 and 1 generators, unequal rows; under whole_run at the second
+    of three rounds), trained as one stack (or in chunks of at most ``max_generators``,
+    splitting banks), end where each trained alone ends: weights, Adam moments and step
+    counts, and every epoch log (epoch, beta, steps, loss terms)."""
     config = _bank_config(schedule_scope=scope, augmentation_noise=noise)
     together, xs, ys = _banks(config)
     alone = copy.deepcopy(together)
-    loss = vae_loss(config, config.training_epochs)
+    rounds = 3 if scope is ScheduleScope.whole_run else 1
+    loss = vae_loss(config, rounds * config.training_epochs, schedule_start(config, 2))
     wheres = [f"node {i}, round 2: " for i in range(3)]
     logs = fit_together(together, xs, ys, [None] * 3, loss, _rngs(together), wheres,
                         max_generators=max_generators)
@@ -692,7 +732,8 @@ def test_banks_of_several_nodes_train_as_one_as_each_alone(
         assert [(g.epoch, g.beta, g.steps) for g in got] == [
             (w.epoch, w.beta, w.steps) for w in want]
         for g, w in zip(got, want, strict=True):
-            for term in ("total", "recon", "kl", "similarity", "mse"):
+            for term in ("total", "recon", "kl", "similarity", "mse", "log_sigma2",
+                         "effective_beta"):
                 torch.testing.assert_close(getattr(g, term), getattr(w, term),
                                            rtol=1e-5, atol=1e-5)
     assert logs[1][0].epoch == (4 if scope is ScheduleScope.whole_run else 0)

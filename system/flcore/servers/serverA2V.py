@@ -59,7 +59,7 @@ from flcore.trainmodel.generators import (
     SyntheticShare,
     generator_spec,
 )
-from flcore.trainmodel.vae import vae_loss
+from flcore.trainmodel.vae import schedule_start, vae_loss
 from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per_class
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def _offload(tree: Any) -> Any:
 
 def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
     """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
-    are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
-    trained different numbers of times under ``whole_run``), ``weighted_kl`` the mean of each
+    are means over generators, ``beta`` the mean of the nodes' betas (one schedule epoch a
+    round, so they agree), ``weighted_kl`` the mean of each
     generator's own beta x KL, ``log_sigma2`` and ``effective_beta`` the means of each
     generator's decoder log-variance and KL weight relative to the calibrated ELBO, and the
     optimizer steps an epoch took (mean over nodes). Generators without rows (NaN) are left
@@ -301,7 +301,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 adapter = self.model
             jobs.append(client.generator_job(self.shared, g, round_, self.config.seed, adapter))
         banks = [client.generators for client in selected]
-        epochs = self.executor.train_generators(banks, jobs, vae_loss(g, self.generator_epochs))
+        epochs = self.executor.train_generators(
+            banks, jobs, vae_loss(g, self.generator_epochs, schedule_start(g, round_)))
         for client, job, client_epochs in zip(selected, jobs, epochs, strict=True):
             if client_epochs:
                 logs[client.node] = client_epochs
@@ -363,7 +364,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         base = training_seed(self.config.seed, round_, SERVER_STREAM)
         rngs = [torch.Generator(device=rows.device).manual_seed(base + k)
                 for k in range(self.server_bank.model.k)]
-        self.server_bank.fit(rows, y, None, vae_loss(g, self.generator_epochs), rngs,
+        self.server_bank.fit(rows, y, None,
+                             vae_loss(g, self.generator_epochs, schedule_start(g, round_)), rngs,
                              where=f"server, round {round_}: ")
         present = y.unique().tolist()
         counts = {c: int((y == c).sum()) for c in present}

@@ -24,7 +24,6 @@ from flcore.config import (
     Likelihood,
     OnNan,
     Precision,
-    ScheduleScope,
 )
 from flcore.errors import TrainingError
 from flcore.trainmodel.vae import VAEGenerator, VAELoss
@@ -190,7 +189,7 @@ def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
 
 @dataclass
 class _Epoch:
-    """One epoch of a stacked training: 0-based ``epoch`` (without offsets), per-generator means
+    """One epoch of a stacked training: 0-based ``epoch`` (without the offset), per-generator means
     ``[7, K]`` of the terms of :class:`EpochLog` and each generator's rows at the epoch's start
     (host ints)."""
 
@@ -229,11 +228,10 @@ def start_learned_variance(dec_logvar: torch.Tensor, steps: torch.Tensor, data: 
 
 def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                    data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
-                   rngs: list[torch.Generator], offsets: list[int], noise_std: float,
+                   rngs: list[torch.Generator], offset: int, noise_std: float,
                    labels: list[str], on_nan: OnNan, precision: Precision) -> list[_Epoch]:
-    """The training loop of :func:`train_generators`, with a schedule offset per generator
-    (``offsets[k]``: generator k's 0-based epoch is ``epoch + offsets[k]``, so generators of
-    several banks keep their own beta schedules) and ``labels[k]`` naming generator k in errors.
+    """The training loop of :func:`train_generators`, at 0-based schedule epochs ``offset +
+    epoch`` (the loss's ``first_epoch``) and with ``labels[k]`` naming generator k in errors.
 
     No host round trip inside the step loop: minibatch sizes come from the host-side
     ``data.counts`` (read once an epoch), masks, step counts and the non-finite flag stay on the
@@ -242,7 +240,6 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
     device = data.x.device
     params = list(model.parameters())
     bf16 = precision is Precision.bf16
-    uniform = len(set(offsets)) == 1
     if model.dec_logvar is not None:
         start_learned_variance(model.dec_logvar, optimizer.steps, data, loss_fn.variance_floor)
     out = []
@@ -251,8 +248,6 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
         perms = torch.full((k, n_max), -1, dtype=torch.long, device=device)
         for g, n in enumerate(counts):
             perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
-        betas = [loss_fn.beta(epoch + offset) for offset in offsets]
-        beta = betas[0] if uniform else torch.tensor(betas, device=device)
         sums = torch.zeros(7, k, device=device)
         seen = torch.zeros(k, device=device)
         alive = torch.ones(k, dtype=torch.bool, device=device)
@@ -276,8 +271,7 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                 recon, mu, logvar = model(x, noise, cond)
             if bf16:
                 recon, mu, logvar = recon.float(), mu.float(), logvar.float()
-            terms = loss_fn(recon, x, mu, logvar, epoch + offsets[0], mask, model.dec_logvar,
-                            beta=beta)
+            terms = loss_fn(recon, x, mu, logvar, epoch + offset, mask, model.dec_logvar)
             active = mask.any(1)
             now = active & ~torch.isfinite(terms.total)
             first_value = torch.where(now, terms.total.detach(), first_value)
@@ -301,19 +295,19 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
         means[5] = torch.where(seen > 0, means[5].log(), torch.nan)
         out.append(_Epoch(epoch, means, counts))
         if bool(bad.any()):  # the one host round trip of an epoch
-            _report_non_finite(bad, first_value, first_step, epoch, offsets, labels, on_nan,
+            _report_non_finite(bad, first_value, first_step, epoch + offset, labels, on_nan,
                                data)
     return out
 
 
 def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tensor, epoch: int,
-                       offsets: list[int], labels: list[str], on_nan: OnNan,
+                       labels: list[str], on_nan: OnNan,
                        data: GeneratorData) -> None:
     """Raise TrainingError for the first generator whose loss was not finite this epoch, or
     (``on_nan=drop_generator``) warn about each and zero its rows for the epochs to come."""
     failed = sorted(bad.nonzero().flatten().tolist(), key=lambda g: (int(step[g]), g))
     for g in failed:
-        message = f"{labels[g]}, epoch {epoch + offsets[g] + 1}: VAE loss is {value[g].item()}"
+        message = f"{labels[g]}, epoch {epoch + 1}: VAE loss is {value[g].item()}"
         if on_nan is OnNan.error:
             raise TrainingError(f"{message}; lower generator.lr or set "
                                 "generator.on_nan=drop_generator")
@@ -323,9 +317,8 @@ def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tenso
 
 def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                      data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
-                     rngs: list[torch.Generator], epoch_offset: int = 0,
-                     noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
-                     on_nan: OnNan = OnNan.error,
+                     rngs: list[torch.Generator], noise_std: float = 0.0, where: str = "",
+                     names: list[str] | None = None, on_nan: OnNan = OnNan.error,
                      precision: Precision = Precision.fp32) -> list[EpochLog]:
     """Minibatch training of all K generators together; ``rngs[k]`` (on the data's device)
     drives generator k's shuffling and noise. ``data.counts`` stays on the host. On a NaN or
@@ -333,11 +326,11 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
     generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
     from that step on (its ``data.counts`` entry becomes 0) and goes on with the others.
     ``precision=bf16`` runs the forward pass under bf16 autocast; the loss, the weights and
-    the optimizer stay fp32."""
-    k = data.x.shape[0]
+    the optimizer stay fp32. The beta schedule starts at ``loss_fn.first_epoch``."""
+    k, epoch_offset = data.x.shape[0], loss_fn.first_epoch
     labels = [f"{where}generator {names[g] if names else g}" for g in range(k)]
     epochs_run = _train_stacked(model, optimizer, loss_fn, data, epochs, batch_size, grad_clip,
-                                rngs, [epoch_offset] * k, noise_std, labels, on_nan, precision)
+                                rngs, epoch_offset, noise_std, labels, on_nan, precision)
     return [EpochLog(e.epoch + epoch_offset, loss_fn.beta(e.epoch + epoch_offset), *e.means,
                      steps=_steps(e.counts, batch_size)) for e in epochs_run]
 
@@ -404,13 +397,6 @@ class GeneratorBank:
             loss: VAELoss, rngs: list[torch.Generator], where: str) -> list[EpochLog]:
         """``generator.training_epochs`` epochs on rows ``x [n, F]`` with class ids ``labels``."""
         return train_banks([self], [x], [labels], [prompts], loss, [rngs], [where])[0]
-
-    def epoch_offset(self) -> int:
-        """Where this training starts in the beta schedule (``schedule_scope=whole_run``: after
-        the epochs of the bank's earlier trainings)."""
-        c = self.config
-        return (self.trainings * c.training_epochs
-                if c.schedule_scope is ScheduleScope.whole_run else 0)
 
     def shape(self) -> tuple[int, int, int, int, bool]:
         """``(features, hidden, latent, cond, learned variance)``: banks of one shape can train
@@ -575,9 +561,10 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     The banks' generators (weights ``[K_i, ...]``, Adam moments and step counts) are
     concatenated along the generator axis, at most ``max_generators`` at a time (``None``: all
     of them; a bank may be split between chunks), trained together, and written back. Each
-    generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order, beta
-    schedule (its bank's ``schedule_scope`` offset) and step counts. Returns each bank's epoch
-    logs as :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
+    generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order and step
+    counts; all follow the beta schedule from ``loss.first_epoch``
+    (:func:`~flcore.trainmodel.vae.schedule_start`). Returns each bank's epoch logs as
+    :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
     bank's ``wheres[i]``, the generator and the epoch (or drops it: ``generator.on_nan``).
     Banks must share shapes, device and training settings (:func:`check_trainable_together`)."""
     n = len(banks)
@@ -599,7 +586,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             data.counts[bank.spec.names.index(name)] = 0
         datas.append(data)
     had_rows = [(d.counts > 0).tolist() for d in datas]
-    offsets = [bank.epoch_offset() for bank in banks]
+    offset = loss.first_epoch
     sizes = [bank.model.k for bank in banks]
     # means[i][e]: bank i's per-generator means of epoch e, piece by piece (chunk by chunk)
     means: list[list[list[torch.Tensor]]] = [[[] for _ in range(c.training_epochs)]
@@ -614,11 +601,10 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             model, optimizer = _stack(banks, chunk, c)
             data = _concat_data([_slice_data(datas[i], a, b) for i, a, b in chunk])
         chunk_rngs = [r for i, a, b in chunk for r in rngs[i][a:b]]
-        chunk_offsets = [offsets[i] for i, a, b in chunk for _ in range(a, b)]
         chunk_labels = [f"{wheres[i]}generator {banks[i].spec.names[g]}"
                         for i, a, b in chunk for g in range(a, b)]
         epochs_run = _train_stacked(model, optimizer, loss, data, c.training_epochs,
-                                    c.batch_size, c.grad_clip, chunk_rngs, chunk_offsets,
+                                    c.batch_size, c.grad_clip, chunk_rngs, offset,
                                     c.augmentation_noise, chunk_labels, c.on_nan, c.precision)
         if not whole:
             _unstack(banks, chunk, model, optimizer)
@@ -634,7 +620,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     for i, bank in enumerate(banks):
         bank_logs = []
         for e in range(c.training_epochs):
-            epoch = e + offsets[i]
+            epoch = e + offset
             bank_logs.append(EpochLog(epoch, loss.beta(epoch), *torch.cat(means[i][e], dim=1),
                                       steps=_steps(counts[i][e], c.batch_size)))
         logs.append(bank_logs)

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.config import BetaSchedule, DecoderVariance, GeneratorConfig, KlReduction, Likelihood
+from flcore.config import (
+    BetaSchedule,
+    DecoderVariance,
+    GeneratorConfig,
+    KlReduction,
+    Likelihood,
+    ScheduleScope,
+)
 
 
 def warmup_epochs(total_epochs: int, ratio: float) -> int:
@@ -69,7 +76,7 @@ class VAELossTerms:
     kl: torch.Tensor
     similarity: torch.Tensor
     mse: torch.Tensor
-    beta: float | torch.Tensor
+    beta: float
     sigma2: torch.Tensor
     effective_beta: torch.Tensor
 
@@ -86,7 +93,7 @@ def gaussian_nll(squared_error: torch.Tensor, log_variance: torch.Tensor) -> tor
     return 0.5 * terms.sum(-1)
 
 
-def effective_beta(beta: float | torch.Tensor, sigma2: torch.Tensor,
+def effective_beta(beta: float, sigma2: torch.Tensor,
                    mse: torch.Tensor) -> torch.Tensor:
     """The KL weight relative to the reconstruction, on the scale of the negative ELBO at the
     maximum-likelihood decoder variance ``sigma^2 = mse`` (Rybkin et al. 2021): a loss
@@ -118,7 +125,8 @@ class VAELoss(nn.Module):
     at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
     (``kl_reduction=sum``, the seed's form) or averaged over dimensions. The seed's fix: beta
     follows the configured training length (``total_epochs`` and ``beta_warmup_ratio``)
-    instead of reaching 1 only after 100 epochs. Inputs carry a leading generator axis
+    instead of reaching 1 only after 100 epochs; a training starts at schedule epoch
+    ``first_epoch`` (:func:`schedule_start`). Inputs carry a leading generator axis
     ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
     its own rows.
     """
@@ -129,7 +137,8 @@ class VAELoss(nn.Module):
                  n_cycles: int = 4, cycle_ratio: float = 0.5,
                  likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
                  free_bits: float = 0.0,
-                 decoder_variance: DecoderVariance = DecoderVariance.optimal) -> None:
+                 decoder_variance: DecoderVariance = DecoderVariance.optimal,
+                 first_epoch: int = 0) -> None:
         super().__init__()
         self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
                                   cycle_ratio)
@@ -140,15 +149,14 @@ class VAELoss(nn.Module):
         self.log_variance_floor = math.log(variance_floor)
         self.free_bits = free_bits
         self.decoder_variance = decoder_variance
+        self.first_epoch = first_epoch
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                 logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
-                recon_logvar: torch.Tensor | None = None,
-                beta: float | torch.Tensor | None = None) -> VAELossTerms:
+                recon_logvar: torch.Tensor | None = None) -> VAELossTerms:
         """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
-        for a ``learned`` decoder variance, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
-        ``beta`` (a float or one per generator ``[K]``) replaces the schedule's ``beta(epoch)``:
-        generators of several banks trained together may be at different epochs of it."""
+        for a ``learned`` decoder variance, the decoders' log-variances ``recon_logvar [K, 1, 1]``,
+        at 0-based schedule epoch ``epoch``."""
         weight = mask.to(x.dtype)
         count = weight.sum(1).clamp(min=1)
 
@@ -164,7 +172,7 @@ class VAELoss(nn.Module):
         kl = kl_per_dim.sum(-1) if self.kl_reduction is KlReduction.sum else kl_per_dim.mean(-1)
         similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
                                                             dim=-1))
-        beta = self.beta(epoch) if beta is None else beta
+        beta = self.beta(epoch)
         if self.likelihood is Likelihood.mse:
             total = mse + beta * kl + self.similarity_weight * similarity
             implied = torch.full_like(mse, squared_error.shape[-1] / 2)
@@ -248,9 +256,20 @@ class VAEGenerator(nn.Module):
         return self.decode(z, cond)
 
 
-def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
-    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix)."""
+def schedule_start(config: GeneratorConfig, round_: int) -> int:
+    """The schedule epoch at which round ``round_``'s (1-based) generator training starts: 0 under
+    ``per_round``; under ``whole_run`` the epochs of every generator round before it, whether or
+    not a node trained in them, so that the schedule follows the run's clock and a node first
+    sampled late still reaches ``beta_max`` when the warm-up ends."""
+    if config.schedule_scope is ScheduleScope.per_round:
+        return 0
+    return (round_ - 1) // config.train_every * config.training_epochs
+
+
+def vae_loss(config: GeneratorConfig, total_epochs: int, first_epoch: int = 0) -> VAELoss:
+    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix), and its
+    training starts at schedule epoch ``first_epoch`` (:func:`schedule_start`)."""
     return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
                    config.kl_reduction, config.similarity_weight, config.n_cycles,
                    config.cycle_ratio, config.likelihood, config.variance_floor,
-                   config.free_bits, config.decoder_variance)
+                   config.free_bits, config.decoder_variance, first_epoch)
