@@ -51,6 +51,7 @@ from flcore.metrics.classification import (
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
+from flcore.streams import Purpose, stream, stream_seed
 from flcore.tracking import Trackers
 from flcore.trainmodel.banks import Bank, bank_features, bank_from_decoder, new_bank
 from flcore.trainmodel.generators import (
@@ -64,7 +65,6 @@ from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per
 
 log = logging.getLogger(__name__)
 
-SERVER_STREAM = 1_000_000
 GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.decoder_variance",
                         "generator.sequence_length",
                         "generator.latent_dim",
@@ -361,8 +361,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         g = self.config.generator
         rows = x.reshape(len(x), -1)
         self.server_bank = self.server_bank or self.new_server_bank(rows.shape[1])
-        base = training_seed(self.config.seed, round_, SERVER_STREAM)
-        rngs = [torch.Generator(device=rows.device).manual_seed(base + k)
+        seed = self.config.seed
+        rngs = [stream(seed, round_=round_, node=0, generator=k,
+                       purpose=Purpose.server_generator_training, device=rows.device)
                 for k in range(self.server_bank.model.k)]
         self.server_bank.fit(rows, y, None,
                              vae_loss(g, self.generator_epochs, schedule_start(g, round_)), rngs,
@@ -370,8 +371,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         present = y.unique().tolist()
         counts = {c: int((y == c).sum()) for c in present}
         centroids = {c: rows[y == c].mean(0) for c in present}
-        sx, sy = self.server_bank.sample(counts, None, centroids,
-                                         torch.Generator().manual_seed(base))
+        sx, sy = self.server_bank.sample(counts, None, centroids, stream(
+            seed, round_=round_, node=0, generator=0, purpose=Purpose.server_synthetic_samples))
         return sx.reshape(len(sx), *x.shape[1:]), sy
 
     def federation_classes(self) -> list[int]:
@@ -388,9 +389,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         return new_bank(spec, features, self.config.generator, 0, self.shared.tokens.device)
 
     def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
-                 stream: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
-        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``;
-        with ``anchor``, plus the proximal pull ``mu / 2 * ||w - anchor||^2``."""
+                 which: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
+        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``
+        (seeded by training ``which`` of the round); with ``anchor``, plus the proximal pull
+        ``mu / 2 * ||w - anchor||^2``."""
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                       key: torch.Tensor) -> torch.Tensor:
             pooled, sequence = net.outputs(xb, key)
@@ -401,8 +403,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
 
         self.model.load_state_dict(state)
         fit(self.model, step_loss, x, y, self.config.adapter, self.config.server.synthetic_epochs,
-            training_seed(self.config.seed, round_, SERVER_STREAM + stream),
-            f"server, round {round_}")
+            stream_seed(self.config.seed, round_=round_, node=0, generator=which,
+                        purpose=Purpose.server_adapter_training), f"server, round {round_}")
         return _clone(self.model.state_dict())
 
     def curate(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int
@@ -426,8 +428,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         rows = [torch.nonzero(y == c).flatten() for c in kept]
         if s.synthetic_balance:
             target = int(torch.tensor([len(r) for r in rows]).median())
-            rng = torch.Generator().manual_seed(
-                training_seed(self.config.seed, round_, SERVER_STREAM + 4))
+            rng = stream(self.config.seed, round_=round_, node=0, generator=0,
+                         purpose=Purpose.server_curation)
             rows = [r[torch.randperm(len(r), generator=rng)[:target].to(r.device)]
                     if len(r) >= target else
                     r[torch.randint(len(r), (target,), generator=rng).to(r.device)]
@@ -517,7 +519,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.model.load_state_dict(self.global_state)
         rows = torch.arange(int(keep.sum()), device=x.device)
         fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
-            training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}")
+            stream_seed(self.config.seed, round_=round_, node=0, generator=0,
+                        purpose=Purpose.server_distillation), f"server, round {round_}")
         return _clone(self.model.state_dict())
 
     def learn_from_synthetic(self, round_: int, x: torch.Tensor,
