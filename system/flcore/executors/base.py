@@ -16,7 +16,8 @@ import torch
 from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.progress import phase
 from flcore.trainmodel.banks import Bank
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob

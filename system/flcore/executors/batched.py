@@ -34,7 +34,8 @@ from flcore.progress import stage
 from flcore.runtime import autocast
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs, step_keys
 from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob
