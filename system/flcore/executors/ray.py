@@ -37,10 +37,9 @@ from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors import check_executor
 from flcore.executors.base import Executor
-from flcore.progress import stage
 from flcore.runtime import thread_share, use_threads
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
-from flcore.trainmodel.banks import Bank, fit_together
+from flcore.trainmodel.banks import Bank
 from flcore.trainmodel.generators import EpochLog
 from flcore.trainmodel.vae import VAELoss
 
@@ -383,12 +382,7 @@ class RayExecutor(Executor):
                          loss: VAELoss | None) -> list[list[EpochLog]]:
         """Generators train in the driver, every node's as one stacked bank (as the batched
         executor does): their states stay where the server keeps them between rounds."""
-        with stage(f"generators ({len(banks)} nodes stacked)") as bar:
-            logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
-                                [j.prompts for j in jobs], loss, [j.rngs for j in jobs],
-                                [j.where for j in jobs])
-            bar.update()
-        return logs
+        return self.train_generators_stacked(banks, jobs, loss)
 
     def _get(self, ref: ray.ObjectRef, batch: Sequence[AdapterJob]) -> dict:
         """A task's packed updates; its training error as raised, or a lost worker as one line."""
