@@ -26,22 +26,22 @@ import time
 
 import torch
 
-from flcore.config import GeneratorConfig, Likelihood
+from flcore.config import DecoderVariance, GeneratorConfig
 from flcore.trainmodel.banks import fit_together
 from flcore.trainmodel.generators import (
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
     MaskedAdam,
-    VAEGenerator,
+    learning_rates,
     train_generators,
-    vae_loss,
 )
+from flcore.trainmodel.vae import VAEGenerator, vae_loss
 
 
 def learned(config: GeneratorConfig) -> bool:
-    """Whether the configured likelihood learns each decoder's variance (sigma-VAE)."""
-    return config.likelihood is Likelihood.gaussian
+    """Whether the configured decoders learn their variance (``decoder_variance=learned``)."""
+    return config.decoder_variance is DecoderVariance.learned
 
 
 def sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def batched(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: in
     model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim,
                          learned_variance=learned(config)).to(device)
     model.load_state_dict(init)
-    optimizer = MaskedAdam(list(model.parameters()), k, config.lr)
+    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
     rngs = [torch.Generator(device=device).manual_seed(g) for g in range(k)]
     logs = train_generators(model, optimizer, vae_loss(config, epochs), data, epochs, batch,
                             config.grad_clip, rngs)
@@ -73,7 +73,8 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
         model = VAEGenerator(1, features, config.hidden_dim, config.latent_dim,
                              learned_variance=learned(config)).to(device)
         model.load_state_dict({name: v[g : g + 1] for name, v in init.items()})
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(
+            model.parameters(), learning_rates(model, config), strict=True)])
         rng = torch.Generator(device=device).manual_seed(g)
         x = data.x[g : g + 1]
         n = int(data.counts[g])

@@ -99,13 +99,14 @@ def epoch_rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture
 def run_main(cache_dir: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``python main.py ARGS`` in a fresh working folder with the session cache (on the small
-    set unless the arguments pick a dataset: :func:`on_small_dataset`)."""
+    """Run ``python main.py ARGS`` (or another ``script``) in a fresh working folder with the
+    session cache, on the small set unless the arguments pick one (:func:`on_small_dataset`)."""
 
-    def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def _run(*args: str, cwd: Path | None = None,
+             script: Path = REPO / "main.py") -> subprocess.CompletedProcess:
         env = {**os.environ, "FEDA2V_CACHE_DIR": str(cache_dir), "WANDB_SILENT": "true"}
         env.pop("WANDB_MODE", None)
-        return subprocess.run([sys.executable, str(REPO / "main.py"), *on_small_dataset(args)],
+        return subprocess.run([sys.executable, str(script), *on_small_dataset(args)],
                               cwd=cwd or tmp_path,
                               env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
                               check=False)

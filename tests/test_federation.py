@@ -131,12 +131,12 @@ def test_clip_length_checks_may_differ_on_resume() -> None:
 
 
 def test_corrupted_checkpoint_is_named_and_earlier_one_offered(fast_run, tmp_path: Path) -> None:
-    fast_run("federation.rounds=2")
+    fast_run("federation.rounds=2", "checkpoint.keep_last=2")
     latest = checkpoint.checkpoints(tmp_path / "run")[-1]
     latest.write_bytes(latest.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"round_0002.pt is corrupted .*resume from "
                                               r"round_0001.pt"):
-        fast_run("federation.rounds=3", "resume=true")
+        fast_run("federation.rounds=3", "checkpoint.keep_last=2", "resume=true")
     latest.unlink()
     assert fast_run("federation.rounds=3", "resume=true")["status"] == "completed"
 

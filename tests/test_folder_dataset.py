@@ -33,7 +33,7 @@ from flcore.data.embeddings import EmbeddingCache, dataset_fingerprint, embed_au
 from flcore.data.folder import FolderDataset, load_folder
 from flcore.data.partition import SPLITS, build_partition, split_clips
 from flcore.data.synthetic import CLASSES, synthesize_clip
-from flcore.encoders.audio import MfccEncoder
+from flcore.encoders.audio import MfccEncoder, YamnetEncoder
 from flcore.errors import ConfigError, DataError
 
 CLIP = SyntheticConfig(duration_s=1.0, sample_rate=16000)
@@ -366,8 +366,10 @@ def test_a_shard_of_other_clips_is_recomputed(collection, tmp_path: Path,
 
 
 def recording_mfcc(folder: str) -> MfccEncoder:
-    """An MFCC encoder that leaves its process id in ``folder`` (built once per worker)."""
-    Path(folder, str(os.getpid())).touch()
+    """An MFCC encoder that leaves in ``folder`` its process id, that process's torch threads
+    and the onnxruntime threads YAMNet would use there (built once per worker)."""
+    yamnet = YamnetEncoder(AudioEncoderConfig(), Path(folder))
+    Path(folder, f"{os.getpid()}-{torch.get_num_threads()}-{yamnet.threads}").touch()
     return mfcc()
 
 
@@ -375,11 +377,19 @@ def test_worker_processes_give_the_in_process_result(collection, tmp_path: Path)
     dataset = load_folder(None, collection[0] / "meta.csv")
     reference, _ = embed(dataset, mfcc(), EmbeddingCache(tmp_path / "serial"))
     (tmp_path / "pids").mkdir()
-    tokens, hit = embed(dataset, mfcc(), EmbeddingCache(tmp_path / "parallel"), workers=2,
-                        build_encoder=partial(recording_mfcc, str(tmp_path / "pids")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the run's threads, which its 2 workers split: 2 each
+    try:
+        tokens, hit = embed(dataset, mfcc(), EmbeddingCache(tmp_path / "parallel"), workers=2,
+                            build_encoder=partial(recording_mfcc, str(tmp_path / "pids")))
+    finally:
+        torch.set_num_threads(threads)
     assert not hit and torch.allclose(tokens, reference, rtol=0, atol=1e-6)
-    pids = {int(p.name) for p in (tmp_path / "pids").iterdir()}
+    workers = [tuple(map(int, p.name.split("-"))) for p in (tmp_path / "pids").iterdir()]
+    pids = {pid for pid, _, _ in workers}
     assert len(pids) == 2 and os.getpid() not in pids
+    assert [(torch_threads, ort_threads) for _, torch_threads, ort_threads in workers] == [
+        (2, 2), (2, 2)]
     [entry] = (tmp_path / "parallel").iterdir()
     assert len(list(entry.glob("shard-*.pt"))) == 8 and (entry / "manifest.json").is_file()
 

@@ -1,6 +1,7 @@
 """Generators inside the federation: granularities, synthetic learning, logging, resume, NaN."""
 
 import json
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,17 @@ def test_granularities_train_log_and_share(gen_run, tmp_path: Path,
     assert [float(r["generator/epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [float(r["generator/beta"]) for r in rows[:4]] == pytest.approx([0.5, 1, 1, 1])
     assert "node0/generator/recon_loss" in rows[0]
+    # The calibrated decoder (issue 17): the KL weight is beta itself at every epoch, and each
+    # generator's sigma^2 is logged; a node's one unified generator's is its MSE.
+    for row in rows:
+        assert float(row["generator/effective_beta"]) == pytest.approx(
+            float(row["generator/beta"]), rel=1e-5)
+        sigmas = [k for k in row if k.startswith("node0/generator/log_sigma2/")]
+        assert len(sigmas) == (generators_per_node or len(sigmas)) and sigmas
+        if generators_per_node == 1:
+            assert math.exp(float(row["node0/generator/log_sigma2"])) == pytest.approx(
+                float(row["node0/generator/mse"]), rel=1e-5)
+    assert "generator/log_sigma2" in final
     assert results["timings"]["generator_train_s"] > 0
     assert len(results["generator_epochs"]) == 8
 

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig
@@ -13,6 +14,7 @@ from torch.distributions import Normal, kl_divergence
 
 from flcore.config import (
     BetaSchedule,
+    DecoderVariance,
     GeneratorConfig,
     KlReduction,
     Likelihood,
@@ -24,17 +26,21 @@ from flcore.config import (
 from flcore.errors import ConfigError, TrainingError
 from flcore.trainmodel.banks import fit_together
 from flcore.trainmodel.generators import (
-    BetaScheduler,
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
     MaskedAdam,
-    VAEGenerator,
-    VAELoss,
     _slice,
     clip_per_generator,
+    start_learned_variance,
     train_banks,
     train_generators,
+)
+from flcore.trainmodel.vae import (
+    BetaScheduler,
+    VAEGenerator,
+    VAELoss,
+    schedule_start,
     vae_loss,
     warmup_epochs,
 )
@@ -121,18 +127,19 @@ def test_kl_is_zero_at_the_prior() -> None:
     assert terms.kl.item() == 0.0
 
 
-def test_gaussian_likelihood_is_the_negative_elbo() -> None:
-    """``likelihood=gaussian`` (sigma-VAE): recon is ``-log N(x; x_hat, sigma^2)`` summed over the
-    features (``[S, D]`` flattened) and averaged over each generator's real rows, with sigma^2
-    floored at ``variance_floor``; KL is ``KL(q(z|x) || N(0, I))`` summed over latent
-    dimensions; total = recon + beta x KL, with no similarity term."""
+def test_gaussian_likelihood_with_a_learned_variance_is_the_negative_elbo() -> None:
+    """``likelihood=gaussian``, ``decoder_variance=learned``: recon is ``-log N(x; x_hat,
+    sigma^2)`` summed over the features (``[S, D]`` flattened) and averaged over each
+    generator's real rows, with the learned sigma^2 floored at ``variance_floor``; KL is
+    ``KL(q(z|x) || N(0, I))`` summed over latent dimensions; total = recon + beta x KL, with no
+    similarity term; the effective beta is ``beta sigma^2 / mse``."""
     torch.manual_seed(0)
     x, recon = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5)
     mu, logvar = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
     recon_logvar = torch.tensor([-1.0, 0.5, -20.0]).view(3, 1, 1)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     loss = VAELoss(10, 0.5, similarity_weight=0.1, likelihood=Likelihood.gaussian,
-                   variance_floor=1e-4)
+                   variance_floor=1e-4, decoder_variance=DecoderVariance.learned)
     terms = loss(recon, x, mu, logvar, epoch=1, mask=mask, recon_logvar=recon_logvar)
     for g, n in enumerate((2, 4, 1)):
         sigma = max(math.exp(recon_logvar[g].item()), 1e-4) ** 0.5
@@ -145,8 +152,60 @@ def test_gaussian_likelihood_is_the_negative_elbo() -> None:
         torch.testing.assert_close(terms.mse[g], ((recon[g, :n] - x[g, :n]) ** 2).mean())
         sim = (1 - torch.cosine_similarity(recon[g, :n].flatten(1), x[g, :n].flatten(1))).mean()
         torch.testing.assert_close(terms.similarity[g], sim)
+        torch.testing.assert_close(terms.sigma2[g], torch.tensor(sigma**2))
+        torch.testing.assert_close(terms.effective_beta[g], 0.4 * sigma**2 / terms.mse[g])
     with pytest.raises(ValueError, match="learned_variance"):
         loss(recon, x, mu, logvar, epoch=1, mask=mask)
+
+
+def test_optimal_sigma_is_each_generators_masked_mse_and_the_loss_its_closed_form() -> None:
+    """``decoder_variance=optimal`` (Rybkin et al. 2021): each generator's sigma^2 is the MSE of
+    its own real rows of the minibatch (padding rows are left out), floored at
+    ``variance_floor``; the NLL is then ``D/2 (log(2 pi sigma^2) + 1)`` and the total that plus
+    beta x KL; the effective beta is beta; padded rows get no gradient. Generator 2 reconstructs
+    better than the floor: its NLL keeps the floored sigma and its effective beta exceeds beta."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, 2, 5))
+    recon = x + rng.normal(size=x.shape) * np.array([1.0, 0.3, 0.001])[:, None, None, None]
+    mu, logvar = rng.normal(size=(3, 4, 6)), rng.normal(size=(3, 4, 6)) * 0.5
+    rows = [3, 4, 2]
+    floor, beta, features = 1e-4, 0.4, 10
+    recon_t = torch.tensor(recon, dtype=torch.float32, requires_grad=True)
+    mask = torch.tensor([[i < n for i in range(4)] for n in rows])
+    loss = VAELoss(10, 0.5, likelihood=Likelihood.gaussian, variance_floor=floor)
+    terms = loss(recon_t, torch.tensor(x, dtype=torch.float32),
+                 torch.tensor(mu, dtype=torch.float32), torch.tensor(logvar, dtype=torch.float32),
+                 epoch=1, mask=mask)
+    for g, n in enumerate(rows):
+        error = (recon[g, :n] - x[g, :n]).reshape(n, -1) ** 2
+        mse = error.mean()
+        sigma2 = max(mse, floor)
+        kl = (-0.5 * (1 + logvar[g, :n] - mu[g, :n] ** 2 - np.exp(logvar[g, :n]))).sum(-1).mean()
+        nll = 0.5 * (error / sigma2 + np.log(2 * np.pi * sigma2)).sum(-1).mean()
+        if mse >= floor:
+            assert nll == pytest.approx(0.5 * features * (np.log(2 * np.pi * mse) + 1))
+        assert terms.sigma2[g].item() == pytest.approx(sigma2, rel=1e-5)
+        assert terms.mse[g].item() == pytest.approx(mse, rel=1e-5)
+        assert terms.recon[g].item() == pytest.approx(nll, rel=1e-4)
+        assert terms.total[g].item() == pytest.approx(nll + beta * kl, rel=1e-4)
+        assert terms.effective_beta[g].item() == pytest.approx(beta * sigma2 / mse, rel=1e-4)
+    assert terms.mse[2] < floor and terms.effective_beta[2] > beta
+    torch.testing.assert_close(terms.effective_beta[:2], torch.tensor([beta, beta]))
+    terms.total.sum().backward()
+    assert recon_t.grad[0, 3].abs().sum() == 0 and recon_t.grad[2, 2:].abs().sum() == 0
+    assert recon_t.grad[0, :3].abs().sum() > 0
+
+
+def test_mse_likelihood_implies_a_decoder_variance_of_half_the_features() -> None:
+    """``likelihood=mse`` is the Gaussian NLL of sigma^2 = D/2 up to a constant: its logged
+    sigma^2 is D/2 and its effective beta ``beta D / (2 mse)``."""
+    torch.manual_seed(0)
+    x, recon = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mu, logvar = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    terms = VAELoss(10, 0.5, likelihood=Likelihood.mse)(
+        recon, x, mu, logvar, 1, torch.ones(2, 3, dtype=torch.bool))
+    torch.testing.assert_close(terms.sigma2, torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(terms.effective_beta, 0.4 * 8 / (2 * terms.mse))
 
 
 @pytest.mark.parametrize("likelihood", list(Likelihood))
@@ -187,10 +246,18 @@ def test_free_bits_and_likelihood_are_configured(
     loss = vae_loss(validate(make_config("generator.likelihood=mse",
                                          "generator.free_bits=0.25")).generator, 10)
     assert (loss.likelihood, loss.free_bits) == (Likelihood.mse, 0.25)
-    for override, message in (("generator.free_bits=-0.1", "generator.free_bits=-0.1: must be"),
-                              ("generator.variance_floor=0", "generator.variance_floor=0")):
+    assert (config.decoder_variance, config.variance_lr) == (DecoderVariance.optimal, 0.01)
+    learned = validate(make_config("generator.decoder_variance=learned")).generator
+    assert vae_loss(learned, 10).decoder_variance is DecoderVariance.learned
+    for override, message in (
+            ("generator.free_bits=-0.1", "generator.free_bits=-0.1: must be"),
+            ("generator.variance_floor=0", "generator.variance_floor=0"),
+            ("generator.variance_lr=0", "generator.variance_lr=0.0: must be > 0"),
+            ("generator.likelihood=mse generator.decoder_variance=learned",
+             "generator.decoder_variance=learned: learned applies to generator.likelihood="
+             "gaussian only")):
         with pytest.raises(ConfigError) as err:
-            validate(make_config(override))
+            validate(make_config(*override.split()))
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -237,26 +304,38 @@ def _data(counts: list[int], features: int = 12) -> GeneratorData:
     return GeneratorData(x, torch.tensor(counts))
 
 
+#: (likelihood, decoder variance) of every VAE loss.
+VARIANTS = [(Likelihood.mse, DecoderVariance.optimal), (Likelihood.gaussian,
+            DecoderVariance.optimal), (Likelihood.gaussian, DecoderVariance.learned)]
+VARIANCE_LR = 0.05
+
+
+def _lrs(model: VAEGenerator, lr: float = 0.01) -> list[float]:
+    """``lr`` for the weights, :data:`VARIANCE_LR` for a learned decoder variance."""
+    return [VARIANCE_LR if name == "dec_logvar" else lr for name, _ in model.named_parameters()]
+
+
 def _train(model: VAEGenerator, data: GeneratorData, seeds: list[int], epochs: int = 6,
-           likelihood: Likelihood = Likelihood.mse) -> list:
-    optimizer = MaskedAdam(list(model.parameters()), model.k, lr=0.01)
+           variant: tuple[Likelihood, DecoderVariance] = VARIANTS[0]) -> list:
+    optimizer = MaskedAdam(list(model.parameters()), model.k, lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(s) for s in seeds]
-    loss = VAELoss(epochs, 0.5, likelihood=likelihood)
+    loss = VAELoss(epochs, 0.5, likelihood=variant[0], decoder_variance=variant[1])
     return train_generators(model, optimizer, loss, data, epochs, batch_size=4, grad_clip=1.0,
                             rngs=rngs)
 
 
-@pytest.mark.parametrize("likelihood", list(Likelihood))
-def test_batched_training_equals_one_by_one(likelihood: Likelihood) -> None:
-    """K generators with unequal data, trained together, match each trained alone (with the
-    Gaussian likelihood, their learned variances too)."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_training_equals_one_by_one(variant: tuple[Likelihood, DecoderVariance]
+                                            ) -> None:
+    """K generators with unequal data, trained together, match each trained alone (with a
+    learned decoder variance, the variances too)."""
     counts = [9, 4, 13]
     data = _data(counts)
-    learned = likelihood is Likelihood.gaussian
+    learned = variant[1] is DecoderVariance.learned
     torch.manual_seed(2)
     batched = VAEGenerator(3, 12, 16, 3, learned_variance=learned)
     initial = {k: v.clone() for k, v in batched.state_dict().items()}
-    logs = _train(batched, data, seeds=[10, 11, 12], likelihood=likelihood)
+    logs = _train(batched, data, seeds=[10, 11, 12], variant=variant)
     assert ("dec_logvar" in initial) == learned
     if learned:
         assert (batched.dec_logvar.abs() > 0.02).all()
@@ -264,13 +343,15 @@ def test_batched_training_equals_one_by_one(likelihood: Likelihood) -> None:
         alone = VAEGenerator(1, 12, 16, 3, learned_variance=learned)
         alone.load_state_dict({name: v[k : k + 1].clone() for name, v in initial.items()})
         alone_logs = _train(alone, GeneratorData(data.x[k : k + 1, :n], torch.tensor([n])),
-                            seeds=[10 + k], likelihood=likelihood)
+                            seeds=[10 + k], variant=variant)
         for name, value in alone.state_dict().items():
             torch.testing.assert_close(batched.state_dict()[name][k : k + 1], value,
                                        rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(logs[-1].total[k], alone_logs[-1].total[0],
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(logs[-1].mse[k], alone_logs[-1].mse[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logs[-1].log_sigma2[k], alone_logs[-1].log_sigma2[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_training_reduces_the_loss_and_samples_have_the_data_shape() -> None:
@@ -349,16 +430,20 @@ def test_gaussian_likelihood_keeps_latent_dimensions_active_where_mse_collapses(
     assert (active[Likelihood.mse] == 0).all(), active
 
 
-def test_a_generator_at_the_variance_floor_is_named(caplog: pytest.LogCaptureFixture) -> None:
-    """Identical rows let the decoder reconstruct exactly, so its learned variance falls to the
-    floor (0.5 here, reached in few steps); the warning names the node and that generator only
-    (the other class varies by far more than the floor)."""
+@pytest.mark.parametrize("variance", list(DecoderVariance))
+def test_a_generator_at_the_variance_floor_is_named(caplog: pytest.LogCaptureFixture,
+                                                    variance: DecoderVariance) -> None:
+    """Identical rows let the decoder reconstruct exactly, so its decoder variance (the optimal
+    one: its MSE; or the learned one) falls to the floor (0.5 here, reached in few steps); the
+    warning names the node and that generator only (the other class varies by far more than
+    the floor)."""
     x, y = _low_rank_classes(64, 32, 2, (0.0, 2.0))
     config = GeneratorConfig(training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
-                             variance_floor=0.5)
+                             variance_floor=0.5, decoder_variance=variance, variance_lr=0.05)
     with caplog.at_level(logging.WARNING, logger="flcore.trainmodel.generators"):
         bank = _fit(config, x, y)
-    assert bank.model.dec_logvar[0].item() <= math.log(0.5) < bank.model.dec_logvar[1].item()
+    if variance is DecoderVariance.learned:
+        assert bank.model.dec_logvar[0].item() <= math.log(0.5) < bank.model.dec_logvar[1].item()
     floors = [r.getMessage() for r in caplog.records if "variance_floor" in r.getMessage()]
     assert floors == [floors[0]] and floors[0].startswith("node 3, round 1: generator class0:")
 
@@ -367,7 +452,8 @@ def test_the_learned_variance_travels_with_the_decoder() -> None:
     """``dec_logvar`` is sliced with its generator and sent in the decoder package; a bank built
     from the package samples what the sender would."""
     x, y = _low_rank_classes(32, 16, 2, (1.0, 1.0))
-    config = GeneratorConfig(training_epochs=3, hidden_dim=16, latent_dim=4, lr=0.05)
+    config = GeneratorConfig(training_epochs=3, hidden_dim=16, latent_dim=4, lr=0.05,
+                             decoder_variance=DecoderVariance.learned)
     bank = _fit(config, x, y)
     one = _slice(bank.model, 1)
     assert one.dec_logvar.data_ptr() == bank.model.dec_logvar[1:2].data_ptr()
@@ -391,14 +477,20 @@ def _reference_alone(init: dict, x: torch.Tensor, epochs: int, batch: int, seed:
                      ) -> tuple[VAEGenerator, list[float]]:
     """One generator trained alone the plain way: its own rows ``x [n, F]``, a shuffle and noise
     from ``torch.Generator(seed)`` (a permutation an epoch; per minibatch the latent noise, then
-    the input jitter), torch's Adam and ``clip_grad_norm_``. Returns the model and each epoch's
-    mean total loss."""
+    the input jitter), torch's Adam (:data:`VARIANCE_LR` for a learned variance, which starts
+    at the rows' variance) and ``clip_grad_norm_``. Returns the model and each epoch's mean
+    total loss."""
     n, features = x.shape
     learned = "dec_logvar" in init
     model = VAEGenerator(1, features, init["enc.weight"].shape[-1], init["dec.weight"].shape[1],
                          learned_variance=learned)
     model.load_state_dict(init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if learned:
+        with torch.no_grad():
+            model.dec_logvar.fill_(math.log(max(float(x.var(0, unbiased=False).mean()),
+                                                loss.variance_floor)))
+    optimizer = torch.optim.Adam([{"params": [p], "lr": group_lr} for p, group_lr in zip(
+        model.parameters(), _lrs(model, lr), strict=True)])
     rng = torch.Generator().manual_seed(seed)
     means = []
     for epoch in range(epoch_offset, epoch_offset + epochs):
@@ -421,9 +513,9 @@ def _reference_alone(init: dict, x: torch.Tensor, epochs: int, batch: int, seed:
     return model, means
 
 
-@pytest.mark.parametrize("likelihood", list(Likelihood))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
-        likelihood: Likelihood) -> None:
+        variant: tuple[Likelihood, DecoderVariance]) -> None:
     """The device-side step loop (masks, step counts and the NaN flag on the device; the
     branch-free MaskedAdam) gives, for generators of unequal sizes (so that some sit out the
     last minibatches, and their Adam step counts drift apart) and with input jitter, what a
@@ -432,10 +524,10 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
     counts = [9, 4, 13, 1]
     data = _data(counts)
     torch.manual_seed(2)
-    model = VAEGenerator(4, 12, 16, 3, learned_variance=likelihood is Likelihood.gaussian)
+    model = VAEGenerator(4, 12, 16, 3, learned_variance=variant[1] is DecoderVariance.learned)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = VAELoss(5, 0.5, likelihood=likelihood)
-    optimizer = MaskedAdam(list(model.parameters()), 4, lr=0.01)
+    loss = VAELoss(5, 0.5, likelihood=variant[0], decoder_variance=variant[1])
+    optimizer = MaskedAdam(list(model.parameters()), 4, lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(20 + k) for k in range(4)]
     logs = train_generators(model, optimizer, loss, data, 5, 4, 1.0, rngs, noise_std=0.1)
     assert [log.steps for log in logs] == [4] * 5
@@ -443,9 +535,12 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
     for k, n in enumerate(counts):
         alone, means = _reference_alone({name: v[k : k + 1] for name, v in initial.items()},
                                         data.x[k, :n], 5, 4, 20 + k, loss, noise_std=0.1)
+        # A learned variance of one row starts at the floor (its rows' variance is 0), where
+        # the NLL weighs errors by 1 / 1e-4, which magnifies float rounding tenfold.
+        stiff = n == 1 and variant[1] is DecoderVariance.learned
         for name, value in alone.state_dict().items():
             torch.testing.assert_close(model.state_dict()[name][k : k + 1], value,
-                                       rtol=1e-4, atol=1e-5)
+                                       rtol=1e-3 if stiff else 1e-4, atol=1e-4 if stiff else 1e-5)
         torch.testing.assert_close(torch.stack([log.total[k] for log in logs]),
                                    torch.tensor(means), rtol=1e-5, atol=1e-5)
 
@@ -499,7 +594,7 @@ def _node(classes: list[int], rows: list[int], seed: int) -> tuple[torch.Tensor,
 
 def _banks(config: GeneratorConfig) -> tuple[list[GeneratorBank], list, list]:
     """Three nodes' banks (per-class, 2, 3 and 1 generators; a unified one of two classes), of
-    unequal sizes; the second bank is at its second training (whole_run schedules differ)."""
+    unequal sizes."""
     specs = [GeneratorSpec(["c0", "c1"], [[0], [1]]),
              GeneratorSpec(["c2", "c3", "c4"], [[2], [3], [4]]),
              GeneratorSpec(["all"], [[0, 5]])]
@@ -508,7 +603,6 @@ def _banks(config: GeneratorConfig) -> tuple[list[GeneratorBank], list, list]:
     for i, spec in enumerate(specs):
         torch.manual_seed(10 + i)
         banks.append(GeneratorBank(spec, 12, config, 0, torch.device("cpu")))
-    banks[1].trainings = 1
     return banks, [x for x, _ in nodes], [y for _, y in nodes]
 
 
@@ -517,19 +611,110 @@ def _rngs(banks: list[GeneratorBank]) -> list[list[torch.Generator]]:
             for i, bank in enumerate(banks)]
 
 
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_the_optimal_sigma_keeps_beta_calibrated_at_every_epoch_of_every_round(
+        granularity: str) -> None:
+    """Issue 17's drift: a learned sigma that started at 1 and moved by about ``lr`` a step made
+    the effective beta ~100 x beta, drifting within a run and differing between granularities
+    (a unified generator takes more steps a round). With the optimal sigma, over three trainings
+    of a node's rows, each generator's logged ``exp(log_sigma2)`` is its epoch's MSE and its
+    effective beta the epoch's beta, at every epoch, for a unified and a per-class bank."""
+    x, y = _node([0, 1, 2], [9, 5, 12], 4)
+    spec = (GeneratorSpec(["all"], [[0, 1, 2]]) if granularity == "unified" else
+            GeneratorSpec(["c0", "c1", "c2"], [[0], [1], [2]]))
+    config = _bank_config(beta_warmup_ratio=0.5, likelihood=Likelihood.gaussian)
+    torch.manual_seed(0)
+    bank = GeneratorBank(spec, 12, config, 0, torch.device("cpu"))
+    loss = vae_loss(config, config.training_epochs)
+    betas, checked = [loss.beta(e) for e in range(config.training_epochs)], 0
+    for round_ in range(3):
+        rngs = [torch.Generator().manual_seed(10 * round_ + g) for g in range(bank.model.k)]
+        for log in bank.fit(x, y, None, loss, rngs, f"round {round_}: "):
+            assert log.beta == betas[log.epoch]
+            assert (log.mse > config.variance_floor).all()
+            torch.testing.assert_close(log.log_sigma2.exp(), log.mse, rtol=1e-5, atol=0)
+            torch.testing.assert_close(log.effective_beta, torch.full_like(log.mse, log.beta),
+                                       rtol=1e-5, atol=0)
+            checked += 1
+    assert checked == 3 * config.training_epochs
+
+
+def test_a_learned_variance_starts_at_each_generators_data_variance() -> None:
+    """``decoder_variance=learned`` starts each generator's log sigma^2 at the log of its own
+    rows' variance (per-feature, population, averaged over features; padding left out), before
+    its first step, and trains it at ``generator.variance_lr``; a second training does not
+    reset it."""
+    x, y = _node([0, 1], [9, 5], 5)
+    config = _bank_config(likelihood=Likelihood.gaussian, decoder_variance=DecoderVariance.learned,
+                          variance_lr=0.02, training_epochs=1)
+    torch.manual_seed(0)
+    bank = GeneratorBank(GeneratorSpec(["c0", "c1"], [[0], [1]]), 12, config, 0,
+                         torch.device("cpu"))
+    assert bank.optimizer.lrs == [0.02] + [0.01] * 8  # dec_logvar, then the layers
+    data = bank.data(x, y, None)
+    start = [math.log(float(x[y == c].var(0, unbiased=False).mean())) for c in (0, 1)]
+    start_learned_variance(bank.model.dec_logvar, bank.optimizer.steps, data, 1e-4)
+    torch.testing.assert_close(bank.model.dec_logvar.flatten(), torch.tensor(start))
+    rngs = [torch.Generator().manual_seed(g) for g in range(2)]
+    logs = bank.fit(x, y, None, vae_loss(config, 1), rngs, "")
+    steps = torch.tensor([3.0, 2.0])  # 9 and 5 rows in minibatches of 4
+    torch.testing.assert_close(bank.optimizer.steps, steps)
+    moved = bank.model.dec_logvar.flatten() - torch.tensor(start)
+    assert (moved.abs() <= 0.02 * steps + 1e-6).all() and (moved.abs() > 0.005).all()
+    torch.testing.assert_close(logs[0].log_sigma2, bank.model.dec_logvar.flatten(), atol=0.05,
+                               rtol=0)
+    trained = bank.model.dec_logvar.detach().clone()
+    bank.fit(x, y, None, vae_loss(config, 1), rngs, "")
+    assert ((bank.model.dec_logvar - trained).abs() <= 0.02 * steps.view(-1, 1, 1) + 1e-6).all()
+
+
+def test_a_node_sampled_late_ends_the_whole_run_warmup_on_time() -> None:
+    """``schedule_scope=whole_run``: the schedule's offset is the round, not the node's count of
+    trainings. A node trained only in rounds 7..10 of 10 (warm-up ratio 1: the whole run)
+    starts round 7 at schedule epoch 6 x epochs and reaches beta_max at its last epoch of
+    round 10 (counting its own trainings, it ended at beta 0.4)."""
+    config = _bank_config(schedule_scope=ScheduleScope.whole_run, beta_warmup_ratio=1.0,
+                          beta_max=2.0, training_epochs=3)
+    x, y = _node([0, 1], [6, 5], 7)
+    torch.manual_seed(0)
+    bank = GeneratorBank(GeneratorSpec(["c0", "c1"], [[0], [1]]), 12, config, 0,
+                         torch.device("cpu"))
+    logs = []
+    for round_ in range(7, 11):
+        rngs = [torch.Generator().manual_seed(round_ * 10 + g) for g in range(2)]
+        loss = vae_loss(config, 10 * config.training_epochs, schedule_start(config, round_))
+        logs += bank.fit(x, y, None, loss, rngs, f"round {round_}: ")
+    assert [log.epoch for log in logs] == list(range(18, 30))
+    assert [log.beta for log in logs] == pytest.approx([2.0 * (e + 1) / 30 for e in range(18, 30)])
+    assert logs[-1].beta == 2.0
+
+
+@pytest.mark.parametrize(("scope", "train_every", "round_", "start"), [
+    (ScheduleScope.per_round, 1, 5, 0), (ScheduleScope.whole_run, 1, 1, 0),
+    (ScheduleScope.whole_run, 1, 5, 12), (ScheduleScope.whole_run, 2, 2, 0),
+    (ScheduleScope.whole_run, 2, 6, 6), (ScheduleScope.whole_run, 3, 9, 6)])
+def test_schedule_start_counts_the_generator_rounds_before_this_one(
+        scope: ScheduleScope, train_every: int, round_: int, start: int) -> None:
+    """Generator rounds are every ``train_every``-th; round r starts after the
+    ``(r - 1) // train_every`` generator rounds before it (3 epochs each)."""
+    config = _bank_config(schedule_scope=scope, train_every=train_every, training_epochs=3)
+    assert schedule_start(config, round_) == start
+
+
 @pytest.mark.parametrize(("scope", "max_generators", "noise"), [
     (ScheduleScope.per_round, None, 0.0), (ScheduleScope.whole_run, None, 0.1),
     (ScheduleScope.whole_run, 2, 0.0), (ScheduleScope.per_round, 4, 0.1)])
 def test_banks_of_several_nodes_train_as_one_as_each_alone(
         scope: ScheduleScope, max_generators: int | None, noise: float) -> None:
-    """Three nodes' banks (2, 3 and 1 generators, unequal rows, one at its second training so
-    that its whole_run beta schedule is ahead), trained as one stack (or in chunks of at most
-    ``max_generators``, splitting banks), end where each trained alone ends: weights, Adam
-    moments and step counts, and every epoch log (epoch, beta, steps, loss terms)."""
+    """Three nodes' banks (2, 3 and 1 generators, unequal rows; under whole_run at the second
+    of three rounds), trained as one stack (or in chunks of at most ``max_generators``,
+    splitting banks), end where each trained alone ends: weights, Adam moments and step
+    counts, and every epoch log (epoch, beta, steps, loss terms)."""
     config = _bank_config(schedule_scope=scope, augmentation_noise=noise)
     together, xs, ys = _banks(config)
     alone = copy.deepcopy(together)
-    loss = vae_loss(config, config.training_epochs)
+    rounds = 3 if scope is ScheduleScope.whole_run else 1
+    loss = vae_loss(config, rounds * config.training_epochs, schedule_start(config, 2))
     wheres = [f"node {i}, round 2: " for i in range(3)]
     logs = fit_together(together, xs, ys, [None] * 3, loss, _rngs(together), wheres,
                         max_generators=max_generators)
@@ -547,7 +732,8 @@ def test_banks_of_several_nodes_train_as_one_as_each_alone(
         assert [(g.epoch, g.beta, g.steps) for g in got] == [
             (w.epoch, w.beta, w.steps) for w in want]
         for g, w in zip(got, want, strict=True):
-            for term in ("total", "recon", "kl", "similarity", "mse"):
+            for term in ("total", "recon", "kl", "similarity", "mse", "log_sigma2",
+                         "effective_beta"):
                 torch.testing.assert_close(getattr(g, term), getattr(w, term),
                                            rtol=1e-5, atol=1e-5)
     assert logs[1][0].epoch == (4 if scope is ScheduleScope.whole_run else 0)

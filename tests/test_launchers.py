@@ -66,11 +66,9 @@ def test_joblib_sweep_lists_a_failed_job_and_exits_1(run_main: Run, tmp_path: Pa
             in done.stderr), done.stderr[-3000:]
 
 
-def test_submitit_local_runs_a_sweep_without_slurm(run_main: Run, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    # Its jobs start at once, each with torch's default threads: one each on a 2-core machine.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    done = run_main("-m", "hydra/launcher=submitit_local", *FAST, f"{BETA}=0.5,1.0")
+def test_submitit_local_runs_a_sweep_without_slurm(run_main: Run, tmp_path: Path) -> None:
+    # Its jobs start at once, each on every CPU it sees: threads=1 keeps them from contending.
+    done = run_main("-m", "hydra/launcher=submitit_local", *FAST, "threads=1", f"{BETA}=0.5,1.0")
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = sweep_folder(tmp_path)
     assert [results(sweep, job)["status"] for job in (0, 1)] == ["completed"] * 2

@@ -1,6 +1,7 @@
 """Runs that never lose a result: sweeps with a bad job, refused resumes, occupied folders,
 interrupts, checkpoint switches and filesystem trouble."""
 
+import csv
 import json
 import os
 import shlex
@@ -16,11 +17,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import REPO, SMALL_DATASET
+from conftest import HANG_GUARD_S, REPO, SMALL_DATASET
 from flcore import checkpoint
 from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
 from flcore.servers.serverA2V import ServerA2V
+from flcore.tracking import CsvTracker
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
         "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
@@ -88,6 +90,126 @@ def test_a_new_run_refuses_a_folder_that_holds_one(fast_run, tmp_path: Path) -> 
     assert snapshot(tmp_path / "run") == before
 
 
+GENERATOR = ("generator.training_epochs=2", "generator.hidden_dim=16", "generator.latent_dim=4")
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV's rows without its timing columns (they differ between two runs of one seed)."""
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in row.items() if not k.startswith("time/")}
+                for row in csv.DictReader(fh)]
+
+
+def interrupt_before_log(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
+    """Make the CSV tracker raise Ctrl-C as it is about to log ``round_`` (after its
+    checkpoint, before its row): a kill in that gap."""
+    log = CsvTracker.log
+
+    def interrupted(self: CsvTracker, metrics: dict, step: int) -> None:
+        if step == round_:
+            raise KeyboardInterrupt
+        log(self, metrics, step)
+
+    monkeypatch.setattr(CsvTracker, "log", interrupted)
+
+
+def test_a_kill_between_checkpoint_and_log_loses_no_row(
+        fast_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("generator=per_class", *GENERATOR, "eval.generator_every=0",
+            "server.adapter_training=fedavg", "federation.rounds=2")
+    fast_run(*args, folder="whole")
+    with monkeypatch.context() as patch:
+        interrupt_before_log(patch, 1)
+        with pytest.raises(RunInterrupted, match=r"stopped after round 1 \(checkpoint of round 1"):
+            fast_run(*args, folder="cut")
+    assert [r["round"] for r in csv_rows(tmp_path / "cut" / "metrics.csv")] == ["0"]
+    fast_run(*args, "resume=true", folder="cut")
+    for name in ("metrics.csv", "generator_metrics.csv"):
+        rows = csv_rows(tmp_path / "cut" / name)
+        assert rows == csv_rows(tmp_path / "whole" / name), name
+    assert [r["round"] for r in csv_rows(tmp_path / "cut" / "metrics.csv")] == ["0", "1", "2"]
+    assert len(csv_rows(tmp_path / "cut" / "generator_metrics.csv")) == 4
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_0(
+        run_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "run"
+    args = (*FAST[:-1], "checkpoint.every=5", "federation.rounds=3")
+    with monkeypatch.context() as patch:
+        interrupt_before_log(patch, 2)
+        with pytest.raises(RunInterrupted) as stopped:
+            run_config(*args)
+    assert str(stopped.value) == (f"stopped after round 2, before any checkpoint; resume (from "
+                                  f"round 0) with: python main.py hydra.run.dir={folder} "
+                                  "resume=true")
+    assert json.loads((folder / "results.json").read_text())["status"] == "interrupted"
+    assert [r["round"] for r in csv_rows(folder / "metrics.csv")] == ["0", "1"]
+    before = snapshot(folder)
+    with pytest.raises(ConfigError, match=r"already holds a run; pass resume=true"):
+        run_config(*args)
+    with pytest.raises(CheckpointError, match=r"the interrupted run in .* was started under a "
+                                              r"different config: adapter\.lr"):
+        run_config(*args, "resume=true", "adapter.lr=0.01")
+    assert snapshot(folder) == before
+    resumed = run_config(*args, "resume=true")
+    assert resumed["status"] == "completed"
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert [r["round"] for r in csv_rows(folder / "metrics.csv")] == ["0", "1", "2", "3"]
+
+
+def test_resuming_a_run_finished_without_checkpoints(fast_run, tmp_path: Path) -> None:
+    fast_run("federation.rounds=1", "checkpoint.every=0")
+    before = snapshot(tmp_path / "run")
+    again = fast_run("federation.rounds=1", "checkpoint.every=0", "resume=true")
+    assert again == json.loads((tmp_path / "run" / "results.json").read_text())
+    with pytest.raises(CheckpointError, match=r"federation.rounds=2: .* finished after round 1 "
+                                              r"without a checkpoint"):
+        fast_run("federation.rounds=2", "checkpoint.every=0", "resume=true")
+    with pytest.raises(CheckpointError, match=r"the completed run in .* was started under a "
+                                              r"different config: seed"):
+        fast_run("federation.rounds=1", "checkpoint.every=0", "resume=true", "seed=1")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_an_interrupted_sweep_continues_with_one_command(run_main, tmp_path: Path) -> None:
+    # SIGTERM arrives in job 1 right after its round 2 is logged (a preempted sweep).
+    wrapper = tmp_path / "preempted_main.py"
+    wrapper.write_text(
+        "import os, runpy, signal\n"
+        "from flcore.tracking import CsvTracker\n"
+        "log = CsvTracker.log\n"
+        "def log_then_stop(self, metrics, step):\n"
+        "    log(self, metrics, step)\n"
+        "    if step == 2 and self.rounds.path.parent.name == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "CsvTracker.log = log_then_stop\n"
+        f"runpy.run_path({str(REPO / 'main.py')!r}, run_name='__main__')\n")
+    stopped = run_main(*FAST_CLI, "generator=none", "federation.rounds=3", "seed=0,1,2", "-m",
+                       script=wrapper)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    line = stopped.stderr.strip().splitlines()[-1]
+    sweep = next((tmp_path / "outputs" / "default" / "multiruns").iterdir()).absolute()
+    assert line.startswith("interrupted: stopped after round 2 (checkpoint of round 2); "
+                           "continue the sweep with: python main.py -m "), line
+    assert line.endswith(f" seed=0,1,2 hydra.sweep.dir={sweep} resume=true"), line
+    assert not (sweep / "2").exists()
+    first = (sweep / "0" / "results.json")
+    done_bytes, done_time = first.read_bytes(), first.stat().st_mtime_ns
+    cut = json.loads((sweep / "1" / "results.json").read_text())
+    assert cut["status"] == "interrupted" and len(cut["rounds"]) == 3
+    again = run_main(*shlex.split(line.split(" with: ")[1])[2:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == (done_bytes, done_time)
+    resumed = json.loads((sweep / "1" / "results.json").read_text())
+    assert resumed["rounds"][:3] == cut["rounds"]
+    assert f"Resuming {sweep / '1'} after round 2" in (sweep / "1" / "main.log").read_text()
+    for job in range(3):
+        assert json.loads((sweep / str(job) / "results.json").read_text())["status"] == (
+            "completed")
+        rounds = [r["round"] for r in csv_rows(sweep / str(job) / "metrics.csv")]
+        assert rounds == ["0", "1", "2", "3"], job
+
+
 def test_timings_add_up_over_a_resume(fast_run) -> None:
     first = fast_run("federation.rounds=1")
     resumed = fast_run("federation.rounds=2", "resume=true")
@@ -103,12 +225,17 @@ def test_sigterm_stops_with_the_resume_command(cache_dir: Path, tmp_path: Path) 
                "federation.rounds=500", f"hydra.run.dir={folder}"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while len(checkpoint.checkpoints(folder)) < 2:
+    deadline = time.monotonic() + HANG_GUARD_S
+
+    def saved_round() -> int:
+        saved = checkpoint.checkpoints(folder)
+        return int(saved[-1].stem.split("_")[1]) if saved else 0
+
+    while saved_round() < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     line = stderr.strip().splitlines()[-1]
@@ -124,7 +251,7 @@ def test_sigterm_stops_with_the_resume_command(cache_dir: Path, tmp_path: Path) 
     finish = subprocess.run([sys.executable, str(REPO / "main.py"),
                              *[a for a in resume if not a.startswith("federation.rounds=")],
                              f"federation.rounds={done + 1}"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
     assert finish.returncode == 0, finish.stderr
     assert not stale.exists()
     assert json.loads((folder / "results.json").read_text())["status"] == "completed"

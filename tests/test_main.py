@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_DATASET
+from conftest import HANG_GUARD_S, REPO, SMALL_DATASET
 from flcore.sweep import short_name, swept_keys
 
 
@@ -148,7 +148,7 @@ def test_two_runs_started_together_get_different_folders(cache_dir: Path, tmp_pa
                "hydra.run.dir=outputs/same/fixed-time_${feda2v.process_id:}"]
     procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert [p.wait(timeout=HANG_GUARD_S) for p in procs] == [0, 0]
     folders = list((tmp_path / "outputs" / "same").iterdir())
     assert len(folders) == 2
     assert all((f / "results.json").is_file() for f in folders)

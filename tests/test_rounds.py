@@ -88,19 +88,24 @@ def test_whole_run_schedule_stays_within_its_length(quick, tmp_path: Path) -> No
     assert betas == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
-def test_beta_is_logged_per_node_when_nodes_differ(quick, tmp_path: Path) -> None:
-    """Under ``whole_run`` with client sampling, nodes reach different schedule epochs: each
-    row logs every trained node's beta and their mean, not the first node's."""
+def test_whole_run_schedule_follows_the_rounds_under_client_sampling(quick,
+                                                                     tmp_path: Path) -> None:
+    """Under ``whole_run`` with client sampling, the schedule runs on the run's clock: in round r
+    every sampled node is at schedule epoch ``(r - 1) x epochs + e``, whether or not it trained
+    before, so the warm-up (ratio 1: the whole run) ends at beta_max in the last epoch; each
+    row logs every trained node's beta."""
     quick("federation.rounds=4", "federation.client_fraction=0.4",
           "generator.schedule_scope=whole_run", "generator.beta_warmup_ratio=1")
-    differing = 0
-    for row in epoch_rows(tmp_path / "run"):
+    rows = epoch_rows(tmp_path / "run")
+    assert len(rows) == 4 * 2
+    for row in rows:
         node_betas = [float(v) for k, v in row.items()
                       if k.startswith("node") and k.endswith("/generator/beta") and v != ""]
         assert len(node_betas) == 2
-        assert float(row["generator/beta"]) == pytest.approx(sum(node_betas) / 2)
-        differing += len(set(node_betas)) > 1
-    assert differing > 0
+        expected = float(row["generator/epoch"]) / 8
+        assert node_betas == pytest.approx([expected, expected])
+        assert float(row["generator/beta"]) == pytest.approx(expected)
+    assert float(rows[-1]["generator/beta"]) == 1.0
 
 
 def test_text_space_generators_report_prompt_accuracy_only(quick) -> None:

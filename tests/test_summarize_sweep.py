@@ -42,11 +42,10 @@ def stat(values: list[float]) -> tuple[float, float]:
 
 
 def test_summarizes_a_real_sweep(run_main: Callable[..., subprocess.CompletedProcess],
-                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                 tmp_path: Path) -> None:
     # One torch thread per job: these tiny jobs run ~10x slower on a busy 2-core machine when
     # torch's threads spin against other processes.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    done = run_main("-m", *FAST, f"{BETA}=0.5,1.0", "seed=0,1")
+    done = run_main("-m", *FAST, "threads=1", f"{BETA}=0.5,1.0", "seed=0,1")
     assert done.returncode == 0, done.stderr[-2000:]
     (sweep,) = (tmp_path / "outputs" / "default" / "multiruns").iterdir()
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from flcore.config import CsvLoggerConfig, WandbLoggerConfig
 from flcore.errors import DataError
 from flcore.run import run
-from flcore.tracking import CsvTracker, JobInfo, Trackers, WandbTracker
+from flcore.tracking import CsvTracker, JobInfo, ResumePoint, Trackers, WandbTracker
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -67,12 +67,36 @@ def test_csv_resume_keeps_rows_up_to_the_resume_round_and_then_appends(tmp_path:
         first.log_epoch({"generator/loss": float(step)}, step=step)
     with open(tmp_path / "metrics.csv", "a") as fh:
         fh.write("4,0.")  # a row cut short when the run was killed
-    resumed = CsvTracker(CsvLoggerConfig(), tmp_path, resume_round=2)
+    resumed = CsvTracker(CsvLoggerConfig(), tmp_path, ResumePoint(2, [], []))
     assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1", "2"]
     assert [r["round"] for r in read_csv(tmp_path / "generator_metrics.csv")] == ["0", "1", "2"]
     resumed.log({"acc": 0.9}, step=3)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == [
         "round,acc", "0,0.0", "1,0.25", "2,0.5", "3,0.9"]
+
+
+def test_csv_resume_fills_in_the_rows_a_kill_lost_from_the_checkpoint(tmp_path: Path) -> None:
+    first = CsvTracker(CsvLoggerConfig(), tmp_path)
+    for step in (0, 1, 3):  # round 2's checkpoint was written, its rows were not
+        first.log({"acc": step / 4}, step=step)
+        first.log_epoch({"generator/epoch": float(step), "generator/loss": 1.0}, step=step)
+    saved = [{"round": r, "acc": r / 4, "time/round_s": 0.5} for r in (1, 2, 3)]
+    epochs = [{"round": r, "generator/epoch": float(r), "generator/loss": 2.0} for r in (1, 2, 3)]
+    resumed = CsvTracker(CsvLoggerConfig(), tmp_path, ResumePoint(3, saved, epochs))
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "round,acc,time/round_s", "0,0.0,", "1,0.25,", "2,0.5,0.5", "3,0.75,"]
+    assert (tmp_path / "generator_metrics.csv").read_text().splitlines() == [
+        "round,generator/epoch,generator/loss", "0,0.0,1.0", "1,1.0,1.0", "2,2.0,2.0",
+        "3,3.0,1.0"]
+    resumed.log({"acc": 1.0}, step=4)
+    assert [r["round"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "1", "2", "3", "4"]
+
+
+def test_csv_resume_without_a_file_writes_the_checkpoint_rows(tmp_path: Path) -> None:
+    CsvTracker(CsvLoggerConfig(), tmp_path, ResumePoint(2, [{"round": 1, "acc": 0.5},
+                                                            {"round": 2, "acc": 0.75}], []))
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["round,acc", "1,0.5", "2,0.75"]
+    assert not (tmp_path / "generator_metrics.csv").exists()
 
 
 class Exploding:

@@ -22,7 +22,7 @@ from flcore.files import atomic_write_bytes
 RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_dir",
                      "embeddings.cache", "embeddings.cache_dir", "embeddings.workers",
                      "embeddings.shard_size", "checkpoint", "generator.load_from", "executor",
-                     "images", "dataset.clip_seconds", "dataset.strict")
+                     "images", "dataset.clip_seconds", "dataset.strict", "threads")
 
 
 def folder(run_dir: Path) -> Path:
@@ -73,10 +73,7 @@ def load_latest(run_dir: Path) -> dict[str, Any]:
     """The newest checkpoint of ``run_dir``; a clear error if there is none or it is corrupted."""
     files = checkpoints(run_dir)
     if not files:
-        raise CheckpointError(f"resume=true but {folder(run_dir)} has no checkpoint: pass "
-                              "hydra.run.dir=<the folder of the run to resume> (a run with "
-                              "checkpoint.keep_on_complete=false removes its own once it "
-                              "completes)")
+        raise missing(run_dir)
     latest = files[-1]
     try:
         return torch.load(latest, map_location="cpu", weights_only=True)
@@ -84,6 +81,13 @@ def load_latest(run_dir: Path) -> dict[str, Any]:
         earlier = (f"delete it to resume from {files[-2].name}" if len(files) > 1
                    else "no earlier checkpoint is left")
         raise CheckpointError(f"{latest} is corrupted ({type(err).__name__}); {earlier}") from err
+
+
+def missing(run_dir: Path) -> CheckpointError:
+    """The error of a resume whose folder has no checkpoint to continue from."""
+    return CheckpointError(f"resume=true but {folder(run_dir)} has no checkpoint: pass "
+                           "hydra.run.dir=<the folder of the run to resume> (a run with "
+                           "checkpoint.keep_on_complete=false removes its own once it completes)")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,14 +100,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def check_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume under a config that differs in anything but :data:`RESUMABLE_CHANGES`."""
+def check_config(saved: dict[str, Any], current: dict[str, Any],
+                 written: str = "the checkpoint was written") -> None:
+    """Refuse to resume under a config that differs in anything but :data:`RESUMABLE_CHANGES`;
+    ``written`` says what ran under ``saved`` (the checkpoint, or a run without one)."""
     old, new = flatten(saved), flatten(current)
     differing = sorted(k for k in old.keys() | new.keys()
                        if old.get(k) != new.get(k)
                        and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES))
     if differing:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differing[:5])
-        raise CheckpointError(f"the checkpoint was written under a different config: {shown}"
+        raise CheckpointError(f"{written} under a different config: {shown}"
                               f"{' ...' if len(differing) > 5 else ''}; resume with the "
                               "original values or start a new run")

@@ -117,6 +117,11 @@ class Likelihood(str, Enum):
     gaussian = "gaussian"
 
 
+class DecoderVariance(str, Enum):
+    optimal = "optimal"
+    learned = "learned"
+
+
 class ScheduleScope(str, Enum):
     per_round = "per_round"
     whole_run = "whole_run"
@@ -376,6 +381,8 @@ class GeneratorConfig:
     kl_reduction: KlReduction = KlReduction.sum
     similarity_weight: float = 0.1
     likelihood: Likelihood = Likelihood.gaussian
+    decoder_variance: DecoderVariance = DecoderVariance.optimal
+    variance_lr: float = 0.01
     variance_floor: float = 1e-4
     free_bits: float = 0.0
     sequence_length: int = 4
@@ -485,6 +492,7 @@ class Config:
     resume: bool = False
     device: str = "auto"
     deterministic: bool = False
+    threads: int | None = None
     cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
@@ -701,6 +709,9 @@ def _check_generator(g: GeneratorConfig) -> None:
                  "is a VAE loss; generator.model=gaussian is fitted in closed form (drop it)")
         _require(g.free_bits == 0, "generator.free_bits", g.free_bits,
                  "is a VAE loss term; generator.model=gaussian has no latent code (drop it)")
+        _require(g.decoder_variance is DecoderVariance.optimal, "generator.decoder_variance",
+                 g.decoder_variance, "is a VAE decoder setting; generator.model=gaussian is "
+                 "fitted in closed form (drop it)")
         _require(g.precision is Precision.fp32, "generator.precision", g.precision,
                  "applies to VAE training; generator.model=gaussian is fitted in closed form "
                  "(drop it)")
@@ -714,6 +725,10 @@ def _check_generator(g: GeneratorConfig) -> None:
     _require(g.similarity_weight >= 0, "generator.similarity_weight", g.similarity_weight,
              "must be >= 0")
     _require(g.variance_floor > 0, "generator.variance_floor", g.variance_floor, "must be > 0")
+    _require(g.decoder_variance is DecoderVariance.optimal or g.likelihood is Likelihood.gaussian,
+             "generator.decoder_variance", g.decoder_variance,
+             "learned applies to generator.likelihood=gaussian only (use optimal)")
+    _require(g.variance_lr > 0, "generator.variance_lr", g.variance_lr, "must be > 0")
     _require(g.free_bits >= 0, "generator.free_bits", g.free_bits,
              "must be >= 0 (nats per latent dimension; 0 = off)")
     for key in ("sequence_length", "latent_dim", "hidden_dim", "batch_size", "train_every"):
@@ -805,6 +820,8 @@ def validate(cfg: DictConfig) -> Config:
     _require(bool(_DEVICE.match(config.device)), "device", config.device,
              "must be auto, cpu, cuda or cuda:N")
     _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
+    _require(config.threads is None or config.threads >= 1, "threads", config.threads,
+             "must be >= 1, or null for this process's share of the CPUs")
     config.cache_dir = str(Path(config.cache_dir).expanduser())
     _check_dataset(config.dataset)
     _check_encoders(config.audio_encoder, config.text_encoder)

@@ -1,8 +1,6 @@
 """Build everything from the config, run it, and write the run's outputs (DESIGN.md)."""
 
-import json
 import logging
-import shlex
 import signal
 import sys
 import threading
@@ -22,7 +20,6 @@ from flcore.config import (
     Algorithm,
     Config,
     LabelSpace,
-    ScheduleScope,
     validate,
     without_hydra,
 )
@@ -30,7 +27,7 @@ from flcore.data import AudioDataset, load_dataset
 from flcore.data.embeddings import Embeddings, dataset_fingerprint, encode_dataset
 from flcore.data.partition import Partition, build_partition
 from flcore.encoders.audio import min_clip_seconds
-from flcore.errors import CheckpointError, ConfigError, FedA2VError, RunInterrupted
+from flcore.errors import ConfigError, FedA2VError, RunInterrupted
 from flcore.executors import check_executor
 from flcore.files import (
     atomic_write_text,
@@ -40,10 +37,25 @@ from flcore.files import (
     write_json,
 )
 from flcore.metrics.classification import save_confusion_png
-from flcore.runtime import environment, resolve_device, seed_everything, set_determinism
+from flcore.resume import (
+    holds_run,
+    interrupt_message,
+    plan_resume,
+    resume_point,
+    sweep_folder,
+)
+from flcore.runtime import (
+    available_cpus,
+    environment,
+    resolve_device,
+    seed_everything,
+    set_determinism,
+    thread_share,
+    use_threads,
+)
 from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
-from flcore.sweep import short_name, swept_keys
+from flcore.sweep import concurrent_jobs, short_name, swept_keys
 from flcore.tracking import JobInfo, Trackers, build_trackers
 from flcore.visual.renderer import check_images
 
@@ -176,31 +188,6 @@ def job_overrides(cfg: DictConfig) -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def resume_command(overrides: list[str], run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``."""
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
-    words = ["python", "main.py", *kept, f"hydra.run.dir={run_dir}", "resume=true"]
-    return " ".join(shlex.quote(w) for w in words)
-
-
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` already holds a run: checkpoints, or results of a run that got past
-    its checks (a run refused before any round leaves only a ``failed`` stub)."""
-    if checkpoint.checkpoints(run_dir):
-        return True
-    previous = read_results(run_dir)
-    return previous is not None and (previous.get("status") != "failed"
-                                     or bool(previous.get("rounds")))
-
-
-def read_results(run_dir: Path) -> dict[str, Any] | None:
-    """The run folder's results.json, or None when absent or unreadable."""
-    try:
-        return json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, written only once the job
     owns its folder (Hydra's own copy is off, so that a refused resume cannot overwrite them)."""
@@ -215,27 +202,6 @@ def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
                           OmegaConf.to_yaml(OmegaConf.create(job_overrides(cfg))))
 
 
-def check_resume(resumed: dict[str, Any], results_config: dict[str, Any], config: Config,
-                 run_dir: Path) -> None:
-    """Refuse a resume that could not continue the run exactly, with the reason."""
-    checkpoint.check_config(resumed["config"], results_config)
-    rounds, done = config.federation.rounds, resumed["round"]
-    if done > rounds:
-        raise CheckpointError(f"federation.rounds={rounds}: {run_dir} already ran {done} rounds; "
-                              f"resume with federation.rounds>={done}")
-    saved_rounds = resumed["config"]["federation"]["rounds"]
-    if (config.generator.enabled and saved_rounds != rounds
-            and config.generator.schedule_scope is ScheduleScope.whole_run):
-        raise CheckpointError(f"federation.rounds={rounds}: generator.schedule_scope=whole_run "
-                              f"spreads the beta schedule over the run's {saved_rounds} rounds, "
-                              f"so its length cannot change on resume; resume with "
-                              f"federation.rounds={saved_rounds} or start a new run")
-    if not resumed.get("optimizer_state", True):
-        raise CheckpointError(f"{run_dir}: its checkpoints were saved with "
-                              "checkpoint.optimizer_state=false, so a resume could not be exact; "
-                              "start a new run (or save with checkpoint.optimizer_state=true)")
-
-
 def best_block(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Test metrics of the round with the best ``val/acc`` (the first on ties); empty without a
     validation split. Never selected on test."""
@@ -245,17 +211,6 @@ def best_block(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(scored, key=lambda r: r["val/acc"])
     keep = ("global/", "val/", "synthetic/acc", "local/acc_mean")
     return {"round": best["round"], **{k: v for k, v in best.items() if k.startswith(keep)}}
-
-
-def interrupt_message(run_dir: Path, completed: int, overrides: list[str]) -> str:
-    """One line: the last completed round and how to continue."""
-    saved = checkpoint.checkpoints(run_dir)
-    if not saved:
-        return (f"stopped after round {completed}, before any checkpoint; nothing to resume "
-                f"(results so far in {run_dir / 'results.json'})")
-    last = int(saved[-1].stem.split("_")[1])
-    return (f"stopped after round {completed} (checkpoint of round {last}); resume with: "
-            f"{resume_command(overrides, run_dir)}")
 
 
 def save_plots(results: Results, folder: Path) -> None:
@@ -298,6 +253,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     overrides = job_overrides(cfg)
     results = Results(experiment=str(cfg.get("name", "default")),
                       environment={"overrides": overrides})
+    sweep = sweep_folder()
     owned = not holds_run(job.run_dir)
     resume = bool(cfg.get("resume", False))
     if not owned and not resume:
@@ -315,31 +271,27 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         results.config = resolved_config(cfg)
         require_writable_dir(Path(config.cache_dir), "cache_dir", env="FEDA2V_CACHE_DIR")
         require_writable_dir(job.run_dir, "hydra.run.dir")
+        cpus, jobs = available_cpus(), concurrent_jobs()
+        use_threads(thread_share(cpus, jobs, config.threads))
         seed_everything(config.seed)
         set_determinism(config.deterministic)
         device = resolve_device(config.device)
         check_executor(config)
         check_images(config, device)
-        results.environment = environment(device, overrides)
+        results.environment = environment(device, overrides, cpus, jobs)
         resumed = None
         if resume:
-            resumed = checkpoint.load_latest(job.run_dir)
-            check_resume(resumed, results.config, config, job.run_dir)
-            earlier = read_results(job.run_dir)
-            if (earlier is not None and earlier.get("status") == "completed"
-                    and resumed["round"] == config.federation.rounds):
-                log.info("%s already finished all %d rounds; nothing to do (raise "
-                         "federation.rounds to continue it)", job.run_dir, resumed["round"])
-                return earlier
-            previous_total = float((earlier or {}).get("timings", {}).get("total_s", 0.0))
-            log.info("Resuming %s after round %d", job.run_dir, resumed["round"])
+            plan = plan_resume(job.run_dir, results.config, config, sweep is not None)
+            if plan.finished is not None:
+                return plan.finished
+            resumed, previous_total = plan.checkpoint, plan.previous_total
         owned = True
         for stale in [*remove_stale_temporaries(job.run_dir),
                       *remove_stale_temporaries(checkpoint.folder(job.run_dir))]:
             log.info("Removed %s, left by an interrupted write", stale)
         write_hydra_files(cfg, job.run_dir)
         trackers = build_trackers(config.logger, job, results.config,
-                                  resume_round=resumed["round"] if resumed else None,
+                                  resume=resume_point(resumed) if resumed else None,
                                   run_id=resumed.get("tracker_run_id") if resumed else None)
 
         tic = time.perf_counter()
@@ -424,7 +376,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         completed = server.completed_round if server is not None else 0
         if server is not None:
             results.summarize(server.history)
-        message = interrupt_message(job.run_dir, completed, overrides)
+        message = interrupt_message(job.run_dir, completed, overrides, sweep)
         results.error = f"interrupted ({str(err) or 'Ctrl-C'}): {message}"
         raise RunInterrupted(message) from None
     except BaseException as err:

@@ -1,5 +1,6 @@
 """Seeds, devices and a record of the software a run used."""
 
+import logging
 import os
 import platform
 import random
@@ -15,6 +16,42 @@ import torch
 
 from flcore.config import Precision
 from flcore.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process is given: its affinity mask (taskset, containers, SLURM's binding),
+    capped by ``SLURM_CPUS_PER_TASK`` where that holds a count. ``OMP_NUM_THREADS`` is not a
+    source: joblib sets it in its workers from its own ``n_jobs``, which would divide twice."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    return min(cpus, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cpus
+
+
+def thread_share(cpus: int, sharers: int = 1, override: int | None = None) -> int:
+    """Threads of one of ``sharers`` processes that run at once on ``cpus`` CPUs: ``override``
+    when given, else an equal share (``cpus // sharers``), never fewer than one, so that
+    parallel jobs do not oversubscribe the cores."""
+    if override is not None:
+        return max(1, override)
+    return max(1, cpus // max(1, sharers))
+
+
+def use_threads(threads: int) -> None:
+    """Run torch's intra-op work on ``threads`` threads, and its inter-op pool too while this
+    process has not used it yet (torch fixes that pool at first use). onnxruntime sessions built
+    afterwards read the count from torch (:class:`flcore.encoders.audio.YamnetEncoder`)."""
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # a reused worker process (joblib) already started the pool
+            log.debug("torch's inter-op pool is already running; it keeps %d threads",
+                      torch.get_num_interop_threads())
 
 
 def seed_everything(seed: int) -> None:
@@ -84,9 +121,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def environment(device: torch.device, overrides: list[str]) -> dict[str, Any]:
+def environment(device: torch.device, overrides: list[str], cpus: int,
+                concurrent_jobs: int) -> dict[str, Any]:
     """What a reader needs to reproduce the run: the job's own overrides, package versions,
-    hardware, host, start time and the git commit with a dirty flag."""
+    hardware (with the CPUs the job was given, the jobs that shared them and the threads it
+    used), host, start time and the git commit with a dirty flag."""
     return {
         "overrides": list(overrides),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -96,6 +135,8 @@ def environment(device: torch.device, overrides: list[str]) -> dict[str, Any]:
         "packages": package_versions(),
         "device": str(device),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpus": cpus,
+        "concurrent_jobs": concurrent_jobs,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

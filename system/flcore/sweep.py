@@ -116,16 +116,41 @@ def device_gpus(device: Any) -> int:
     return int(index) + 1 if index.isdigit() else 1
 
 
-def joblib_parallelism(config: DictConfig) -> int:
-    """How many jobs Hydra's joblib launcher runs at once (``n_jobs``, -1 = every CPU)."""
+def joblib_processes(n_jobs: Any) -> int:
+    """Joblib's ``n_jobs`` as a count of processes (null = 1, -1 = every CPU, -2 = all but
+    one, ...)."""
     from joblib import cpu_count
 
-    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
     n = 1 if n_jobs is None else int(n_jobs)
-    if n < 0:
-        n = max(1, cpu_count() + 1 + n)
+    return max(1, cpu_count() + 1 + n) if n < 0 else n
+
+
+def joblib_parallelism(config: DictConfig) -> int:
+    """How many jobs Hydra's joblib launcher runs at once (``n_jobs``, -1 = every CPU)."""
+    n = joblib_processes(OmegaConf.select(config, "hydra.launcher.n_jobs", default=None))
     size = sweep_size(config)
     return n if size is None else max(1, min(n, size))
+
+
+def concurrent_jobs() -> int:
+    """How many jobs of this process's sweep run at once, itself included: the joblib
+    launcher's parallelism, from the sweep's ``multirun.yaml`` (a job's own config holds only
+    its own overrides; sweepers other than the basic one write none, and then ``n_jobs``
+    counts); 1 for a single run and for launchers whose jobs do not share this machine's CPUs
+    (basic: one job at a time; SLURM: each job has its allocation)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return 1
+    hc = HydraConfig.get()
+    target = str(hc.launcher.get("_target_") or "")
+    if hc.mode != RunMode.MULTIRUN or not target.endswith(".JoblibLauncher"):
+        return 1
+    saved = Path(hc.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        return joblib_parallelism(OmegaConf.load(saved))
+    return joblib_processes(hc.launcher.get("n_jobs"))
 
 
 def _launcher(config: DictConfig) -> str:

@@ -8,7 +8,7 @@ import csv
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -43,21 +43,41 @@ class JobInfo:
     name: str
 
 
+@dataclass
+class ResumePoint:
+    """Where a resumed run goes on: its checkpoint's round and the rows the checkpoint saved
+    (every round's, every generator epoch's), which fill in the CSV rows a kill lost."""
+
+    round: int
+    rounds: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+
+
 class CsvFile:
     """A CSV of logged rows whose columns grow as new keys appear.
 
     Each row is appended and flushed to the OS, so a killed run keeps every logged row. The file
-    is rewritten (atomically) only when a row brings a new column, and once at start when resuming
-    to drop the rows that ``keep_rows`` rejects. Without ``keep_rows`` the first row starts a new
-    file.
+    is rewritten (atomically) only when a row brings a new column, and once at start when
+    resuming: the rows that ``keep_rows`` rejects go, and each ``saved`` row whose ``key``
+    columns match no kept row comes in, in round order. Without ``keep_rows`` the first row
+    starts a new file.
     """
 
-    def __init__(self, path: Path, keep_rows: Callable[[dict[str, str]], bool] | None) -> None:
+    def __init__(self, path: Path, keep_rows: Callable[[dict[str, str]], bool] | None,
+                 saved: Sequence[Mapping[str, Any]] = (),
+                 key: tuple[str, ...] = ("round",)) -> None:
         self.path = path
         self.columns: list[str] = []
-        if keep_rows is not None and path.is_file():
-            columns, rows = self._read()
-            self._rewrite(columns, [row for row in rows if keep_rows(row)])
+        if keep_rows is None:
+            return
+        columns, rows = self._read() if path.is_file() else ([], [])
+        kept: list[Mapping[str, Any]] = [row for row in rows if keep_rows(row)]
+        present = {_key(row, key) for row in kept}
+        missing = [row for row in saved if _key(row, key) not in present]
+        if path.is_file() or missing:
+            merged = sorted([*kept, *missing], key=lambda row: int(row["round"]))
+            extra = [k for row in missing for k in row if k not in columns]
+            self._rewrite(columns + list(dict.fromkeys(extra)), merged)
 
     def append(self, row: Mapping[str, Any]) -> None:
         new = [k for k in row if k not in self.columns]
@@ -78,15 +98,25 @@ class CsvFile:
         self.columns = columns
 
 
+def _key(row: Mapping[str, Any], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """A row's ``columns`` as the CSV writes them, so that a saved row (numbers) and a read one
+    (text) compare equal."""
+    return tuple(str(row.get(c, "")) for c in columns)
+
+
 class CsvTracker:
     """``metrics.csv``: one row per round; ``generator_metrics.csv``: one row per generator
-    epoch. Columns grow as new keys appear; when resuming, rows after ``resume_round`` go."""
+    epoch. Columns grow as new keys appear; when resuming, rows after the checkpoint's round go
+    and the checkpoint's rows that the files lack (a kill between the checkpoint and the log)
+    come back, so each file holds every round and epoch exactly once."""
 
     def __init__(self, config: CsvLoggerConfig, run_dir: Path,
-                 resume_round: int | None = None) -> None:
-        keep = None if resume_round is None else _rows_up_to(resume_round)
-        self.rounds = CsvFile(run_dir / config.filename, keep)
-        self.epochs = CsvFile(run_dir / "generator_metrics.csv", keep)
+                 resume: ResumePoint | None = None) -> None:
+        keep = None if resume is None else _rows_up_to(resume.round)
+        self.rounds = CsvFile(run_dir / config.filename, keep,
+                              resume.rounds if resume else [])
+        self.epochs = CsvFile(run_dir / "generator_metrics.csv", keep,
+                              resume.epochs if resume else [], ("round", "generator/epoch"))
 
     def log(self, metrics: Scalars, step: int) -> None:
         self.rounds.append({"round": step, **metrics})
@@ -234,12 +264,12 @@ def finish_open_runs() -> None:
 
 
 def build_trackers(config: LoggerConfig, job: JobInfo, resolved: dict[str, Any],
-                   resume_round: int | None = None, run_id: str | None = None) -> Trackers:
+                   resume: ResumePoint | None = None, run_id: str | None = None) -> Trackers:
     """The trackers selected by ``logger=[...]``; an empty selection logs nothing. When resuming,
-    the CSV keeps its rows up to ``resume_round`` and wandb continues run ``run_id``."""
+    the CSV holds the rows up to ``resume.round`` and wandb continues run ``run_id``."""
     trackers: list[Tracker] = []
     if config.csv is not None:
-        trackers.append(CsvTracker(config.csv, job.run_dir, resume_round))
+        trackers.append(CsvTracker(config.csv, job.run_dir, resume))
     if config.wandb is not None:
         trackers.append(WandbTracker(config.wandb, job, resolved, run_id))
     return Trackers(trackers)

@@ -20,6 +20,7 @@ from flcore.clients.clientbase import (
 from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode, TrainingData
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.metrics.generative import evaluate_diversity, evaluate_quality
+from flcore.streams import Purpose, stream, stream_seed
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, new_bank
 from flcore.trainmodel.generators import (
@@ -180,11 +181,13 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
         labels = shared.labels[self.train_idx]
         self.generators = self.generators or self.new_generators(shared, config)
         prompts = shared.prompts if self.generators.model.cond else None
-        base = training_seed(seed, round_, self.node)
-        rngs = [torch.Generator(device=x.device).manual_seed(base + g)
+        rngs = [stream(seed, round_=round_, node=self.node, generator=g,
+                       purpose=Purpose.generator_training, device=x.device)
                 for g in range(self.generators.model.k)]
+        draws = stream_seed(seed, round_=round_, node=self.node, generator=0,
+                            purpose=Purpose.synthetic_samples)
         return GeneratorJob(x, labels, prompts, rngs, f"node {self.node}, round {round_}: ",
-                            base)
+                            draws)
 
     def share_generators(self, job: GeneratorJob, config: GeneratorConfig) -> SyntheticShare:
         """What the node sends after training: synthetic samples with their class ids, or its

@@ -18,6 +18,7 @@ from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import TrainingError
 from flcore.progress import phase
 from flcore.runtime import autocast
+from flcore.streams import Purpose, stream_seed
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, step_keys
 
 StateDict = dict[str, torch.Tensor]
@@ -94,9 +95,11 @@ class RoundSpec:
 
 
 def training_seed(seed: int, round_: int, node: int) -> int:
-    """The seed of one client's local training: a pure function of (run seed, round, node), so a
-    resumed run or another executor draws the same minibatches and dropout masks."""
-    return (seed * 1_000_003 + round_ * 10_007 + node + 1) % 2**63
+    """The seed of one client's local adapter training: the stream of (run seed, round, node)
+    (:func:`~flcore.streams.stream_seed`), so a resumed run or another executor draws the same
+    minibatches and dropout masks, and no other node, generator or purpose shares it."""
+    return stream_seed(seed, round_=round_, node=node, generator=0,
+                       purpose=Purpose.adapter_training)
 
 
 def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from flcore.data.shards import SHARD_FORMAT, checksum_problem, shard_payload, te
 from flcore.encoders.text import class_prompts
 from flcore.errors import DataError
 from flcore.files import atomic_write_bytes, atomic_write_text
+from flcore.runtime import thread_share, use_threads
 
 if TYPE_CHECKING:
     from flcore.config import Config
@@ -211,9 +212,10 @@ _WORKER_ENCODER: "AudioEncoder | None" = None
 
 
 def _start_worker(build: Callable[[], "AudioEncoder"], threads: int) -> None:
-    """Initializer of an embedding worker process: its thread budget and its encoder, once."""
+    """Initializer of an embedding worker process: its thread budget (torch's, and so YAMNet's
+    onnxruntime session's) and its encoder, once."""
     global _WORKER_ENCODER
-    torch.set_num_threads(threads)
+    use_threads(threads)
     _WORKER_ENCODER = build()
 
 
@@ -301,8 +303,9 @@ class _AudioPass:
                    bar: tqdm) -> None:
         """Compute the shards ``todo`` in ``workers`` spawned processes; every finished shard is
         stored at once. After a failed shard no new shard starts, the running ones are still
-        stored, and the first error is raised; an interrupt keeps the stored shards."""
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        stored, and the first error is raised; an interrupt keeps the stored shards. The
+        workers split this process's threads between them."""
+        threads = thread_share(torch.get_num_threads(), workers)
         pool = ProcessPoolExecutor(max_workers=workers,
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(build, threads))
@@ -427,16 +430,12 @@ def encode_dataset(config: "Config", dataset: AudioDataset) -> Embeddings:
     model_dir = Path(config.cache_dir) / "models"
     audio_encoder = build_audio_encoder(config.audio_encoder, model_dir)
     text_encoder = build_text_encoder(config.text_encoder)
-    workers = config.embeddings.workers
-    # Each worker gets its share of the cores (yamnet's threads=0 would mean all of them each).
-    worker_config = (replace(config.audio_encoder,
-                             threads=max(1, (os.cpu_count() or 1) // workers))
-                     if workers and config.audio_encoder.threads == 0 else config.audio_encoder)
     audio, audio_cached = embed_audio(dataset, audio_encoder, cache,
                                       config.audio_encoder.batch_size,
-                                      shard_size=config.embeddings.shard_size, workers=workers,
-                                      build_encoder=partial(build_audio_encoder, worker_config,
-                                                            model_dir))
+                                      shard_size=config.embeddings.shard_size,
+                                      workers=config.embeddings.workers,
+                                      build_encoder=partial(build_audio_encoder,
+                                                            config.audio_encoder, model_dir))
     text, text_cached = embed_text(dataset.class_names, text_encoder, config.text_encoder.prompt,
                                    cache)
     return Embeddings(audio, text, audio_cached, text_cached)

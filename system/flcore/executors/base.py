@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
-from flcore.progress import phase
-from flcore.trainmodel.banks import Bank
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.progress import phase, stage
+from flcore.trainmodel.banks import Bank, fit_together
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob
@@ -40,6 +41,17 @@ class Executor(ABC):
         return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
                 for bank, job in phase(zip(banks, jobs, strict=True), "generators", "node",
                                        len(banks))]
+
+    def train_generators_stacked(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
+                                 loss: VAELoss | None) -> list[list[EpochLog]]:
+        """Every node's generators trained as one stacked bank (per shape), the same as one by
+        one to float tolerance (:func:`~flcore.trainmodel.banks.fit_together`)."""
+        with stage(f"generators ({len(banks)} nodes stacked)") as bar:
+            logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
+                                [j.prompts for j in jobs], loss, [j.rngs for j in jobs],
+                                [j.where for j in jobs])
+            bar.update()
+        return logs
 
     def close(self) -> None:
         """Release what the executor holds: workers, and the device memory torch caches."""

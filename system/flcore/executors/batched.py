@@ -30,11 +30,11 @@ from flcore.clients.clientbase import (
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError
 from flcore.executors.base import Executor
-from flcore.progress import stage
 from flcore.runtime import autocast
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs, step_keys
-from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.trainmodel.banks import Bank
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob
@@ -186,12 +186,7 @@ class Batched(Executor):
                          loss: VAELoss | None) -> list[list[EpochLog]]:
         """Every node's generators trained as one stacked bank (per shape), the same as one by
         one to float tolerance (:func:`~flcore.trainmodel.banks.fit_together`)."""
-        with stage(f"generators ({len(banks)} nodes stacked)") as bar:
-            logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
-                                [j.prompts for j in jobs], loss, [j.rngs for j in jobs],
-                                [j.where for j in jobs])
-            bar.update()
-        return logs
+        return self.train_generators_stacked(banks, jobs, loss)
 
     def _optimizer_groups(self, config: AdapterConfig) -> list[dict]:
         """``param_groups`` of the state dicts handed back (as torch's AdamW writes them)."""

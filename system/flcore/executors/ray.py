@@ -37,10 +37,11 @@ from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors import check_executor
 from flcore.executors.base import Executor
-from flcore.progress import stage
+from flcore.runtime import thread_share, use_threads
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
-from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog, VAELoss
+from flcore.trainmodel.banks import Bank
+from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import GeneratorJob
@@ -183,7 +184,7 @@ def train_batch(box: list, packed_jobs: dict, spec: RoundSpec, threads: int,
     if crash_marker is not None and not os.path.exists(crash_marker):
         open(crash_marker, "w").close()
         os._exit(1)
-    torch.set_num_threads(threads)
+    use_threads(threads)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     trainer = _worker_trainer(box, device)
     jobs = unpack_jobs(packed_jobs, device)
@@ -196,7 +197,7 @@ def train_batch(box: list, packed_jobs: dict, spec: RoundSpec, threads: int,
 def warm_up(box: list, threads: int) -> None:
     """A task that imports the trainer and fetches the embeddings into its worker, so that the
     first round does not pay for it."""
-    torch.set_num_threads(threads)
+    use_threads(threads)
     _worker_trainer(box, torch.device(
         "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"))
 
@@ -257,12 +258,9 @@ def connect(address: str, timeout: float) -> None:
 
 
 def _local_cpus(wanted: float) -> int:
-    """CPUs a local Ray offers: the ones this process may use, and at least one task's worth."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(cpus, math.ceil(wanted))
+    """CPUs a local Ray offers: the run's threads (its share of the machine, which its tasks
+    then split), and at least one task's worth."""
+    return max(torch.get_num_threads(), math.ceil(wanted))
 
 
 class RayExecutor(Executor):
@@ -355,8 +353,8 @@ class RayExecutor(Executor):
 
     @property
     def threads(self) -> int:
-        """Torch threads of a task: its whole CPUs, at least one."""
-        return max(1, math.floor(self.x.num_cpus))
+        """Torch threads of a task: its whole CPUs (``executor.num_cpus``), at least one."""
+        return thread_share(math.floor(self.x.num_cpus))
 
     def train_adapters(self, jobs: Sequence[AdapterJob], spec: RoundSpec
                        ) -> Iterator[LocalUpdate]:
@@ -384,12 +382,7 @@ class RayExecutor(Executor):
                          loss: VAELoss | None) -> list[list[EpochLog]]:
         """Generators train in the driver, every node's as one stacked bank (as the batched
         executor does): their states stay where the server keeps them between rounds."""
-        with stage(f"generators ({len(banks)} nodes stacked)") as bar:
-            logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
-                                [j.prompts for j in jobs], loss, [j.rngs for j in jobs],
-                                [j.where for j in jobs])
-            bar.update()
-        return logs
+        return self.train_generators_stacked(banks, jobs, loss)
 
     def _get(self, ref: ray.ObjectRef, batch: Sequence[AdapterJob]) -> dict:
         """A task's packed updates; its training error as raised, or a lost worker as one line."""

@@ -51,6 +51,7 @@ from flcore.progress import phase
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
+from flcore.streams import Purpose, stream, stream_seed
 from flcore.tracking import Trackers
 from flcore.trainmodel.banks import Bank, bank_features, bank_from_decoder, new_bank
 from flcore.trainmodel.generators import (
@@ -58,14 +59,14 @@ from flcore.trainmodel.generators import (
     GeneratorBank,
     SyntheticShare,
     generator_spec,
-    vae_loss,
 )
+from flcore.trainmodel.vae import schedule_start, vae_loss
 from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per_class
 
 log = logging.getLogger(__name__)
 
-SERVER_STREAM = 1_000_000
-GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.sequence_length",
+GENERATOR_SHAPE_KEYS = ("generator.model", "generator.likelihood", "generator.decoder_variance",
+                        "generator.sequence_length",
                         "generator.latent_dim",
                         "generator.hidden_dim", "generator.conditional",
                         "generator.gaussian_covariance", "generator.gaussian_rank")
@@ -100,11 +101,14 @@ def _offload(tree: Any) -> Any:
 
 def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
     """The fix report's keys over the generators of ``epochs`` (one log per node): loss terms
-    are means over generators, ``beta`` the mean of the nodes' betas (they differ when nodes
-    trained different numbers of times under ``whole_run``), ``weighted_kl`` the mean of each
-    generator's own beta x KL, and the optimizer steps an epoch took (mean over nodes)."""
+    are means over generators, ``beta`` the mean of the nodes' betas (one schedule epoch a
+    round, so they agree), ``weighted_kl`` the mean of each
+    generator's own beta x KL, ``log_sigma2`` and ``effective_beta`` the means of each
+    generator's decoder log-variance and KL weight relative to the calibrated ELBO, and the
+    optimizer steps an epoch took (mean over nodes). Generators without rows (NaN) are left
+    out."""
     def mean(values: list[torch.Tensor]) -> float:
-        return float(torch.cat([v.flatten() for v in values]).mean())
+        return float(torch.cat([v.flatten() for v in values]).nanmean())
 
     kl = mean([e.kl for e in epochs])
     return {f"{prefix}generator/recon_loss": mean([e.recon for e in epochs]),
@@ -113,6 +117,8 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
             f"{prefix}generator/weighted_kl": mean([e.beta * e.kl for e in epochs]),
             f"{prefix}generator/similarity_loss": mean([e.similarity for e in epochs]),
             f"{prefix}generator/mse": mean([e.mse for e in epochs]),
+            f"{prefix}generator/log_sigma2": mean([e.log_sigma2 for e in epochs]),
+            f"{prefix}generator/effective_beta": mean([e.effective_beta for e in epochs]),
             f"{prefix}generator/steps_per_epoch": float(np.mean([e.steps for e in epochs]))}
 
 
@@ -294,7 +300,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 adapter = self.model
             jobs.append(client.generator_job(self.shared, g, round_, self.config.seed, adapter))
         banks = [client.generators for client in selected]
-        epochs = self.executor.train_generators(banks, jobs, vae_loss(g, self.generator_epochs))
+        epochs = self.executor.train_generators(
+            banks, jobs, vae_loss(g, self.generator_epochs, schedule_start(g, round_)))
         for client, job, client_epochs in zip(selected, jobs, epochs, strict=True):
             if client_epochs:
                 logs[client.node] = client_epochs
@@ -320,11 +327,14 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
     def log_generator_epochs(self, round_: int,
                              logs: dict[int, list[EpochLog]]) -> dict[str, float]:
         """One tracker row per generator epoch: means over all generators (``generator/*``)
-        and over each node's (``node{i}/generator/*``); returns the last epoch's values.
+        and over each node's (``node{i}/generator/*``), and each generator's decoder variance
+        (``node{i}/generator/log_sigma2/{name}``); returns the last epoch's means.
         ``generator/epoch`` counts epochs over the run's generator rounds, so no two rows share
         one."""
         epochs = self.config.generator.training_epochs
         before = self.generator_rounds_done * epochs
+        names = {c.node: c.generators.spec.names for c in self.clients if c.node in logs
+                 and c.generators is not None}
         row: dict[str, float] = {}
         for e in range(epochs):
             row = {"generator/epoch": float(before + e + 1)}
@@ -332,6 +342,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             parts.update({f"node{node}/": [log[e]] for node, log in logs.items()})
             for prefix, epoch_logs in parts.items():
                 row.update(_generator_scalars(epoch_logs, prefix))
+            for node, log in logs.items():
+                row.update({f"node{node}/generator/log_sigma2/{name}": float(value)
+                            for name, value in zip(names[node], log[e].log_sigma2.tolist(),
+                                                   strict=True)})
             self.trackers.log_epoch(row, step=round_)
             self.epoch_history.append({"round": round_, **row})
         return {k: v for k, v in row.items() if k.startswith("generator/")}
@@ -346,16 +360,18 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         g = self.config.generator
         rows = x.reshape(len(x), -1)
         self.server_bank = self.server_bank or self.new_server_bank(rows.shape[1])
-        base = training_seed(self.config.seed, round_, SERVER_STREAM)
-        rngs = [torch.Generator(device=rows.device).manual_seed(base + k)
+        seed = self.config.seed
+        rngs = [stream(seed, round_=round_, node=0, generator=k,
+                       purpose=Purpose.server_generator_training, device=rows.device)
                 for k in range(self.server_bank.model.k)]
-        self.server_bank.fit(rows, y, None, vae_loss(g, self.generator_epochs), rngs,
+        self.server_bank.fit(rows, y, None,
+                             vae_loss(g, self.generator_epochs, schedule_start(g, round_)), rngs,
                              where=f"server, round {round_}: ")
         present = y.unique().tolist()
         counts = {c: int((y == c).sum()) for c in present}
         centroids = {c: rows[y == c].mean(0) for c in present}
-        sx, sy = self.server_bank.sample(counts, None, centroids,
-                                         torch.Generator().manual_seed(base))
+        sx, sy = self.server_bank.sample(counts, None, centroids, stream(
+            seed, round_=round_, node=0, generator=0, purpose=Purpose.server_synthetic_samples))
         return sx.reshape(len(sx), *x.shape[1:]), sy
 
     def federation_classes(self) -> list[int]:
@@ -372,9 +388,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         return new_bank(spec, features, self.config.generator, 0, self.shared.tokens.device)
 
     def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
-                 stream: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
-        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``;
-        with ``anchor``, plus the proximal pull ``mu / 2 * ||w - anchor||^2``."""
+                 which: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
+        """``state`` trained for ``server.synthetic_epochs`` on rows ``x`` with labels ``y``
+        (seeded by training ``which`` of the round); with ``anchor``, plus the proximal pull
+        ``mu / 2 * ||w - anchor||^2``."""
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                       key: torch.Tensor) -> torch.Tensor:
             pooled, sequence = net.outputs(xb, key)
@@ -385,8 +402,9 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
 
         self.model.load_state_dict(state)
         fit(self.model, step_loss, x, y, self.config.adapter, self.config.server.synthetic_epochs,
-            training_seed(self.config.seed, round_, SERVER_STREAM + stream),
-            f"server, round {round_}", progress=f"round {round_} server")
+            stream_seed(self.config.seed, round_=round_, node=0, generator=which,
+                        purpose=Purpose.server_adapter_training), f"server, round {round_}",
+            progress=f"round {round_} server")
         return _clone(self.model.state_dict())
 
     def curate(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int
@@ -410,8 +428,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         rows = [torch.nonzero(y == c).flatten() for c in kept]
         if s.synthetic_balance:
             target = int(torch.tensor([len(r) for r in rows]).median())
-            rng = torch.Generator().manual_seed(
-                training_seed(self.config.seed, round_, SERVER_STREAM + 4))
+            rng = stream(self.config.seed, round_=round_, node=0, generator=0,
+                         purpose=Purpose.server_curation)
             rows = [r[torch.randperm(len(r), generator=rng)[:target].to(r.device)]
                     if len(r) >= target else
                     r[torch.randint(len(r), (target,), generator=rng).to(r.device)]
@@ -501,7 +519,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.model.load_state_dict(self.global_state)
         rows = torch.arange(int(keep.sum()), device=x.device)
         fit(self.model, step_loss, x[keep], rows, a, self.config.server.synthetic_epochs,
-            training_seed(self.config.seed, round_, SERVER_STREAM + 3), f"server, round {round_}",
+            stream_seed(self.config.seed, round_=round_, node=0, generator=0,
+                        purpose=Purpose.server_distillation), f"server, round {round_}",
             progress=f"round {round_} server")
         return _clone(self.model.state_dict())
 

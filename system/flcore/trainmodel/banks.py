@@ -11,9 +11,9 @@ from flcore.trainmodel.generators import (
     EpochLog,
     GeneratorBank,
     GeneratorSpec,
-    VAELoss,
     train_banks,
 )
+from flcore.trainmodel.vae import VAELoss
 
 Bank = GeneratorBank | GaussianBank
 

@@ -1,4 +1,4 @@
-"""VAE generators of audio embeddings: beta schedules, the VAE loss, and a batched generator bank.
+"""Banks of VAE generators (:mod:`flcore.trainmodel.vae`) and their stacked training.
 
 All generators of a node (one unified, one per class or one per group) live in one module whose
 weights are stacked along a leading generator axis ``K`` and run with batched matmuls. Each
@@ -18,219 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.config import (
-    BetaSchedule,
+    DecoderVariance,
     GeneratorConfig,
     Granularity,
-    KlReduction,
     Likelihood,
     OnNan,
     Precision,
-    ScheduleScope,
 )
 from flcore.errors import TrainingError
+from flcore.trainmodel.vae import VAEGenerator, VAELoss
 
 log = logging.getLogger(__name__)
-
-
-def warmup_epochs(total_epochs: int, ratio: float) -> int:
-    """``max(1, ceil(total_epochs * ratio))`` with a tolerance, so that 10 * 0.3 gives 3."""
-    return max(1, math.ceil(total_epochs * ratio - 1e-9))
-
-
-@dataclass(frozen=True)
-class BetaScheduler:
-    """The KL weight of 0-based ``epoch`` (of ``total_epochs``).
-
-    - ``linear`` (the fix): ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
-    - ``cyclical`` (Fu et al. 2019): ``n_cycles`` cycles of ``P = ceil(total / n_cycles)``
-      epochs; within a cycle ``tau = (epoch mod P + 1) / P`` and
-      ``beta = beta_max * min(1, tau / cycle_ratio)``.
-    - ``sigmoid``: ``beta_max * sigmoid(12 * ((epoch + 1) / warmup_epochs - 0.5))`` during the
-      warm-up, ``beta_max`` after it.
-    - ``constant``: ``beta_max``.
-    """
-
-    schedule: BetaSchedule
-    total_epochs: int
-    warmup_ratio: float
-    beta_max: float = 1.0
-    n_cycles: int = 4
-    cycle_ratio: float = 0.5
-
-    @property
-    def warmup(self) -> int:
-        return warmup_epochs(self.total_epochs, self.warmup_ratio)
-
-    def __call__(self, epoch: int) -> float:
-        step = epoch + 1
-        if self.schedule is BetaSchedule.constant:
-            return self.beta_max
-        if self.schedule is BetaSchedule.cyclical:
-            period = math.ceil(self.total_epochs / self.n_cycles)
-            tau = (epoch % period + 1) / period
-            return self.beta_max * min(1.0, tau / self.cycle_ratio)
-        if step >= self.warmup:
-            return self.beta_max
-        if self.schedule is BetaSchedule.sigmoid:
-            return self.beta_max / (1 + math.exp(-12 * (step / self.warmup - 0.5)))
-        return self.beta_max * step / self.warmup
-
-
-@dataclass
-class VAELossTerms:
-    """Per-generator loss terms ``[K]``: ``recon`` is the reconstruction term optimized (the MSE
-    or the Gaussian NLL), ``kl`` the (free-bits) KL term, ``mse`` the mean squared error of every
-    likelihood (one scale to compare them on) and ``similarity`` the mean ``1 - cosine``."""
-
-    total: torch.Tensor
-    recon: torch.Tensor
-    kl: torch.Tensor
-    similarity: torch.Tensor
-    mse: torch.Tensor
-    beta: float | torch.Tensor
-
-    @property
-    def weighted_kl(self) -> torch.Tensor:
-        return self.beta * self.kl
-
-
-def gaussian_nll(squared_error: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
-    """``-log N(x; x_hat, sigma^2)`` summed over the last axis, from ``(x - x_hat)^2`` and one
-    shared ``log sigma^2`` per generator (broadcast ``[K, 1, 1]``): the calibrated decoder of the
-    sigma-VAE (Rybkin et al. 2021)."""
-    terms = squared_error * (-log_variance).exp() + log_variance + math.log(2 * math.pi)
-    return 0.5 * terms.sum(-1)
-
-
-class VAELoss(nn.Module):
-    """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
-
-    - ``likelihood=mse`` (the seed's loss, the reference row of every study): reconstruction is
-      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. Against a
-      KL summed over latent dimensions, a nat of KL costs ``features`` times more than the
-      reconstruction it buys, so posterior collapse is the optimum.
-    - ``likelihood=gaussian`` (sigma-VAE, Rybkin et al. 2021): reconstruction is the Gaussian
-      NLL summed over the features with each generator's learned shared log-variance
-      ``recon_logvar`` (clamped at ``log(variance_floor)``), so ``beta = 1`` gives the true
-      negative ELBO. No similarity term is added (it is no log-likelihood and would break the
-      bound); it is still returned as a diagnostic.
-
-    The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
-    at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
-    (``kl_reduction=sum``, the seed's form) or averaged over dimensions. The seed's fix: beta
-    follows the configured training length (``total_epochs`` and ``beta_warmup_ratio``)
-    instead of reaching 1 only after 100 epochs. Inputs carry a leading generator axis
-    ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
-    its own rows.
-    """
-
-    def __init__(self, total_epochs: int, beta_warmup_ratio: float,
-                 schedule: BetaSchedule = BetaSchedule.linear, beta_max: float = 1.0,
-                 kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
-                 n_cycles: int = 4, cycle_ratio: float = 0.5,
-                 likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
-                 free_bits: float = 0.0) -> None:
-        super().__init__()
-        self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
-                                  cycle_ratio)
-        self.kl_reduction = kl_reduction
-        self.similarity_weight = similarity_weight
-        self.likelihood = likelihood
-        self.log_variance_floor = math.log(variance_floor)
-        self.free_bits = free_bits
-
-    def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
-                logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
-                recon_logvar: torch.Tensor | None = None,
-                beta: float | torch.Tensor | None = None) -> VAELossTerms:
-        """Terms of reconstructions ``recon`` of ``x``, posteriors ``N(mu, exp(logvar))`` and,
-        for ``likelihood=gaussian``, the decoders' log-variances ``recon_logvar [K, 1, 1]``.
-        ``beta`` (a float or one per generator ``[K]``) replaces the schedule's ``beta(epoch)``:
-        generators of several banks trained together may be at different epochs of it."""
-        weight = mask.to(x.dtype)
-        count = weight.sum(1).clamp(min=1)
-
-        def per_generator(values: torch.Tensor) -> torch.Tensor:
-            return (values * weight).sum(1) / count
-
-        squared_error = ((recon - x) ** 2).flatten(2)
-        mse = per_generator(squared_error.mean(-1))
-        kl_per_dim = -0.5 * (1 + logvar - mu**2 - logvar.exp())
-        kl_per_dim = (kl_per_dim * weight[..., None]).sum(1) / count[:, None]
-        if self.free_bits > 0:
-            kl_per_dim = kl_per_dim.clamp(min=self.free_bits)
-        kl = kl_per_dim.sum(-1) if self.kl_reduction is KlReduction.sum else kl_per_dim.mean(-1)
-        similarity = per_generator(1 - F.cosine_similarity(recon.flatten(2), x.flatten(2),
-                                                            dim=-1))
-        beta = self.beta(epoch) if beta is None else beta
-        if self.likelihood is Likelihood.mse:
-            total = mse + beta * kl + self.similarity_weight * similarity
-            return VAELossTerms(total, mse, kl, similarity, mse, beta)
-        if recon_logvar is None:
-            raise ValueError("likelihood=gaussian needs the decoders' log-variances "
-                             "(a VAEGenerator with learned_variance=True)")
-        nll = per_generator(gaussian_nll(squared_error,
-                                         recon_logvar.clamp(min=self.log_variance_floor)))
-        return VAELossTerms(nll + beta * kl, nll, kl, similarity, mse, beta)
-
-
-class StackedLinear(nn.Module):
-    """K independent linear layers, weights ``[K, in, out]``, applied with one batched matmul."""
-
-    def __init__(self, k: int, fan_in: int, fan_out: int) -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(fan_in)
-        self.weight = nn.Parameter(torch.empty(k, fan_in, fan_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(k, 1, fan_out).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class VAEGenerator(nn.Module):
-    """``K`` VAEs of flattened ``[S, D]`` embeddings, optionally conditioned on a prompt (CVAE).
-
-    ``x [K, B, S*D]`` -> encoder -> ``mu, logvar [K, B, Z]`` -> ``z = mu + sigma * noise`` ->
-    decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
-    With ``learned_variance`` each decoder also has one shared log-variance ``dec_logvar
-    [K, 1, 1]`` (starting at 0: sigma = 1) for the Gaussian likelihood of the sigma-VAE (Rybkin
-    et al. 2021); it belongs to the decoder (and its package) but sampling does not use it.
-    """
-
-    def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0,
-                 learned_variance: bool = False) -> None:
-        super().__init__()
-        self.k, self.features, self.latent, self.cond = k, features, latent, cond
-        self.enc = StackedLinear(k, features + cond, hidden)
-        self.enc_out = StackedLinear(k, hidden, 2 * latent)
-        self.dec = StackedLinear(k, latent + cond, hidden)
-        self.dec_out = StackedLinear(k, hidden, features)
-        self.dec_logvar = nn.Parameter(torch.zeros(k, 1, 1)) if learned_variance else None
-
-    def _with(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return x if cond is None else torch.cat([x, cond], dim=-1)
-
-    def encode(self, x: torch.Tensor, cond: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.enc_out(F.gelu(self.enc(self._with(x, cond)))).chunk(2, dim=-1)
-        return mu, logvar
-
-    def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dec_out(F.gelu(self.dec(self._with(z, cond))))
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encode(x, cond)
-        z = mu + (0.5 * logvar).exp() * noise
-        return self.decode(z, cond), mu, logvar
-
-    @torch.no_grad()
-    def sample(self, n: int, cond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws from each generator's prior: ``[K, n, features]``."""
-        device = self.enc.weight.device
-        z = torch.randn(self.k, n, self.latent, generator=generator, device="cpu").to(device)
-        return self.decode(z, cond)
 
 
 def _has_fused_adam(device: torch.device) -> bool:
@@ -253,11 +51,16 @@ class MaskedAdam:
     inside the kernel (its ``found_inf`` flag, as for AMP's skipped steps) when the generator is
     inactive. Elsewhere an elementwise form uses ``torch.where`` so inactive generators stay
     untouched. On the CPU, where reading a flag costs no round trip, a step in which every
-    generator is active at the same count is one fused step over the whole tensors."""
+    generator is active at the same count is one fused step over the whole tensors. ``lr`` is
+    one learning rate, or one per parameter (torch's parameter groups)."""
 
-    def __init__(self, params: list[nn.Parameter], k: int, lr: float,
+    def __init__(self, params: list[nn.Parameter], k: int, lr: float | Sequence[float],
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.lrs = [lr] * len(params) if isinstance(lr, int | float) else list(lr)
+        if len(self.lrs) != len(params):
+            raise ValueError(f"MaskedAdam: {len(params)} parameters but {len(self.lrs)} "
+                             "learning rates")
+        self.params, self.betas, self.eps = params, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(k, device=params[0].device)
@@ -272,17 +75,26 @@ class MaskedAdam:
         else:
             self._elementwise_step(active)
 
+    def _groups(self) -> list[tuple[float, list[int]]]:
+        """The parameters' indices grouped by learning rate (one fused call per group)."""
+        groups: dict[float, list[int]] = {}
+        for i, lr in enumerate(self.lrs):
+            groups.setdefault(lr, []).append(i)
+        return list(groups.items())
+
     def _fused_step(self, active: torch.Tensor) -> None:
         b1, b2 = self.betas
-        n = len(self.params)
+        groups = self._groups()
         if self.steps.device.type == "cpu" and bool(active.all()) and bool(
                 (self.steps == self.steps[0]).all()):
             # On the CPU reading the flags is no device round trip, and one fused step over
             # whole tensors is several times faster there than K steps over their slices.
-            torch._fused_adam_([p.detach() for p in self.params],
-                               [p.grad for p in self.params], self.m, self.v, [],
-                               [self.steps[0]] * n, lr=self.lr, beta1=b1, beta2=b2,
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            for lr, ids in groups:
+                torch._fused_adam_([self.params[i].detach() for i in ids],
+                                   [self.params[i].grad for i in ids], [self.m[i] for i in ids],
+                                   [self.v[i] for i in ids], [], [self.steps[0]] * len(ids),
+                                   lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
+                                   amsgrad=False, maximize=False)
             return
         skip = (~active).to(self.steps.dtype).unbind(0)
         steps = self.steps.unbind(0)
@@ -291,20 +103,22 @@ class MaskedAdam:
         ms = [m.unbind(0) for m in self.m]
         vs = [v.unbind(0) for v in self.v]
         for g in range(len(steps)):
-            torch._fused_adam_([r[g] for r in rows], [r[g] for r in grads], [r[g] for r in ms],
-                               [r[g] for r in vs], [], [steps[g]] * n, lr=self.lr, beta1=b1,
-                               beta2=b2, weight_decay=0.0, eps=self.eps, amsgrad=False,
-                               maximize=False, found_inf=skip[g])
+            for lr, ids in groups:
+                torch._fused_adam_([rows[i][g] for i in ids], [grads[i][g] for i in ids],
+                                   [ms[i][g] for i in ids], [vs[i][g] for i in ids], [],
+                                   [steps[g]] * len(ids), lr=lr, beta1=b1, beta2=b2,
+                                   weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                                   found_inf=skip[g])
 
     def _elementwise_step(self, active: torch.Tensor) -> None:
         b1, b2 = self.betas
         on = active.to(self.steps.dtype)
         t = self.steps.clamp(min=1)
-        step_size = -self.lr / (1 - b1**t)
         inv_sqrt_bc2 = (1 - b2**t).rsqrt()
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs, strict=True):
             view = (-1,) + (1,) * (p.dim() - 1)
             keep = active.view(view)
+            step_size = -lr / (1 - b1**t)
             g = torch.where(keep, p.grad, 0.0)
             m.lerp_(g, ((1 - b1) * on).view(view))
             v.mul_((1 - (1 - b2) * on).view(view)).addcmul_(g, g * ((1 - b2) * on).view(view))
@@ -342,8 +156,12 @@ class GeneratorData:
 
 @dataclass
 class EpochLog:
-    """Per-generator means of one epoch's loss terms ``[K]`` (:class:`VAELossTerms`), the
-    epoch's beta and its optimizer steps (minibatches of the generator with the most rows)."""
+    """Per-generator means of one epoch's loss terms ``[K]`` (:class:`VAELossTerms`, each
+    minibatch weighted by the generator's rows in it), the epoch's beta and its optimizer steps
+    (minibatches of the generator with the most rows). ``log_sigma2`` is the log of the mean
+    decoder variance (so under the optimal sigma ``exp(log_sigma2) = mse`` above the floor; NaN
+    for a generator without rows) and ``effective_beta`` the mean KL weight relative to the
+    negative ELBO at the maximum-likelihood variance."""
 
     epoch: int
     beta: float
@@ -352,6 +170,8 @@ class EpochLog:
     kl: torch.Tensor
     similarity: torch.Tensor
     mse: torch.Tensor
+    log_sigma2: torch.Tensor
+    effective_beta: torch.Tensor
     steps: int = 0
 
 
@@ -369,8 +189,9 @@ def _draw(rngs: list[torch.Generator], valid: list[int], shape: tuple[int, ...],
 
 @dataclass
 class _Epoch:
-    """One epoch of a stacked training: 0-based ``epoch`` (without offsets), per-generator means
-    ``[5, K]`` of the loss terms and each generator's rows at the epoch's start (host ints)."""
+    """One epoch of a stacked training: 0-based ``epoch`` (without the offset), per-generator means
+    ``[7, K]`` of the terms of :class:`EpochLog` and each generator's rows at the epoch's start
+    (host ints)."""
 
     epoch: int
     means: torch.Tensor
@@ -382,13 +203,35 @@ def _steps(counts: list[int], batch_size: int) -> int:
     return len(range(0, max(max(counts, default=0), 1), batch_size))
 
 
+def row_variance(data: GeneratorData) -> torch.Tensor:
+    """Each generator's data variance ``[K]``: the per-feature variance of its real rows
+    (population form), averaged over the features; the MSE of a decoder that predicts the
+    mean."""
+    n_max = data.x.shape[1]
+    counts = data.counts.to(data.x.device)
+    weight = (torch.arange(n_max, device=data.x.device) < counts[:, None]).to(data.x.dtype)
+    n = weight.sum(1).clamp(min=1)[:, None]
+    mean = (data.x * weight[..., None]).sum(1) / n
+    return (((data.x - mean[:, None]) ** 2) * weight[..., None]).sum(1).div(n).mean(-1)
+
+
+@torch.no_grad()
+def start_learned_variance(dec_logvar: torch.Tensor, steps: torch.Tensor, data: GeneratorData,
+                           floor: float) -> None:
+    """Start the learned ``log sigma^2 [K, 1, 1]`` of each generator that never took a step and
+    has rows at the log of its rows' variance (:func:`row_variance`, floored): a calibrated
+    start (Rybkin et al. 2021), not sigma = 1, which its own learning rate then tracks."""
+    fresh = (steps == 0) & (data.counts.to(steps.device) > 0)
+    start = row_variance(data).clamp(min=floor).log().to(dec_logvar.dtype)
+    dec_logvar.copy_(torch.where(fresh.view(-1, 1, 1), start.view(-1, 1, 1), dec_logvar))
+
+
 def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                    data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
-                   rngs: list[torch.Generator], offsets: list[int], noise_std: float,
+                   rngs: list[torch.Generator], offset: int, noise_std: float,
                    labels: list[str], on_nan: OnNan, precision: Precision) -> list[_Epoch]:
-    """The training loop of :func:`train_generators`, with a schedule offset per generator
-    (``offsets[k]``: generator k's 0-based epoch is ``epoch + offsets[k]``, so generators of
-    several banks keep their own beta schedules) and ``labels[k]`` naming generator k in errors.
+    """The training loop of :func:`train_generators`, at 0-based schedule epochs ``offset +
+    epoch`` (the loss's ``first_epoch``) and with ``labels[k]`` naming generator k in errors.
 
     No host round trip inside the step loop: minibatch sizes come from the host-side
     ``data.counts`` (read once an epoch), masks, step counts and the non-finite flag stay on the
@@ -397,16 +240,15 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
     device = data.x.device
     params = list(model.parameters())
     bf16 = precision is Precision.bf16
-    uniform = len(set(offsets)) == 1
+    if model.dec_logvar is not None:
+        start_learned_variance(model.dec_logvar, optimizer.steps, data, loss_fn.variance_floor)
     out = []
     for epoch in range(epochs):
         counts = [int(c) for c in data.counts.tolist()]
         perms = torch.full((k, n_max), -1, dtype=torch.long, device=device)
         for g, n in enumerate(counts):
             perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
-        betas = [loss_fn.beta(epoch + offset) for offset in offsets]
-        beta = betas[0] if uniform else torch.tensor(betas, device=device)
-        sums = torch.zeros(5, k, device=device)
+        sums = torch.zeros(7, k, device=device)
         seen = torch.zeros(k, device=device)
         alive = torch.ones(k, dtype=torch.bool, device=device)
         bad = torch.zeros(k, dtype=torch.bool, device=device)
@@ -429,8 +271,7 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                 recon, mu, logvar = model(x, noise, cond)
             if bf16:
                 recon, mu, logvar = recon.float(), mu.float(), logvar.float()
-            terms = loss_fn(recon, x, mu, logvar, epoch + offsets[0], mask, model.dec_logvar,
-                            beta=beta)
+            terms = loss_fn(recon, x, mu, logvar, epoch + offset, mask, model.dec_logvar)
             active = mask.any(1)
             now = active & ~torch.isfinite(terms.total)
             first_value = torch.where(now, terms.total.detach(), first_value)
@@ -446,24 +287,27 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                 clip_per_generator(params, grad_clip)
             optimizer.step(active)
             batch = mask.sum(1).to(sums.dtype)
-            sums += torch.nan_to_num(torch.stack([terms.total, terms.recon, terms.kl,
-                                                  terms.similarity, terms.mse]).detach()) * batch
+            sums += torch.nan_to_num(torch.stack([
+                terms.total, terms.recon, terms.kl, terms.similarity, terms.mse, terms.sigma2,
+                terms.effective_beta]).detach()) * batch
             seen += batch
-        out.append(_Epoch(epoch, sums / seen.clamp(min=1), counts))
+        means = sums / seen.clamp(min=1)
+        means[5] = torch.where(seen > 0, means[5].log(), torch.nan)
+        out.append(_Epoch(epoch, means, counts))
         if bool(bad.any()):  # the one host round trip of an epoch
-            _report_non_finite(bad, first_value, first_step, epoch, offsets, labels, on_nan,
+            _report_non_finite(bad, first_value, first_step, epoch + offset, labels, on_nan,
                                data)
     return out
 
 
 def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tensor, epoch: int,
-                       offsets: list[int], labels: list[str], on_nan: OnNan,
+                       labels: list[str], on_nan: OnNan,
                        data: GeneratorData) -> None:
     """Raise TrainingError for the first generator whose loss was not finite this epoch, or
     (``on_nan=drop_generator``) warn about each and zero its rows for the epochs to come."""
     failed = sorted(bad.nonzero().flatten().tolist(), key=lambda g: (int(step[g]), g))
     for g in failed:
-        message = f"{labels[g]}, epoch {epoch + offsets[g] + 1}: VAE loss is {value[g].item()}"
+        message = f"{labels[g]}, epoch {epoch + 1}: VAE loss is {value[g].item()}"
         if on_nan is OnNan.error:
             raise TrainingError(f"{message}; lower generator.lr or set "
                                 "generator.on_nan=drop_generator")
@@ -473,9 +317,8 @@ def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tenso
 
 def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                      data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
-                     rngs: list[torch.Generator], epoch_offset: int = 0,
-                     noise_std: float = 0.0, where: str = "", names: list[str] | None = None,
-                     on_nan: OnNan = OnNan.error,
+                     rngs: list[torch.Generator], noise_std: float = 0.0, where: str = "",
+                     names: list[str] | None = None, on_nan: OnNan = OnNan.error,
                      precision: Precision = Precision.fp32) -> list[EpochLog]:
     """Minibatch training of all K generators together; ``rngs[k]`` (on the data's device)
     drives generator k's shuffling and noise. ``data.counts`` stays on the host. On a NaN or
@@ -483,11 +326,11 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
     generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
     from that step on (its ``data.counts`` entry becomes 0) and goes on with the others.
     ``precision=bf16`` runs the forward pass under bf16 autocast; the loss, the weights and
-    the optimizer stay fp32."""
-    k = data.x.shape[0]
+    the optimizer stay fp32. The beta schedule starts at ``loss_fn.first_epoch``."""
+    k, epoch_offset = data.x.shape[0], loss_fn.first_epoch
     labels = [f"{where}generator {names[g] if names else g}" for g in range(k)]
     epochs_run = _train_stacked(model, optimizer, loss_fn, data, epochs, batch_size, grad_clip,
-                                rngs, [epoch_offset] * k, noise_std, labels, on_nan, precision)
+                                rngs, epoch_offset, noise_std, labels, on_nan, precision)
     return [EpochLog(e.epoch + epoch_offset, loss_fn.beta(e.epoch + epoch_offset), *e.means,
                      steps=_steps(e.counts, batch_size)) for e in epochs_run]
 
@@ -530,8 +373,10 @@ class GeneratorBank:
                  cond_dim: int, device: torch.device) -> None:
         self.spec, self.config = spec, config
         self.model = VAEGenerator(len(spec.names), features, config.hidden_dim, config.latent_dim,
-                                  cond_dim, config.likelihood is Likelihood.gaussian).to(device)
-        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k, config.lr)
+                                  cond_dim, config.decoder_variance is DecoderVariance.learned
+                                  ).to(device)
+        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k,
+                                    learning_rates(self.model, config))
         self.trainings = 0
         self.dropped: list[str] = []
 
@@ -553,30 +398,23 @@ class GeneratorBank:
         """``generator.training_epochs`` epochs on rows ``x [n, F]`` with class ids ``labels``."""
         return train_banks([self], [x], [labels], [prompts], loss, [rngs], [where])[0]
 
-    def epoch_offset(self) -> int:
-        """Where this training starts in the beta schedule (``schedule_scope=whole_run``: after
-        the epochs of the bank's earlier trainings)."""
-        c = self.config
-        return (self.trainings * c.training_epochs
-                if c.schedule_scope is ScheduleScope.whole_run else 0)
-
     def shape(self) -> tuple[int, int, int, int, bool]:
         """``(features, hidden, latent, cond, learned variance)``: banks of one shape can train
         as one stacked model."""
         m = self.model
         return (m.features, m.enc.weight.shape[-1], m.latent, m.cond, m.dec_logvar is not None)
 
-    def _warn_at_variance_floor(self, where: str) -> None:
-        """Name each trained generator whose learned decoder variance sits at
-        ``generator.variance_floor``: its reconstructions are (near) exact, e.g. identical or
-        memorized rows, and its NLL is no longer a calibrated likelihood."""
-        if self.model.dec_logvar is None:
+    def _warn_at_variance_floor(self, where: str, last: EpochLog) -> None:
+        """Name each trained generator whose decoder variance sat at ``generator.variance_floor``
+        in the ``last`` epoch (``likelihood=gaussian``): its reconstructions are (near) exact,
+        e.g. identical or memorized rows, and its NLL is no longer a calibrated likelihood."""
+        if self.config.likelihood is not Likelihood.gaussian:
             return
-        floor = math.log(self.config.variance_floor)
-        at_floor = (self.model.dec_logvar.detach().flatten() <= floor).tolist()
+        floor = math.log(self.config.variance_floor) + 1e-6
+        at_floor = (last.log_sigma2 <= floor).tolist()
         for name, low in zip(self.spec.names, at_floor, strict=True):
             if low and name not in self.dropped:
-                log.warning("%sgenerator %s: the learned decoder variance is at "
+                log.warning("%sgenerator %s: the decoder variance is at "
                             "generator.variance_floor=%g (near-exact reconstructions: identical "
                             "or memorized rows?)", where, name, self.config.variance_floor)
 
@@ -645,9 +483,17 @@ class GeneratorBank:
         self.trainings, self.dropped = state["trainings"], list(state["dropped"])
 
 
+def learning_rates(model: VAEGenerator, config: GeneratorConfig) -> list[float]:
+    """Each parameter's Adam learning rate: ``generator.lr``, and ``generator.variance_lr`` for
+    a learned decoder variance, whose optimum (the log reconstruction MSE) lies far from its
+    start and moves as the reconstructions improve."""
+    return [config.variance_lr if name == "dec_logvar" else config.lr
+            for name, _ in model.named_parameters()]
+
+
 #: The settings of a bank's training that banks trained together must share.
 _SHARED_SETTINGS = ("training_epochs", "batch_size", "grad_clip", "augmentation_noise", "lr",
-                    "on_nan", "schedule_scope", "precision")
+                    "variance_lr", "on_nan", "schedule_scope", "precision")
 
 
 def _stack_key(bank: GeneratorBank) -> dict[str, object]:
@@ -715,9 +561,10 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     The banks' generators (weights ``[K_i, ...]``, Adam moments and step counts) are
     concatenated along the generator axis, at most ``max_generators`` at a time (``None``: all
     of them; a bank may be split between chunks), trained together, and written back. Each
-    generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order, beta
-    schedule (its bank's ``schedule_scope`` offset) and step counts. Returns each bank's epoch
-    logs as :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
+    generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order and step
+    counts; all follow the beta schedule from ``loss.first_epoch``
+    (:func:`~flcore.trainmodel.vae.schedule_start`). Returns each bank's epoch logs as
+    :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
     bank's ``wheres[i]``, the generator and the epoch (or drops it: ``generator.on_nan``).
     Banks must share shapes, device and training settings (:func:`check_trainable_together`)."""
     n = len(banks)
@@ -739,7 +586,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             data.counts[bank.spec.names.index(name)] = 0
         datas.append(data)
     had_rows = [(d.counts > 0).tolist() for d in datas]
-    offsets = [bank.epoch_offset() for bank in banks]
+    offset = loss.first_epoch
     sizes = [bank.model.k for bank in banks]
     # means[i][e]: bank i's per-generator means of epoch e, piece by piece (chunk by chunk)
     means: list[list[list[torch.Tensor]]] = [[[] for _ in range(c.training_epochs)]
@@ -751,14 +598,13 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             bank = banks[chunk[0][0]]
             model, optimizer, data = bank.model, bank.optimizer, datas[chunk[0][0]]
         else:
-            model, optimizer = _stack(banks, chunk, c.lr)
+            model, optimizer = _stack(banks, chunk, c)
             data = _concat_data([_slice_data(datas[i], a, b) for i, a, b in chunk])
         chunk_rngs = [r for i, a, b in chunk for r in rngs[i][a:b]]
-        chunk_offsets = [offsets[i] for i, a, b in chunk for _ in range(a, b)]
         chunk_labels = [f"{wheres[i]}generator {banks[i].spec.names[g]}"
                         for i, a, b in chunk for g in range(a, b)]
         epochs_run = _train_stacked(model, optimizer, loss, data, c.training_epochs,
-                                    c.batch_size, c.grad_clip, chunk_rngs, chunk_offsets,
+                                    c.batch_size, c.grad_clip, chunk_rngs, offset,
                                     c.augmentation_noise, chunk_labels, c.on_nan, c.precision)
         if not whole:
             _unstack(banks, chunk, model, optimizer)
@@ -774,7 +620,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     for i, bank in enumerate(banks):
         bank_logs = []
         for e in range(c.training_epochs):
-            epoch = e + offsets[i]
+            epoch = e + offset
             bank_logs.append(EpochLog(epoch, loss.beta(epoch), *torch.cat(means[i][e], dim=1),
                                       steps=_steps(counts[i][e], c.batch_size)))
         logs.append(bank_logs)
@@ -784,7 +630,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                                                           datas[i].counts.tolist(), strict=True)
                          if had and count == 0]
         bank.trainings += 1
-        bank._warn_at_variance_floor(wheres[i])
+        bank._warn_at_variance_floor(wheres[i], bank_logs[-1])
     return logs
 
 
@@ -794,7 +640,7 @@ def _slice_data(data: GeneratorData, a: int, b: int) -> GeneratorData:
 
 
 def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
-           lr: float) -> tuple[VAEGenerator, MaskedAdam]:
+           config: GeneratorConfig) -> tuple[VAEGenerator, MaskedAdam]:
     """One model and optimizer holding the generators ``chunk`` of ``banks`` (copies)."""
     first = banks[chunk[0][0]].model
     features, hidden, latent, cond, learned = banks[chunk[0][0]].shape()
@@ -804,7 +650,7 @@ def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
         for j, param in enumerate(model.parameters()):
             param.copy_(torch.cat([list(banks[i].model.parameters())[j][a:b]
                                    for i, a, b in chunk]))
-    optimizer = MaskedAdam(list(model.parameters()), k, lr)
+    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
     optimizer.load_state_dict({
         "m": [torch.cat([banks[i].optimizer.m[j][a:b] for i, a, b in chunk])
               for j in range(len(optimizer.m))],
@@ -860,11 +706,3 @@ def generator_rows(tokens: torch.Tensor, sequence_length: int) -> torch.Tensor:
     n = 0: a node class without held-out clips)."""
     pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), sequence_length).transpose(1, 2)
     return pooled.flatten(1)
-
-
-def vae_loss(config: GeneratorConfig, total_epochs: int) -> VAELoss:
-    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix)."""
-    return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
-                   config.kl_reduction, config.similarity_weight, config.n_cycles,
-                   config.cycle_ratio, config.likelihood, config.variance_floor,
-                   config.free_bits)
