@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+MARKERS = ("o", "s", "^", "D", "v")
+STYLES = ("-", "--", "-.", ":", (0, (5, 1)))
 ROUND_METRICS = ("global/acc", "val/acc", "local/acc_mean", "synthetic/acc",
                  "synthetic/prompt_acc")
 EPOCH_METRICS = ("generator/recon_loss", "generator/mse", "generator/kl_loss",
@@ -28,8 +30,12 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     if not present:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in present:
-        ax.plot(*_series(rounds, "round", key), marker="o", markersize=3, label=key)
+    for i, key in enumerate(present):
+        # Curves often coincide (local/acc_mean is global/acc under FedAvg): each later one is
+        # thinner, dashed and hollow-marked, so every curve stays visible over the earlier ones.
+        ax.plot(*_series(rounds, "round", key), label=key, marker=MARKERS[i % len(MARKERS)],
+                markersize=7 - i, markerfacecolor="none", linewidth=2.5 - 0.4 * i,
+                linestyle=STYLES[i % len(STYLES)], zorder=len(present) + i)
     ax.set_xlabel("round")
     ax.set_ylabel("zero-shot top-1 accuracy")
     ax.set_ylim(0, 1)

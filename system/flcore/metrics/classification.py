@@ -51,8 +51,10 @@ def per_class_accuracy(y_true: torch.Tensor, y_pred: torch.Tensor,
     return cm.diagonal() / cm.sum(1)
 
 
-def save_confusion_png(matrix: np.ndarray, names: list[str], path: Path) -> Path:
-    """A row-normalized confusion matrix as a PNG (rows: true class, columns: prediction)."""
+def save_confusion_png(matrix: np.ndarray, names: list[str], path: Path,
+                       split: str = "test") -> Path:
+    """A row-normalized confusion matrix as a PNG (rows: true class, columns: prediction), with
+    each cell's count, a colorbar of the row share and a title naming the ``split``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,13 +62,21 @@ def save_confusion_png(matrix: np.ndarray, names: list[str], path: Path) -> Path
 
     rows = matrix.sum(1, keepdims=True)
     normalized = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
-    size = max(4.0, 0.35 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(normalized, vmin=0, vmax=1, cmap="Blues")
+    size = max(4.0, 0.45 * len(names) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalized, vmin=0, vmax=1, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if len(names) <= 50:
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, str(int(count)), ha="center", va="center", fontsize=6,
+                        color="white" if normalized[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title(f"Global adapter on the {split} split ({int(matrix.sum())} clips; cells: "
+                 "counts)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
