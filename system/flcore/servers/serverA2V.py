@@ -571,6 +571,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 raise ConfigError(f"generator.load_from={folder}: no generators for node "
                                   f"{client.node} there")
             bank = client.new_generators(self.shared, self.config.generator)
+            if isinstance(bank, GeneratorBank) and "dec_sigma2" not in state["model"]:
+                raise ConfigError(f"generator.load_from={folder}: its generators predate the "
+                                  "stored decoder variance (generator.sample_noise); train "
+                                  "them again with this version")
             if state["names"] != bank.spec.names:
                 raise ConfigError(f"generator.load_from={folder}: node {client.node}'s "
                                   f"generators there model {', '.join(state['names'])}; here "
