@@ -7,9 +7,11 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from conftest import epoch_rows, write_esc50
+from flcore import checkpoint
 from flcore.errors import ConfigError, TrainingError
 from flcore.run import run
 
@@ -92,14 +94,21 @@ def test_server_generators_and_fixed_sample_counts(gen_run) -> None:
     assert results["final"]["synthetic/samples"] == 7 * 10
 
 
-def test_resume_with_generators_is_exact(gen_run) -> None:
-    straight = gen_run("federation.rounds=3", "server.generator.granularity=unified",
-                       folder="a")
-    gen_run("federation.rounds=2", "server.generator.granularity=unified", folder="b")
-    resumed = gen_run("federation.rounds=3", "server.generator.granularity=unified",
-                      "resume=true", folder="b")
+@pytest.mark.parametrize("extra", [(), ("generator=unified", "generator.conditional=false",
+                                       "generator.sample_noise=true")],
+                         ids=["conditional_server", "centroid_labelled_noisy"])
+def test_resume_with_generators_is_exact(gen_run, extra: tuple[str, ...]) -> None:
+    """A resumed run ends where the straight one does: a conditional server bank, or
+    centroid-labelled node and server banks (their majority shares) drawing with decoder
+    noise."""
+    common = ("server.generator.granularity=unified", *extra)
+    straight = gen_run("federation.rounds=3", *common, folder="a")
+    gen_run("federation.rounds=2", *common, folder="b")
+    resumed = gen_run("federation.rounds=3", *common, "resume=true", folder="b")
     assert resumed["final"] == straight["final"]
     assert resumed["generator_epochs"] == straight["generator_epochs"]
+    if extra:
+        assert "server/synthetic/majority_share" in straight["final"]
 
 
 def test_nan_generator_loss_names_node_generator_and_epoch(gen_run, tmp_path: Path) -> None:
@@ -177,6 +186,13 @@ def test_load_from_reuses_generators_and_checks_them(
     with pytest.raises(ConfigError, match=r"node 0's generators there model"):
         gen_run("federation.rounds=1", f"generator.load_from={first}", "generator=unified",
                 folder="fifth")
+    latest = checkpoint.checkpoints(first)[-1]
+    saved = torch.load(latest, weights_only=True)
+    for bank in saved["server"]["generators"].values():
+        del bank["model"]["dec_sigma2"]
+    torch.save(saved, latest)
+    with pytest.raises(ConfigError, match=r"its generators predate the stored decoder variance"):
+        gen_run("federation.rounds=1", f"generator.load_from={first}", folder="sixth")
 
 
 def test_generators_of_adapter_outputs(gen_run, make_config: Callable[..., DictConfig]) -> None:

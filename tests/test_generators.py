@@ -1,6 +1,7 @@
 """Beta schedules (the fix's specification), the VAE loss, and batched generator training."""
 
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -466,6 +467,107 @@ def test_the_learned_variance_travels_with_the_decoder() -> None:
     got = received.sample(counts, None, {}, torch.Generator().manual_seed(7))
     torch.testing.assert_close(sent[0], got[0])
     torch.testing.assert_close(sent[1], got[1])
+
+
+# --- sample_noise: draws of the decoder's Gaussian --------------------------------------------
+
+
+def _fit_bank(config: GeneratorConfig, spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor,
+              prompts: torch.Tensor | None = None, cond: int = 0) -> tuple[GeneratorBank, list]:
+    """A bank of ``spec`` (seeded) after one training on ``x``, ``y``, and its epoch logs."""
+    torch.manual_seed(0)
+    bank = GeneratorBank(spec, x.shape[1], config, cond, torch.device("cpu"))
+    return bank, _refit(bank, x, y, prompts)
+
+
+def _refit(bank: GeneratorBank, x: torch.Tensor, y: torch.Tensor,
+           prompts: torch.Tensor | None = None) -> list:
+    rngs = [torch.Generator().manual_seed(20 + g) for g in range(bank.model.k)]
+    loss = vae_loss(bank.config, bank.config.training_epochs)
+    return bank.fit(x, y, prompts, loss, rngs, where="node 0, round 1: ")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_training_keeps_its_generators_decoder_variance(
+        variant: tuple[Likelihood, DecoderVariance]) -> None:
+    """``dec_sigma2`` after a training is each generator's decoder variance: under the optimal
+    sigma ``exp(log_sigma2)`` of the last epoch, under a learned one ``exp(dec_logvar)``
+    (floored as the loss floors it), under ``likelihood=mse`` the last epoch's MSE. A generator
+    without rows in a later training keeps its own."""
+    likelihood, variance = variant
+    config = _bank_config(likelihood=likelihood, decoder_variance=variance, variance_lr=0.05)
+    x, y = _node([0, 1], [9, 12], 5)
+    bank, logs = _fit_bank(config, GeneratorSpec(["c0", "c1"], [[0], [1]]), x, y)
+
+    def expected(last: object) -> torch.Tensor:
+        if variance is DecoderVariance.learned:
+            floor = math.log(config.variance_floor)
+            return bank.model.dec_logvar.detach().clamp(min=floor).exp().flatten()
+        if likelihood is Likelihood.gaussian:
+            return last.log_sigma2.exp()
+        return last.mse
+
+    kept = bank.model.dec_sigma2.flatten().clone()
+    torch.testing.assert_close(kept, expected(logs[-1]))
+    assert (kept > 0).all()
+    only = y == 0
+    logs = _refit(bank, x[only], y[only])
+    now = bank.model.dec_sigma2.flatten()
+    assert now[1] == kept[1] and now[0] != kept[0]
+    torch.testing.assert_close(now[0], expected(logs[-1])[0])
+
+
+def test_sample_noise_adds_the_decoder_variance_to_each_feature() -> None:
+    """One generator. With ``sample_noise`` a draw is the decoder mean of the latent a draw
+    without noise takes from the same stream, plus ``sqrt(sigma^2) eps`` with ``eps`` drawn
+    right after the latents; so over many draws each feature's variance is Var(decoder mean
+    over z) + sigma^2, and without noise Var(decoder mean) (here from independent latents)."""
+    config = _bank_config(training_epochs=14, likelihood=Likelihood.gaussian)
+    x, y = _node([0], [24], 6)
+    bank, _ = _fit_bank(config, GeneratorSpec(["c0"], [[0]]), x, y)
+    sigma2 = bank.model.dec_sigma2.flatten()
+    n, latent = 40_000, config.latent_dim
+    plain = bank.sample({0: n}, None, {}, torch.Generator().manual_seed(1))[0]
+    bank.config = dataclasses.replace(config, sample_noise=True)
+    noisy = bank.sample({0: n}, None, {}, torch.Generator().manual_seed(1))[0]
+    stream = torch.Generator().manual_seed(1)
+    torch.randn(1, n, latent, generator=stream)
+    eps = torch.randn(1, n, x.shape[1], generator=stream)[0]
+    torch.testing.assert_close(noisy, plain + sigma2.sqrt() * eps)
+    with torch.no_grad():
+        z = torch.randn(1, n, latent, generator=torch.Generator().manual_seed(2))
+        means = bank.model.decode(z)[0]
+    between = means.var(0)
+    assert float(sigma2) > 0.2 * float(between.mean())  # the noise is no rounding error
+    torch.testing.assert_close(plain.var(0), between, rtol=0.05, atol=0)
+    torch.testing.assert_close(noisy.var(0), between + sigma2, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("variance", list(DecoderVariance))
+def test_noisy_draws_travel_with_the_decoder_and_the_checkpoint(variance: DecoderVariance
+                                                                ) -> None:
+    """A conditional bank's decoder variance is in its ``share=decoder`` package and its state:
+    the received bank and a restored one draw exactly what the sender draws with the same
+    seed, noise included."""
+    config = _bank_config(sample_noise=True, decoder_variance=variance,
+                          likelihood=Likelihood.gaussian)
+    x, y = _node([0, 1], [9, 12], 5)
+    prompts = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    spec = GeneratorSpec(["all"], [[0, 1]])
+    bank, _ = _fit_bank(config, spec, x, y, prompts, cond=8)
+    package = bank.decoder_package()
+    assert torch.equal(package["decoder"]["dec_sigma2"], bank.model.dec_sigma2)
+    received = GeneratorBank.from_decoder(package, config, torch.device("cpu"))
+    restored = GeneratorBank(spec, 12, config, 8, torch.device("cpu"))
+    restored.load_state_dict(bank.state_dict())
+    counts = {0: 5, 1: 4}
+    sent = bank.sample(counts, prompts, {}, torch.Generator().manual_seed(7))
+    for other in (received, restored):
+        got = other.sample(counts, prompts, {}, torch.Generator().manual_seed(7))
+        assert torch.equal(got[0], sent[0]) and torch.equal(got[1], sent[1])
+    bank.config = dataclasses.replace(config, sample_noise=False)
+    means = bank.sample(counts, prompts, {}, torch.Generator().manual_seed(7))[0]
+    assert not torch.allclose(means, sent[0])
 
 
 # --- no host round trip, several banks as one, bf16 -------------------------------------------

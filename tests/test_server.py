@@ -297,3 +297,75 @@ def test_generators_never_read_val_or_test_clips(build, overrides: tuple[str, ..
             table = torch.stack([rows[held == c].mean(0) for c in classes])
             nearest = classes[torch.cdist(sx.reshape(len(sx), -1), table).argmin(1)]
             assert torch.equal(sy, nearest), client.node
+
+
+def synthetic_pool_of_far_classes() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Synthetic samples ``[m, TOKENS, AUDIO_DIM]`` of the federation's three classes as two
+    nodes would send them: rows around class means about 16 apart, with noise of std 0.5."""
+    gen = torch.Generator().manual_seed(5)
+    means = 2 * torch.randn(len(NAMES), TOKENS * AUDIO_DIM, generator=gen)
+    pool = {}
+    for node, classes in ((0, [0, 1]), (1, [1, 2])):
+        y = torch.tensor(classes).repeat_interleave(24)
+        x = means[y] + 0.5 * torch.randn(len(y), TOKENS * AUDIO_DIM, generator=gen)
+        pool[node] = (x.reshape(len(y), TOKENS, AUDIO_DIM), y)
+    return pool
+
+
+def test_server_generators_follow_generator_conditional(build) -> None:
+    """A unified server generator is conditioned on the class prompts under
+    ``generator.conditional`` (its condition is as wide as a prompt) and draws each class as
+    often as it was received; unconditional, it labels its draws by the nearest centroid of the
+    pooled samples. Either way the draws of class c lie nearer class c's pooled rows than any
+    other class's (far-apart classes), the conditional draws the nearer (each class drawn
+    directly, not carved out of one mixture); only the centroid-labelled bank reports a
+    majority share."""
+    within = {}
+    for conditional in (True, False):
+        server, _, _ = build(*GENERATORS, "generator.training_epochs=40",
+                             "server.generator.granularity=unified",
+                             f"generator.conditional={str(conditional).lower()}")
+        server.synthetic = synthetic_pool_of_far_classes()
+        x, y = server.synthetic_pool(1)
+        assert server.server_bank is not None
+        assert server.server_bank.model.cond == (TEXT_DIM if conditional else 0)
+        rows = torch.cat([s[0] for s in server.synthetic.values()]).flatten(1)
+        labels = torch.cat([s[1] for s in server.synthetic.values()])
+        draws = x.flatten(1)
+        distance = torch.stack([
+            torch.stack([torch.cdist(draws[y == c], rows[labels == r]).mean()
+                         for r in range(len(NAMES))]) for c in range(len(NAMES))])
+        assert torch.equal(distance.argmin(1), torch.arange(len(NAMES))), distance
+        within[conditional] = float(distance.diagonal().mean())
+        centroids = torch.stack([rows[labels == c].mean(0) for c in range(len(NAMES))])
+        nearest = torch.cdist(draws, centroids).argmin(1)
+        if conditional:
+            assert torch.equal(torch.bincount(y), torch.bincount(labels))
+            assert (nearest == y).double().mean() >= 0.95
+            assert "server" not in server.majority_shares
+        else:
+            assert torch.equal(nearest, y)
+            assert server.majority_shares["server"] == pytest.approx(
+                float(torch.bincount(nearest).max()) / len(nearest))
+    assert within[True] < 0.75 * within[False], within
+
+
+def test_the_server_reports_the_majority_share_of_its_centroid_labelled_draws(build) -> None:
+    """``server/synthetic/majority_share`` of a round is the largest class share of the server
+    bank's draws, each labelled by its nearest centroid of the samples the nodes sent (computed
+    here from the pool alone)."""
+    server, _, clients = build(*GENERATORS, "generator=unified", "generator.conditional=false",
+                               "server.generator.granularity=per_group",
+                               "+generator.class_groups={g:[a,b]}")
+    metrics = server.train_round(1, clients)
+    rows = torch.cat([s[0] for s in server.synthetic.values()]).flatten(1)
+    labels = torch.cat([s[1] for s in server.synthetic.values()])
+    assert server.pool is not None
+    draws, y = server.pool[0].flatten(1), server.pool[1]
+    group = y != 2  # the group {a, b} is centroid-labelled; the group "other" holds c alone
+    centroids = torch.stack([rows[labels == c].mean(0) for c in (0, 1)])
+    assert torch.equal(torch.cdist(draws[group], centroids).argmin(1), y[group])
+    counts = torch.bincount(y, minlength=len(NAMES))
+    assert metrics["server/synthetic/majority_share"] == pytest.approx(
+        float(counts.max()) / len(y))
+    assert {f"node{c.node}/synthetic/majority_share" for c in clients} < metrics.keys()

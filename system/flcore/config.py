@@ -389,6 +389,7 @@ class GeneratorConfig:
     latent_dim: int = 32
     hidden_dim: int = 128
     conditional: bool = True
+    sample_noise: bool = False
     lr: float = 0.001
     batch_size: int = 8
     grad_clip: float = 1.0
@@ -715,6 +716,9 @@ def _check_generator(g: GeneratorConfig) -> None:
         _require(g.precision is Precision.fp32, "generator.precision", g.precision,
                  "applies to VAE training; generator.model=gaussian is fitted in closed form "
                  "(drop it)")
+        _require(not g.sample_noise, "generator.sample_noise", "true",
+                 "is a VAE decoder setting; generator.model=gaussian already draws from its "
+                 "fitted covariance (drop it)")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,

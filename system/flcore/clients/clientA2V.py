@@ -90,6 +90,15 @@ def train_adapter(model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss,
                        optimizer if spec.keep_optimizer else None)
 
 
+def condition_width(shared: SharedTensors, config: GeneratorConfig,
+                    granularity: Granularity) -> int:
+    """Width of the class condition of generators of ``granularity``: the class prompts' for
+    generators of several classes (unified, per group) under ``generator.conditional``, else 0
+    (a per-class generator has one class; an unconditional one is labelled by centroids)."""
+    several = granularity is not Granularity.per_class
+    return shared.prompts.shape[1] if config.conditional and several else 0
+
+
 @dataclass
 class GeneratorJob:
     """One node's generator training in a round (see :meth:`ClientA2V.generator_job`)."""
@@ -157,9 +166,8 @@ class ClientA2V(ClientBase, GeneratorEvaluation):
         width = (shared.prompts.shape[-1] if config.training_data is TrainingData.adapter_output
                  else shared.tokens.shape[-1])
         features = config.sequence_length * width
-        several = granularity is not Granularity.per_class
-        cond = shared.prompts.shape[1] if config.conditional and several else 0
-        return new_bank(spec, features, config, cond, shared.tokens.device)
+        return new_bank(spec, features, config, condition_width(shared, config, granularity),
+                        shared.tokens.device)
 
     def generator_inputs(self, shared: SharedTensors, config: GeneratorConfig,
                          adapter: AudioAdapter | None) -> torch.Tensor:

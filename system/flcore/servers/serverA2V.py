@@ -14,6 +14,7 @@ from flcore import checkpoint
 from flcore.clients.clientA2V import (
     ClientA2V,
     GeneratorEvaluation,
+    condition_width,
     evaluate,
     sequence_fit,
     zero_shot,
@@ -158,7 +159,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.epoch_history: list[dict[str, Any]] = []
         self.generator_seconds = 0.0
         self.quality: GeneratorQuality | None = None
-        self.majority_shares: dict[int, float] = {}
+        self.majority_shares: dict[str, float] = {}
 
     def is_generator_round(self, round_: int) -> bool:
         return self.generators_on and round_ % self.config.generator.train_every == 0
@@ -196,10 +197,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         if generator_logs:
             metrics.update(self.log_generator_epochs(round_, generator_logs))
             self.generator_rounds_done += 1
-        metrics.update({f"node{n}/synthetic/majority_share": v
-                        for n, v in self.majority_shares.items()})
         if generator_round and self.synthetic:
             self.pool = self.synthetic_pool(round_)
+        metrics.update({f"{who}/synthetic/majority_share": v
+                        for who, v in self.majority_shares.items()})
         if self.pool is not None:
             metrics.update(self.learn_from_synthetic(round_, *self.pool))
         if self.is_generator_scoring_round(round_) and self.synthetic:
@@ -307,21 +308,21 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 logs[client.node] = client_epochs
             x, y = self.receive(client.share_generators(job, g))
             if labels_by_centroid(client.generators):
-                self.report_label_shares(client.node, y)
+                self.report_label_shares(f"node{client.node}", y)
             if len(x):
                 self.synthetic[client.node] = (x, y)
             else:
                 self.synthetic.pop(client.node, None)
         self.generator_seconds += time.perf_counter() - tic
 
-    def report_label_shares(self, node: int, y: torch.Tensor) -> None:
-        """Log the share of a node's centroid-labelled draws per class: a collapsed generator
-        puts nearly all of them in one class. Its largest share becomes
-        ``node{i}/synthetic/majority_share``."""
+    def report_label_shares(self, who: str, y: torch.Tensor) -> None:
+        """Log the share of the centroid-labelled draws ``y`` of ``who`` (``node{i}`` or
+        ``server``) per class: a collapsed generator puts nearly all of them in one class. The
+        largest share becomes ``{who}/synthetic/majority_share``."""
         counts = torch.bincount(y, minlength=len(self.shared.class_names)).double()
         shares = counts / counts.sum().clamp(min=1)
-        self.majority_shares[node] = float(shares.max())
-        log.info("node %d: share of centroid-labelled draws per class: %s", node, ", ".join(
+        self.majority_shares[who] = float(shares.max())
+        log.info("%s: share of centroid-labelled draws per class: %s", who, ", ".join(
             f"{self.shared.class_names[c]} {shares[c]:.2f}" for c in y.unique().tolist()))
 
     def log_generator_epochs(self, round_: int,
@@ -352,7 +353,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
 
     def synthetic_pool(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The latest synthetic samples of every node, or, with server generators, samples of
-        generators the server trained on them (as many per class as it received)."""
+        generators the server trained on them (as many per class as it received). Server
+        generators of several classes follow ``generator.conditional``: conditioned on the class
+        prompts, or labelled by the nearest centroid of the pooled samples (reported as
+        ``server/synthetic/majority_share``)."""
         x = torch.cat([s[0] for s in self.synthetic.values()])
         y = torch.cat([s[1] for s in self.synthetic.values()])
         if self.config.server.generator.granularity is ServerGranularity.none:
@@ -360,18 +364,21 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         g = self.config.generator
         rows = x.reshape(len(x), -1)
         self.server_bank = self.server_bank or self.new_server_bank(rows.shape[1])
+        prompts = self.shared.prompts if self.server_bank.model.cond else None
         seed = self.config.seed
         rngs = [stream(seed, round_=round_, node=0, generator=k,
                        purpose=Purpose.server_generator_training, device=rows.device)
                 for k in range(self.server_bank.model.k)]
-        self.server_bank.fit(rows, y, None,
+        self.server_bank.fit(rows, y, prompts,
                              vae_loss(g, self.generator_epochs, schedule_start(g, round_)), rngs,
                              where=f"server, round {round_}: ")
         present = y.unique().tolist()
         counts = {c: int((y == c).sum()) for c in present}
         centroids = {c: rows[y == c].mean(0) for c in present}
-        sx, sy = self.server_bank.sample(counts, None, centroids, stream(
+        sx, sy = self.server_bank.sample(counts, prompts, centroids, stream(
             seed, round_=round_, node=0, generator=0, purpose=Purpose.server_synthetic_samples))
+        if labels_by_centroid(self.server_bank):
+            self.report_label_shares("server", sy)
         return sx.reshape(len(sx), *x.shape[1:]), sy
 
     def federation_classes(self) -> list[int]:
@@ -381,11 +388,14 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
 
     def new_server_bank(self, features: int) -> Bank:
         """The server's generators over every class of the federation, so that a round whose
-        sampled clients hold only some classes trains the same bank."""
+        sampled clients hold only some classes trains the same bank; conditioned on the class
+        prompts as a node's generators of that granularity would be (:func:`condition_width`)."""
+        g = self.config.generator
         granularity = Granularity(self.config.server.generator.granularity.value)
         spec = generator_spec(self.federation_classes(), self.shared.class_names,
-                              granularity, self.config.generator.class_groups)
-        return new_bank(spec, features, self.config.generator, 0, self.shared.tokens.device)
+                              granularity, g.class_groups)
+        return new_bank(spec, features, g, condition_width(self.shared, g, granularity),
+                        self.shared.tokens.device)
 
     def train_on(self, state: StateDict, x: torch.Tensor, y: torch.Tensor, round_: int,
                  which: int, anchor: StateDict | None = None, mu: float = 0.0) -> StateDict:
@@ -561,6 +571,10 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 raise ConfigError(f"generator.load_from={folder}: no generators for node "
                                   f"{client.node} there")
             bank = client.new_generators(self.shared, self.config.generator)
+            if isinstance(bank, GeneratorBank) and "dec_sigma2" not in state["model"]:
+                raise ConfigError(f"generator.load_from={folder}: its generators predate the "
+                                  "stored decoder variance (generator.sample_noise); train "
+                                  "them again with this version")
             if state["names"] != bank.spec.names:
                 raise ConfigError(f"generator.load_from={folder}: node {client.node}'s "
                                   f"generators there model {', '.join(state['names'])}; here "
@@ -652,6 +666,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             state["epoch_history"] = self.epoch_history
             state["generator_seconds"] = self.generator_seconds
             state["generator_rounds_done"] = self.generator_rounds_done
+            state["majority_shares"] = dict(self.majority_shares)
             if self.server_bank is not None:
                 state["server_generators"] = bank(self.server_bank)
                 state["pool"] = list(self.pool) if self.pool is not None else None
@@ -695,6 +710,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.epoch_history = list(state["epoch_history"])
         self.generator_seconds = state["generator_seconds"]
         self.generator_rounds_done = state["generator_rounds_done"]
+        self.majority_shares = dict(state["majority_shares"])
         if "server_generators" in state:
             self.server_bank = self.new_server_bank(bank_features(state["server_generators"]))
             self.server_bank.load_state_dict(state["server_generators"])

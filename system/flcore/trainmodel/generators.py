@@ -404,6 +404,26 @@ class GeneratorBank:
         m = self.model
         return (m.features, m.enc.weight.shape[-1], m.latent, m.cond, m.dec_logvar is not None)
 
+    @torch.no_grad()
+    def keep_decoder_variance(self, last: EpochLog) -> None:
+        """Store the decoder variance of each generator that had rows in the ``last`` epoch
+        (``model.dec_sigma2``, the noise of ``generator.sample_noise``): the learned one
+        (``exp(dec_logvar)``, floored as the loss floors it), the optimal one
+        (``exp(last.log_sigma2)``, the epoch's mean calibrated sigma^2) or, under
+        ``likelihood=mse``, the epoch's mean reconstruction MSE (its maximum-likelihood
+        variance). Idle generators keep theirs."""
+        m = self.model
+        if m.dec_logvar is not None:
+            floor = math.log(self.config.variance_floor)
+            value = m.dec_logvar.clamp(min=floor).exp().flatten()
+        elif self.config.likelihood is Likelihood.gaussian:
+            value = last.log_sigma2.exp()
+        else:
+            value = last.mse
+        trained = last.log_sigma2.isfinite().to(m.dec_sigma2.device)
+        kept = torch.where(trained, value.to(m.dec_sigma2), m.dec_sigma2.flatten())
+        m.dec_sigma2.copy_(kept.view_as(m.dec_sigma2))
+
     def _warn_at_variance_floor(self, where: str, last: EpochLog) -> None:
         """Name each trained generator whose decoder variance sat at ``generator.variance_floor``
         in the ``last`` epoch (``likelihood=gaussian``): its reconstructions are (near) exact,
@@ -425,10 +445,13 @@ class GeneratorBank:
         """``per_class[c]`` synthetic rows of each class and their labels. A generator of one
         class, or a conditional one, draws each class directly; an unconditional generator of
         several classes draws their total and labels each draw by the nearest class centroid.
-        Classes absent from ``per_class`` (no node holds them this round) get no draws."""
+        Draws are decoder means, or with ``generator.sample_noise`` draws of the decoder's
+        Gaussian (:meth:`VAEGenerator.sample`). Classes absent from ``per_class`` (no node holds
+        them this round) get no draws."""
         self.model.eval()
         xs, ys = [], []
         device = self.model.enc.weight.device
+        noise = self.config.sample_noise
         for g, (name, covered) in enumerate(zip(self.spec.names, self.spec.classes,
                                                 strict=True)):
             classes = [c for c in covered if per_class.get(c, 0) > 0]
@@ -438,10 +461,10 @@ class GeneratorBank:
             if len(classes) == 1 or prompts is not None:
                 for c in classes:
                     cond = None if prompts is None else prompts[c].expand(1, per_class[c], -1)
-                    xs.append(one.sample(per_class[c], cond, rng)[0])
+                    xs.append(one.sample(per_class[c], cond, rng, noise)[0])
                     ys.append(torch.full((per_class[c],), c, device=device))
             else:
-                draws = one.sample(sum(per_class[c] for c in classes), None, rng)[0]
+                draws = one.sample(sum(per_class[c] for c in classes), None, rng, noise)[0]
                 table = torch.stack([centroids[c] for c in classes])
                 xs.append(draws)
                 ys.append(torch.tensor(classes, device=device)[torch.cdist(draws, table)
@@ -630,6 +653,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                                                           datas[i].counts.tolist(), strict=True)
                          if had and count == 0]
         bank.trainings += 1
+        bank.keep_decoder_variance(bank_logs[-1])
         bank._warn_at_variance_floor(wheres[i], bank_logs[-1])
     return logs
 
@@ -698,6 +722,8 @@ def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
     one.to(model.enc.weight.device)
     for param, source in zip(one.parameters(), model.parameters(), strict=True):
         param.data = source.data[g : g + 1]
+    for buffer, source in zip(one.buffers(), model.buffers(), strict=True):
+        buffer.data = source.data[g : g + 1]
     return one
 
 

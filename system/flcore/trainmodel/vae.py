@@ -216,8 +216,10 @@ class VAEGenerator(nn.Module):
     decoder -> ``[K, B, S*D]``. Generator ``k``'s weights are slice ``k`` of every parameter.
     With ``learned_variance`` each decoder also has one shared log-variance ``dec_logvar
     [K, 1, 1]`` for the Gaussian likelihood of the sigma-VAE (Rybkin et al. 2021; a generator's
-    first training starts it at its rows' variance, :func:`start_learned_variance`); it belongs
-    to the decoder (and its package) but sampling does not use it.
+    first training starts it at its rows' variance, :func:`start_learned_variance`). The buffer
+    ``dec_sigma2 [K, 1, 1]`` holds each decoder's variance as of its last training
+    (:meth:`~flcore.trainmodel.generators.GeneratorBank.keep_decoder_variance`), the noise of
+    ``sample(..., noise=True)``; both belong to the decoder (and its package).
     """
 
     def __init__(self, k: int, features: int, hidden: int, latent: int, cond: int = 0,
@@ -229,6 +231,7 @@ class VAEGenerator(nn.Module):
         self.dec = StackedLinear(k, latent + cond, hidden)
         self.dec_out = StackedLinear(k, hidden, features)
         self.dec_logvar = nn.Parameter(torch.zeros(k, 1, 1)) if learned_variance else None
+        self.register_buffer("dec_sigma2", torch.zeros(k, 1, 1))
 
     def _with(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return x if cond is None else torch.cat([x, cond], dim=-1)
@@ -249,11 +252,17 @@ class VAEGenerator(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, cond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws from each generator's prior: ``[K, n, features]``."""
+               generator: torch.Generator | None = None, noise: bool = False) -> torch.Tensor:
+        """``n`` draws from each generator's prior: ``[K, n, features]``, the decoder means, or
+        with ``noise`` draws of the decoder's Gaussian ``mean + sqrt(dec_sigma2) * eps``, ``eps``
+        drawn from ``generator`` right after the latents."""
         device = self.enc.weight.device
         z = torch.randn(self.k, n, self.latent, generator=generator, device="cpu").to(device)
-        return self.decode(z, cond)
+        mean = self.decode(z, cond)
+        if not noise:
+            return mean
+        eps = torch.randn(self.k, n, self.features, generator=generator, device="cpu")
+        return mean + self.dec_sigma2.sqrt() * eps.to(device)
 
 
 def schedule_start(config: GeneratorConfig, round_: int) -> int:
