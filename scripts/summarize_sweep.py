@@ -26,6 +26,7 @@ from flcore.errors import FedA2VError
 from flcore.files import require_writable_dir
 from flcore.studies import (
     ACC,
+    ACCEPTANCE,
     AUC,
     BEST,
     TO_TARGET,
@@ -48,7 +49,7 @@ from flcore.studies import (
     swept_keys,
 )
 
-VIEW = (ACC, BEST, "synthetic/acc", TO_TARGET, AUC)
+VIEW = (ACC, BEST, "synthetic/acc", ACCEPTANCE, TO_TARGET, AUC)
 MISSING = "—"
 NO_PAIRS = "n/a (needs >= 2 paired seeds)"
 REFERENCES = {"gen/spread_ratio": (1.0, "real spread (1.0)"), "gen/dcr_ratio": (1.0, "1.0"),

@@ -1,11 +1,17 @@
-"""The closed-form Gaussian generators, checked against numpy written independently."""
+"""The closed-form Gaussian generators and the class-agnostic noise control, checked against
+numpy written independently."""
 
 import numpy as np
 import pytest
 import torch
 
 from flcore.errors import CheckpointError, ConfigError
-from flcore.trainmodel.gaussian import VARIANCE_FLOOR, GaussianBank, canonical_signs
+from flcore.trainmodel.gaussian import (
+    VARIANCE_FLOOR,
+    GaussianBank,
+    NoiseBank,
+    canonical_signs,
+)
 from flcore.trainmodel.generators import GeneratorSpec
 
 FEATURES = 6
@@ -246,3 +252,52 @@ def test_gaussian_banks_of_several_nodes_fit_together_as_one_by_one() -> None:
         for key in ("mean", "scale", "factor"):
             torch.testing.assert_close(getattr(bank.model, key), getattr(alone.model, key))
         assert bank.model.fitted == alone.model.fitted
+
+
+def noise_bank() -> NoiseBank:
+    """A noise bank of SPEC fitted on :func:`class_rows`."""
+    x, y = class_rows()
+    bank = NoiseBank(SPEC, FEATURES)
+    assert bank.fit(torch.tensor(x, dtype=torch.float32), torch.tensor(y), None, None, [],
+                    "") == []
+    return bank
+
+
+def test_noise_is_one_gaussian_of_every_row_whatever_its_class() -> None:
+    """Every class that had rows gets the pooled mean and unbiased variance of all the rows."""
+    x, _ = class_rows()
+    bank = noise_bank()
+    assert bank.model.fitted == [True, True, True, False] and bank.trainings == 1
+    for c in (3, 5, 7):
+        mean, cov = model_of(bank, c)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(cov, np.diag(x.var(0, ddof=1)), rtol=1e-5)
+
+
+def test_noise_samples_carry_no_class_information() -> None:
+    """Each class's draws have the pooled mean (within 5 standard errors, sigma / sqrt(n)),
+    whereas the classes' real means lie 2 apart; the requested counts label them."""
+    x, _ = class_rows()
+    n = 4000
+    sx, sy = noise_bank().sample({3: n, 5: n, 7: n, 9: n}, None, {},
+                                 torch.Generator().manual_seed(0))
+    assert {c: int((sy == c).sum()) for c in (3, 5, 7, 9)} == {3: n, 5: n, 7: n, 9: 0}
+    tolerance = 5 * x.std(0, ddof=1) / np.sqrt(n)
+    for c in (3, 5, 7):
+        mean = sx[sy == c].double().mean(0).numpy()
+        assert (np.abs(mean - x.mean(0)) < tolerance).all(), c
+
+
+def test_noise_bank_is_the_bank_of_model_noise_and_travels_as_a_decoder() -> None:
+    from flcore.config import GeneratorConfig, GeneratorModel
+    from flcore.trainmodel.banks import bank_from_decoder, new_bank
+
+    config = GeneratorConfig(model=GeneratorModel.noise)
+    assert type(new_bank(SPEC, FEATURES, config, 0, torch.device("cpu"))) is NoiseBank
+    bank = noise_bank()
+    received = bank_from_decoder(bank.decoder_package(), config, torch.device("cpu"))
+    assert type(received) is NoiseBank
+    counts = {3: 5, 5: 4, 7: 3}
+    ours = bank.sample(counts, None, {}, torch.Generator().manual_seed(3))
+    theirs = received.sample(counts, None, {}, torch.Generator().manual_seed(3))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

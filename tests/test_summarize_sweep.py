@@ -59,12 +59,14 @@ def test_summarizes_a_real_sweep(run_main: Callable[..., subprocess.CompletedPro
     with (sweep / "summary.csv").open() as handle:
         csv_rows = list(csv.DictReader(handle))
     assert list(rows[0]) == [BETA, "n", "global/acc", "best/global/acc", "synthetic/acc",
-                             "conv/rounds_to_target", "conv/acc_auc"]
+                             "synthetic/acceptance_rate", "conv/rounds_to_target",
+                             "conv/acc_auc"]
     assert [r[BETA] for r in rows] == [r[BETA] for r in csv_rows] == ["0.5", "1.0"]
     for row, csv_row in zip(rows, csv_rows, strict=True):
         jobs = [r for r in results if f"{BETA}={row[BETA]}" in r["environment"]["overrides"]]
         assert row["n"] == csv_row["n"] == "2" and len(jobs) == 2
-        for metric in ["global/acc", "synthetic/acc", "local/acc_mean", "gen/fd"]:
+        for metric in ["global/acc", "synthetic/acc", "synthetic/acceptance_rate",
+                       "local/acc_mean", "gen/fd"]:
             mean, std = stat([job["final"][metric] for job in jobs])
             half = T975[1] * std / math.sqrt(2)
             assert float(csv_row[f"{metric} mean"]) == pytest.approx(mean, rel=1e-12)
@@ -149,6 +151,23 @@ def test_lists_unfinished_jobs_and_summarizes_the_rest(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "summary" / "plots").iterdir()) == [
         f"gen_fd_vs_{BETA}.png", f"global_acc_vs_{BETA}.png"]
     assert not (sweep / "summary.md").exists()
+
+
+def test_the_acceptance_rate_joins_the_view_where_jobs_report_it(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for number, (model, rate, rounds) in enumerate([("vae", 0.75, 3.0), ("noise", 0.25, 1.0)]):
+        write_job(sweep, number, [f"generator.model={model}"], curve=[0.5],
+                  **{"synthetic/acceptance_rate": rate, "synthetic/accepted_rounds": rounds})
+    out = summarize(str(sweep))
+    assert out.returncode == 0, out.stderr
+    arms = {r["generator.model"]: r for r in table(out.stdout)}
+    assert arms["vae"]["synthetic/acceptance_rate"] == "0.75"
+    assert arms["noise"]["synthetic/acceptance_rate"] == "0.25"
+    chosen = summarize(str(sweep), "--metrics", "synthetic/accepted_rounds")
+    assert chosen.returncode == 0, chosen.stderr
+    arms = {r["generator.model"]: r for r in table(chosen.stdout)}
+    assert (arms["vae"]["synthetic/accepted_rounds"], arms["noise"]["synthetic/accepted_rounds"]
+            ) == ("3", "1")
 
 
 def test_one_line_errors(tmp_path: Path) -> None:

@@ -42,8 +42,12 @@ class PartitionKind(str, Enum):
 
 
 class GeneratorModel(str, Enum):
+    """``generator.model``: VAE generators, the closed-form Gaussian floor, or the
+    class-agnostic noise control arm."""
+
     vae = "vae"
     gaussian = "gaussian"
+    noise = "noise"
 
 
 class GaussianCovariance(str, Enum):
@@ -701,24 +705,24 @@ def _check_generator(g: GeneratorConfig) -> None:
     else:
         _require(g.gaussian_rank == 0, "generator.gaussian_rank", g.gaussian_rank,
                  "only generator.gaussian_covariance=low_rank has a rank; set it to 0")
-    if g.model is GeneratorModel.vae:
+    if g.model is not GeneratorModel.gaussian:
         _require(g.gaussian_covariance is GaussianCovariance.diagonal,
                  "generator.gaussian_covariance", g.gaussian_covariance,
                  "applies to generator.model=gaussian only")
-    else:
+    if g.model is not GeneratorModel.vae:
+        closed_form = f"generator.model={g.model.value} is fitted in closed form (drop it)"
         _require(g.likelihood is Likelihood.gaussian, "generator.likelihood", g.likelihood,
-                 "is a VAE loss; generator.model=gaussian is fitted in closed form (drop it)")
+                 f"is a VAE loss; {closed_form}")
         _require(g.free_bits == 0, "generator.free_bits", g.free_bits,
-                 "is a VAE loss term; generator.model=gaussian has no latent code (drop it)")
-        _require(g.decoder_variance is DecoderVariance.optimal, "generator.decoder_variance",
-                 g.decoder_variance, "is a VAE decoder setting; generator.model=gaussian is "
-                 "fitted in closed form (drop it)")
-        _require(g.precision is Precision.fp32, "generator.precision", g.precision,
-                 "applies to VAE training; generator.model=gaussian is fitted in closed form "
+                 f"is a VAE loss term; generator.model={g.model.value} has no latent code "
                  "(drop it)")
+        _require(g.decoder_variance is DecoderVariance.optimal, "generator.decoder_variance",
+                 g.decoder_variance, f"is a VAE decoder setting; {closed_form}")
+        _require(g.precision is Precision.fp32, "generator.precision", g.precision,
+                 f"applies to VAE training; {closed_form}")
         _require(not g.sample_noise, "generator.sample_noise", "true",
-                 "is a VAE decoder setting; generator.model=gaussian already draws from its "
-                 "fitted covariance (drop it)")
+                 f"is a VAE decoder setting; generator.model={g.model.value} already draws "
+                 "from its fitted covariance (drop it)")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,

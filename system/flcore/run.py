@@ -55,6 +55,7 @@ from flcore.runtime import (
 )
 from flcore.servers.generator_quality import GeneratorQuality
 from flcore.servers.serverA2V import ServerA2V
+from flcore.servers.strategies import unguarded_warnings
 from flcore.sweep import concurrent_jobs, short_name, swept_keys
 from flcore.tracking import JobInfo, Trackers, build_trackers
 from flcore.visual.renderer import check_images
@@ -175,8 +176,8 @@ def label_space(config: Config, partition: Partition) -> list[int]:
 
 
 HEADLINE = ("global/acc", "global/balanced_acc", "global/macro_f1", "val/acc", "local/acc_mean",
-            "synthetic/acc", "gen/fd", "gen/spread_ratio", "gen/active_units", "gen/kl",
-            "global/sequence_acc", "images/acc")
+            "synthetic/acc", "synthetic/accepted_rounds", "synthetic/acceptance_rate", "gen/fd",
+            "gen/spread_ratio", "gen/active_units", "gen/kl", "global/sequence_acc", "images/acc")
 
 
 def job_overrides(cfg: DictConfig) -> list[str]:
@@ -325,8 +326,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                        "files": {s: files[s] for s in ("train", "val", "test")}}
                       for n, files in zip(partition.nodes, partition.files(), strict=True)],
         }
-        results.warnings = partition.warnings() + (partition.unscored()
-                                                    if config.generator.enabled else [])
+        results.warnings = (partition.warnings()
+                            + (partition.unscored() if config.generator.enabled else [])
+                            + unguarded_warnings(config, stats["val_clips"]))
         for warning in results.warnings:
             log.warning("%s", warning)
         scalars = {f"partition/{k}": v for k, v in stats.items()}

@@ -23,8 +23,9 @@ BEST = "best/global/acc"
 TO_TARGET = "conv/rounds_to_target"
 AUC = "conv/acc_auc"
 GRANULARITY = "generator.granularity"
-DEFAULT_METRICS = ("global/acc", "synthetic/acc", "local/acc_mean", "generator/kl_loss",
-                   "generator/recon_loss")
+ACCEPTANCE = "synthetic/acceptance_rate"
+DEFAULT_METRICS = ("global/acc", "synthetic/acc", ACCEPTANCE, "local/acc_mean",
+                   "generator/kl_loss", "generator/recon_loss")
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,20 @@ One small object per mode (``federation.algorithm`` x ``server.adapter_training`
 where each client starts, hands it each update, and lets it conclude the round.
 """
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flcore.clients.clientbase import LocalUpdate, StateDict
-from flcore.config import Aggregation, Algorithm, Config
+from flcore.config import Aggregation, Algorithm, Config, SplitKind
 from flcore.servers.aggregation import FedAdam, RunningAverage
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import ClientA2V
     from flcore.servers.serverA2V import ServerA2V
+
+log = logging.getLogger(__name__)
 
 
 class AdapterStrategy:
@@ -102,21 +105,61 @@ class FedAvgThenSynthetic(FedAvg):
     cannot make the global adapter worse than FedAvg alone: classes whose samples the FedAvg
     adapter does not recognise are skipped, the rest balanced, a proximal term keeps the weights
     near FedAvg's (as FedProx does for clients, Li et al. 2020), and the result is kept only if
-    the nodes' validation accuracy does not drop (``server.synthetic_guard``)."""
+    the nodes' validation accuracy does not drop (``server.synthetic_guard``). It counts the
+    rounds it fine-tuned and those whose result it kept, so a study sees how often the guard
+    chose."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.tuned_rounds = 0
+        self.accepted_rounds = 0
 
     def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
               y: torch.Tensor) -> dict[str, float]:
-        s = server.config.server
         averaged = server.global_state
         x, y, info = server.curate(averaged, x, y, round_)
-        if not len(x):
-            return {**info, "synthetic/accepted": 0.0}
-        tuned = server.train_on(averaged, x, y, round_, 1, anchor=averaged, mu=s.synthetic_mu)
-        before = server.val_accuracy(averaged) if s.synthetic_guard else None
-        accepted = before is None or server.val_accuracy(tuned) >= before
-        if accepted:
-            server.global_state = tuned
-        return {**info, "synthetic/accepted": float(accepted)}
+        if len(x):
+            tuned = server.train_on(averaged, x, y, round_, 1, anchor=averaged,
+                                    mu=server.config.server.synthetic_mu)
+            accepted = self.guard(server, round_, averaged, tuned)
+            if accepted:
+                server.global_state = tuned
+            self.tuned_rounds += 1
+            self.accepted_rounds += accepted
+            info["synthetic/accepted"] = float(accepted)
+        return {**info, **self.counters()}
+
+    def guard(self, server: "ServerA2V", round_: int, averaged: StateDict,
+              tuned: StateDict) -> bool:
+        """Whether to keep ``tuned``: its validation accuracy is not below ``averaged``'s
+        (logged); True without ``server.synthetic_guard`` or validation clips."""
+        if not server.config.server.synthetic_guard:
+            return True
+        before = server.val_accuracy(averaged)
+        if before is None:
+            return True
+        after = server.val_accuracy(tuned)
+        accepted = after >= before
+        log.info("round %d: synthetic fine-tuning %s (val acc %.3f -> %.3f)", round_,
+                 "accepted" if accepted else "rejected", before, after)
+        return accepted
+
+    def counters(self) -> dict[str, float]:
+        """``synthetic/accepted_rounds`` so far and, once a round fine-tuned,
+        ``synthetic/acceptance_rate`` (kept / fine-tuned)."""
+        counters = {"synthetic/accepted_rounds": float(self.accepted_rounds)}
+        if self.tuned_rounds:
+            counters["synthetic/acceptance_rate"] = self.accepted_rounds / self.tuned_rounds
+        return counters
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "guard": {"tuned_rounds": self.tuned_rounds,
+                                                  "accepted_rounds": self.accepted_rounds}}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.tuned_rounds = int(state["guard"]["tuned_rounds"])
+        self.accepted_rounds = int(state["guard"]["accepted_rounds"])
 
 
 class SyntheticOnly(AdapterStrategy):
@@ -189,3 +232,20 @@ def build_strategy(config: Config) -> AdapterStrategy:
     if mode == "fedavg+synthetic":
         return FedAvgThenSynthetic(config)
     return FedAvg(config)
+
+
+def unguarded_warnings(config: Config, val_clips: int) -> list[str]:
+    """The warning of a ``fedavg+synthetic`` run whose nodes hold no validation clips: its
+    guard and class skip then do nothing, and it should say so once rather than keep every
+    fine-tuned adapter in silence."""
+    s, d = config.server, config.dataset
+    if (val_clips or config.federation.algorithm is not Algorithm.federated
+            or s.adapter_training != "fedavg+synthetic"
+            or not (s.synthetic_guard or s.skip_failed_classes)):
+        return []
+    key, value = (("dataset.val_folds", d.val_folds) if d.split is SplitKind.folds
+                  else ("dataset.val_ratio", d.val_ratio))
+    return [f"server.adapter_training=fedavg+synthetic without validation clips ({key}="
+            f"{value}): server.synthetic_guard and server.skip_failed_classes do nothing, so "
+            f"every fine-tuned adapter is kept and no class is skipped; give the nodes "
+            f"validation clips with {key}, or set server.adapter_training=fedavg"]

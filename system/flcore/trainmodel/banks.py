@@ -1,12 +1,13 @@
-"""The generator model of ``generator.model``: a VAE bank or the closed-form Gaussian floor,
-built, restored and received through one door so callers never branch on the model."""
+"""The generator model of ``generator.model``: a VAE bank, the closed-form Gaussian floor or the
+class-agnostic noise control, built, restored and received through one door so callers never
+branch on the model."""
 
 from collections.abc import Sequence
 
 import torch
 
 from flcore.config import GeneratorConfig, GeneratorModel
-from flcore.trainmodel.gaussian import GaussianBank
+from flcore.trainmodel.gaussian import GaussianBank, NoiseBank
 from flcore.trainmodel.generators import (
     EpochLog,
     GeneratorBank,
@@ -16,22 +17,25 @@ from flcore.trainmodel.generators import (
 from flcore.trainmodel.vae import VAELoss
 
 Bank = GeneratorBank | GaussianBank
+#: The banks fitted in closed form, by ``generator.model``.
+CLOSED_FORM: dict[GeneratorModel, type[GaussianBank]] = {GeneratorModel.gaussian: GaussianBank,
+                                                         GeneratorModel.noise: NoiseBank}
 
 
 def new_bank(spec: GeneratorSpec, features: int, config: GeneratorConfig, cond_dim: int,
              device: torch.device) -> Bank:
     """Untrained generators of ``spec``; a VAE bank is conditioned on ``cond_dim``-wide class
-    prompts when ``cond_dim > 0`` (a Gaussian bank models each class apart and needs none)."""
-    if config.model is GeneratorModel.gaussian:
-        return GaussianBank(spec, features, config.gaussian_covariance.value,
-                            config.gaussian_rank, device)
+    prompts when ``cond_dim > 0`` (a closed-form bank needs none)."""
+    if config.model in CLOSED_FORM:
+        return CLOSED_FORM[config.model](spec, features, config.gaussian_covariance.value,
+                                         config.gaussian_rank, device)
     return GeneratorBank(spec, features, config, cond_dim, device)
 
 
 def bank_from_decoder(package: dict, config: GeneratorConfig, device: torch.device) -> Bank:
     """A bank that samples from what a node sent with ``generator.share=decoder``."""
-    if config.model is GeneratorModel.gaussian:
-        return GaussianBank.from_decoder(package, config, device)
+    if config.model in CLOSED_FORM:
+        return CLOSED_FORM[config.model].from_decoder(package, config, device)
     return GeneratorBank.from_decoder(package, config, device)
 
 

@@ -23,6 +23,9 @@ Covariances (``generator.gaussian_covariance``):
 
 Every variance is floored at :data:`VARIANCE_FLOOR`, so that a class of one row (zero sample
 variance) still has a proper Gaussian around its row.
+
+:class:`NoiseBank` (``generator.model=noise``) is the control arm: one diagonal Gaussian fitted to
+every row, whatever its class, so its samples carry no class information.
 """
 
 from dataclasses import dataclass
@@ -213,3 +216,26 @@ class GaussianBank:
     def load_state_dict(self, state: dict) -> None:
         self.load_gaussians(state)
         self.trainings = state["trainings"]
+
+
+class NoiseBank(GaussianBank):
+    """The control arm of a generator study: every class of the bank gets the same diagonal
+    Gaussian, fitted to all the rows it is given (every class pooled), so its samples are
+    class-agnostic noise that only the requested counts label. What guarded fine-tuning gains
+    from it is the guard's selection on validation, not the generators'."""
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor | None,
+            loss: object, rngs: list[torch.Generator], where: str) -> list[EpochLog]:
+        """Fit one diagonal Gaussian to every row of ``x [n, F]`` and give it to each class of
+        the bank that has rows in ``labels [n]``; the other arguments as
+        :meth:`GaussianBank.fit`'s."""
+        m = self.model
+        present = [i for i, c in enumerate(m.classes) if bool((labels == c).any())]
+        if present:
+            mean, scale, _ = fit_gaussian(x, 0)
+            m.mean[present], m.scale[present] = mean, scale
+            for i in present:
+                m.fitted[i] = True
+        self.trainings += 1
+        return []
