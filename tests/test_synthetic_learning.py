@@ -3,11 +3,14 @@ synthetic samples that cannot make the global adapter worse than FedAvg alone.""
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig
 
+from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import validate
 from flcore.trainmodel.gaussian import GaussianBank
@@ -50,12 +53,58 @@ def test_per_class_generators_need_no_condition(make_config: Callable[..., DictC
     assert node.new_generators(shared, config.generator).model.cond == 12
 
 
-def test_centroid_labelling_reports_the_share_of_draws(quick) -> None:
-    final = quick("federation.rounds=1", "generator=unified",
-                  "generator.conditional=false")["final"]
-    shares = [v for k, v in final.items() if k.endswith("/synthetic/majority_share")]
-    assert len(shares) == final["partition/num_nodes"]
-    assert all(0.5 <= s <= 1.0 for s in shares)  # two classes per node: at least half
+def test_majority_share_is_the_largest_class_share_of_the_labels() -> None:
+    """``report_label_shares`` on labels built here: the largest bincount over all draws of
+    the node, not 1 (a collapsed generator is the one case that gives 1), not a share of the
+    largest count or of the classes."""
+    from types import SimpleNamespace
+
+    from flcore.servers.serverA2V import ServerA2V
+
+    stub = SimpleNamespace(shared=SimpleNamespace(class_names=[f"c{i}" for i in range(5)]),
+                           majority_shares={})
+    cases = {0: [3] * 7 + [1] * 2 + [4] * 3, 1: [0, 2, 2, 0, 0, 4], 2: [1] * 5,
+             3: [4, 0, 1, 2, 3, 4, 0, 1]}
+    for node, labels in cases.items():
+        ServerA2V.report_label_shares(stub, node, torch.tensor(labels))
+    expected = {node: np.bincount(labels).max() / len(labels) for node, labels in cases.items()}
+    assert expected == {0: 7 / 12, 1: 3 / 6, 2: 1.0, 3: 2 / 8}
+    assert stub.majority_shares == pytest.approx(expected)
+
+
+def test_the_logged_majority_share_is_that_of_the_saved_synthetic_labels(
+        quick, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node's logged ``majority_share`` equals the largest class share of the
+    centroid-labelled synthetic samples its checkpoint holds. The tiny generators here can put
+    every draw in one class (share 1), so each node's labels are set here to a mix instead:
+    its last ``n // 2 + 1 + node`` of ``n`` draws (at most ``n - 1``) in one class (the
+    second-held one for odd nodes), the others in the other."""
+    original = ClientA2V.share_generators
+
+    def mixed(self: ClientA2V, *args, **kwargs) -> SyntheticShare:
+        share = original(self, *args, **kwargs)
+        first, second = sorted(share.counts)[:2]
+        minority, majority = (first, second) if self.node % 2 else (second, first)
+        n = len(share.y)
+        share.y = torch.full_like(share.y, minority)
+        share.y[n - min(n - 1, n // 2 + 1 + self.node):] = majority
+        return share
+
+    monkeypatch.setattr(ClientA2V, "share_generators", mixed)
+    final = quick("federation.rounds=1", "generator=unified", "generator.conditional=false",
+                  "checkpoint.every=1")["final"]
+    [saved] = checkpoint.checkpoints(tmp_path / "run")
+    synthetic = torch.load(saved, weights_only=True)["server"]["synthetic"]
+    logged = {int(k.split("/")[0][4:]): v for k, v in final.items()
+              if k.endswith("/synthetic/majority_share")}
+    assert len(logged) == final["partition/num_nodes"]
+    assert sorted(logged) == sorted(int(node) for node in synthetic)
+    shares = set()
+    for node, (_, y) in synthetic.items():
+        counts = np.bincount(y.numpy())
+        shares.add(counts.max() / counts.sum())
+        assert logged[int(node)] == pytest.approx(counts.max() / counts.sum()), node
+    assert len(shares) > 1 and max(shares) < 1, shares  # the labels above are a mix
 
 
 @pytest.mark.parametrize("granularity", ["per_class", "unified"])
