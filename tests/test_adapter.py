@@ -19,13 +19,54 @@ def test_shapes_for_one_and_many_latents() -> None:
     torch.testing.assert_close(many.embed(x), many(x).mean(1))
 
 
-def test_dropout_is_applied_in_training_only() -> None:
-    model = AudioAdapter(64, 32, AdapterConfig(hidden_dim=16, dropout=0.5))
-    x = torch.randn(4, 8, 64)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_zeroes_a_share_p_in_training_scales_survivors_and_is_off_in_eval(
+        monkeypatch: pytest.MonkeyPatch, p: float) -> None:
+    """Dropout sits after the token MLP's GELU (site 0) and on the attention weights (site 1).
+    At each site, in training, the share of activations it zeroes is p within 5 binomial
+    standard deviations of its count, survivors are scaled by 1/(1-p), and the forward pass
+    uses what it returns; in eval nothing is zeroed and the output is the dropout-free one."""
+    from flcore.trainmodel import adapters
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = adapters._dropout
+
+    def spy(x: torch.Tensor, keys: torch.Tensor | None, site: int, rate: float) -> torch.Tensor:
+        out = original(x, keys, site, rate)
+        seen.append((x.detach().clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(adapters, "_dropout", spy)
+    torch.manual_seed(0)
+    model = AudioAdapter(64, 32, AdapterConfig(hidden_dim=64, dropout=p))
+    plain = AudioAdapter(64, 32, AdapterConfig(hidden_dim=64, dropout=0.0))
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    x = torch.randn(64, 16, 64)
     model.train()
-    assert not torch.allclose(model(x), model(x))
+    trained = model(x)
+    assert len(seen) == 2  # the token MLP and the attention weights
+    for site, (before, after) in enumerate(seen):
+        live = before != 0
+        n = int(live.sum())
+        assert n > 1000, site
+        zeroed = float((after[live] == 0).double().mean())
+        tolerance = 5 * (p * (1 - p) / n) ** 0.5
+        assert abs(zeroed - p) <= tolerance, (site, zeroed, p, tolerance)
+        kept = live & (after != 0)
+        torch.testing.assert_close(after[kept], before[kept] / (1 - p))
+    # What the sites return is what the forward pass uses: without dropout (same weights) the
+    # output differs by far more than rounding.
+    reference = plain(x)
+    assert (trained - reference).abs().max() > 1e-3
+
+    seen.clear()
     model.eval()
-    torch.testing.assert_close(model(x), model(x))
+    evaluated = model(x)
+    assert len(seen) == 2
+    for before, after in seen:
+        assert torch.equal(before, after)
+    torch.testing.assert_close(evaluated, reference)
 
 
 def test_heads_must_divide_the_text_size() -> None:

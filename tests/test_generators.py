@@ -449,19 +449,42 @@ def test_a_generator_at_the_variance_floor_is_named(caplog: pytest.LogCaptureFix
     assert floors == [floors[0]] and floors[0].startswith("node 3, round 1: generator class0:")
 
 
-def test_the_learned_variance_travels_with_the_decoder() -> None:
-    """``dec_logvar`` is sliced with its generator and sent in the decoder package; a bank built
-    from the package samples what the sender would."""
+def test_the_learned_variance_travels_with_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dec_logvar`` starts at the log of each class's row variance (per feature, population,
+    averaged), is trained towards its optimum, the log of the reconstructions' MSE, is sliced
+    with its generator and sent in the decoder package; a bank built from the package samples
+    what the sender would."""
+    from flcore.trainmodel import generators
+
+    starts: list[torch.Tensor] = []
+    original = generators.start_learned_variance
+
+    def spy(dec_logvar: torch.Tensor, *args: object) -> None:
+        original(dec_logvar, *args)
+        starts.append(dec_logvar.detach().flatten().clone())
+
+    monkeypatch.setattr(generators, "start_learned_variance", spy)
     x, y = _low_rank_classes(32, 16, 2, (1.0, 1.0))
-    config = GeneratorConfig(training_epochs=3, hidden_dim=16, latent_dim=4, lr=0.05,
-                             decoder_variance=DecoderVariance.learned)
+    config = GeneratorConfig(training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
+                             decoder_variance=DecoderVariance.learned, variance_lr=0.1)
     bank = _fit(config, x, y)
+    rows = torch.stack([x[y == c] for c in (0, 1)])  # [K=2, 16, 32]
+    start = torch.stack([torch.var(r, dim=0, unbiased=False).mean() for r in rows]).log()
+    assert len(starts) == 1
+    torch.testing.assert_close(starts[0], start)
+    # The reconstruction MSE the NLL's variance is optimal for: over every row of each class
+    # and 64 posterior draws.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        mse = torch.stack([((bank.model(rows, torch.randn(2, 16, 4, generator=g))[0] - rows) ** 2)
+                           .mean((1, 2)) for _ in range(64)]).mean(0)
+    end = bank.model.dec_logvar.detach().flatten()
+    assert ((end - mse.log()).abs() < (start - mse.log()).abs()).all(), (start, end, mse.log())
     one = _slice(bank.model, 1)
     assert one.dec_logvar.data_ptr() == bank.model.dec_logvar[1:2].data_ptr()
     package = bank.decoder_package()
     received = GeneratorBank.from_decoder(package, config, torch.device("cpu"))
     torch.testing.assert_close(received.model.dec_logvar, bank.model.dec_logvar)
-    assert (bank.model.dec_logvar != 0).all()
     counts = {0: 3, 1: 2}
     sent = bank.sample(counts, None, {}, torch.Generator().manual_seed(7))
     got = received.sample(counts, None, {}, torch.Generator().manual_seed(7))

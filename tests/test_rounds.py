@@ -130,8 +130,7 @@ def test_generators_are_scored_on_held_out_rows(quick, tmp_path: Path) -> None:
     final = results["final"]
     assert final["gen/count"] == final["synthetic/samples"]
     assert 0 <= final["gen/active_units"] <= 4 and final["gen/kl"] >= 0
-    quality = results["generator_quality"]
-    assert set(quality["held_out"].values()) == {"val"}
+    # Which rows score them (val, else test): tests/test_server.py.
     with open(tmp_path / "run" / "generator_quality.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == results["partition"]["num_classes"]  # each class on one node

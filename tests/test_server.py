@@ -1,6 +1,6 @@
 """The A2V server's round on a hand-built federation: what ``train_round`` makes of the clients'
-adapters (FedAvg weights, FedProx, FedAdam, distillation) against computations written here, and
-generators that never read a val or test clip.
+adapters (FedAvg weights, FedProx, FedAdam, distillation) against computations written here,
+generators that never read a val or test clip, and the rows that ``val/*`` and ``gen/*`` score.
 
 Every federation here is built from random tensors, so node sizes are exact and a round takes
 milliseconds. Reference states are computed by training copies of the adapter with the same
@@ -369,3 +369,89 @@ def test_the_server_reports_the_majority_share_of_its_centroid_labelled_draws(bu
     assert metrics["server/synthetic/majority_share"] == pytest.approx(
         float(counts.max()) / len(y))
     assert {f"node{c.node}/synthetic/majority_share" for c in clients} < metrics.keys()
+
+
+def hand_accuracy(state: State, config: Config, shared: SharedTensors,
+                  idx: torch.Tensor) -> float:
+    """Zero-shot accuracy of ``state`` on clips ``idx``, written out: the label-space prompt of
+    largest cosine with the clip's embedding is the prediction."""
+    model = AudioAdapter(AUDIO_DIM, TEXT_DIM, config.adapter)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        embedded = model.embed(shared.tokens[idx])
+    cosine = (F.normalize(embedded, dim=-1)
+              @ F.normalize(shared.prompts[shared.label_space], dim=-1).T)
+    predicted = shared.label_space[cosine.argmax(1)]
+    return float((predicted == shared.labels[idx]).double().mean())
+
+
+def test_val_accuracy_is_scored_on_exactly_the_nodes_val_rows(
+        build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``val/acc`` scores the nodes' val clips, node by node, and no other row: it equals the
+    accuracy recomputed here on those rows. The val clips here sound like the next class
+    (their tokens are its prompt plus noise), so on the test clips, which the adapter learned
+    to recognise, the same adapter scores otherwise."""
+    from flcore.servers import serverA2V
+
+    server, shared, clients = build()
+    val = torch.cat([c.val_idx for c in clients])
+    test = torch.cat([c.test_idx for c in clients])
+    gen = torch.Generator().manual_seed(5)
+    next_class = (shared.labels[val] + 1) % len(NAMES)
+    shared.tokens[val] = (3 * shared.prompts[next_class, None, :AUDIO_DIM]
+                          + torch.randn(len(val), TOKENS, AUDIO_DIM, generator=gen))
+    for round_ in (1, 2):
+        server.train_round(round_, clients)
+    scored: list[torch.Tensor] = []
+    original = serverA2V.evaluate
+
+    def spy(model: AudioAdapter, tensors: SharedTensors, idx: torch.Tensor) -> dict:
+        scored.append(idx.clone())
+        return original(model, tensors, idx)
+
+    monkeypatch.setattr(serverA2V, "evaluate", spy)
+    metrics = server.evaluate_all()
+    assert len(scored) == 1 and torch.equal(scored[0], val)
+    on_val = hand_accuracy(server.global_state, server.config, shared, val)
+    on_test = hand_accuracy(server.global_state, server.config, shared, test)
+    assert on_val != on_test, (on_val, on_test)
+    assert metrics["val/acc"] == pytest.approx(on_val, abs=1e-12)
+    assert metrics["global/acc"] == pytest.approx(on_test, abs=1e-12)
+
+
+@pytest.mark.parametrize("has_val", [True, False], ids=["val", "no_val"])
+def test_generators_are_scored_on_the_nodes_val_rows_else_their_test_rows(
+        build, monkeypatch: pytest.MonkeyPatch, has_val: bool) -> None:
+    """``gen/*`` compares each node's synthetic samples of a class with exactly its val clips of
+    that class (pooled to the generators' rows), or its test clips for a node without val
+    clips; ``held_out`` names that split."""
+    from flcore.servers import generator_quality
+    from flcore.trainmodel.generators import generator_rows
+
+    server, shared, clients = build(*GENERATORS, "eval.generator_every=1")
+    if not has_val:
+        for client in clients:
+            client.val_idx = client.val_idx[:0]
+    real: dict[str, torch.Tensor] = {}
+    original = generator_quality.generator_report
+
+    def spy(real_by_class: dict, *args, **kwargs) -> dict:
+        real.update(real_by_class)
+        return original(real_by_class, *args, **kwargs)
+
+    monkeypatch.setattr(generator_quality, "generator_report", spy)
+    server.train_round(1, clients)
+    assert server.quality is not None
+    split = "val" if has_val else "test"
+    assert server.quality.held_out == {f"node{c.node}": split for c in clients}
+    expected = {}
+    for client in clients:
+        rows = client.val_idx if has_val else client.test_idx
+        for name in client.classes:
+            mine = rows[shared.labels[rows] == NAMES.index(name)]
+            expected[f"node{client.node}/{name}"] = generator_rows(
+                shared.tokens[mine], server.config.generator.sequence_length)
+    assert real.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(real[key], value), key
