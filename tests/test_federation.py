@@ -141,6 +141,21 @@ def test_corrupted_checkpoint_is_named_and_earlier_one_offered(fast_run, tmp_pat
     assert fast_run("federation.rounds=3", "resume=true")["status"] == "completed"
 
 
+def test_checkpoint_of_another_format_is_refused_in_one_line(fast_run, tmp_path: Path) -> None:
+    """A checkpoint written before the format number existed (an older FedA2V) is refused
+    before anything is loaded from it; the same file with the current format resumes."""
+    fast_run("federation.rounds=1")
+    (latest,) = checkpoint.checkpoints(tmp_path / "run")
+    saved = torch.load(latest, weights_only=True)
+    del saved["format"]
+    torch.save(saved, latest)
+    with pytest.raises(CheckpointError, match=r"round_0001.pt has checkpoint format 1, this "
+                                              rf"FedA2V reads format {checkpoint.FORMAT}: "):
+        fast_run("federation.rounds=2", "resume=true")
+    torch.save({**saved, "format": checkpoint.FORMAT}, latest)
+    assert fast_run("federation.rounds=2", "resume=true")["status"] == "completed"
+
+
 def test_resume_without_checkpoint(fast_run) -> None:
     with pytest.raises(CheckpointError, match=r"has no checkpoint: pass hydra\.run\.dir"):
         fast_run("resume=true")

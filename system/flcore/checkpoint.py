@@ -23,6 +23,9 @@ RESUMABLE_CHANGES = ("resume", "federation.rounds", "logger", "device", "cache_d
                      "embeddings.cache", "embeddings.cache_dir", "embeddings.workers",
                      "embeddings.shard_size", "checkpoint", "generator.load_from", "executor",
                      "images", "dataset.clip_seconds", "dataset.strict", "threads")
+#: The layout of a checkpoint's payload; raised whenever what a resume reads changes, so an older
+#: run's checkpoint is refused with one line instead of failing half-way through loading it.
+FORMAT = 2
 
 
 def folder(run_dir: Path) -> Path:
@@ -55,7 +58,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save(run_dir: Path, round_: int, payload: dict[str, Any], keep: int) -> Path:
     """Write ``payload`` for ``round_`` atomically; keep only the ``keep`` newest files."""
     buffer = io.BytesIO()
-    torch.save({**payload, "round": round_, "rng": rng_state()}, buffer)
+    torch.save({**payload, "format": FORMAT, "round": round_, "rng": rng_state()}, buffer)
     path = folder(run_dir) / f"round_{round_:04d}.pt"
     atomic_write_bytes(path, buffer.getvalue())
     for old in checkpoints(run_dir)[:-keep]:
@@ -70,17 +73,24 @@ def remove_all(run_dir: Path) -> None:
 
 
 def load_latest(run_dir: Path) -> dict[str, Any]:
-    """The newest checkpoint of ``run_dir``; a clear error if there is none or it is corrupted."""
+    """The newest checkpoint of ``run_dir``; a clear error if there is none, it is corrupted or
+    an older FedA2V wrote it (another :data:`FORMAT`)."""
     files = checkpoints(run_dir)
     if not files:
         raise missing(run_dir)
     latest = files[-1]
     try:
-        return torch.load(latest, map_location="cpu", weights_only=True)
+        saved = torch.load(latest, map_location="cpu", weights_only=True)
     except Exception as err:
         earlier = (f"delete it to resume from {files[-2].name}" if len(files) > 1
                    else "no earlier checkpoint is left")
         raise CheckpointError(f"{latest} is corrupted ({type(err).__name__}); {earlier}") from err
+    written = saved.get("format", 1)
+    if written != FORMAT:
+        raise CheckpointError(f"{latest} has checkpoint format {written}, this FedA2V reads "
+                              f"format {FORMAT}: finish that run with the version that wrote "
+                              "it, or start a new run")
+    return saved
 
 
 def missing(run_dir: Path) -> CheckpointError:
