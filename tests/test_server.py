@@ -455,3 +455,22 @@ def test_generators_are_scored_on_the_nodes_val_rows_else_their_test_rows(
     assert real.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(real[key], value), key
+
+
+def test_training_rows_as_samples_score_the_train_rows_reference(build) -> None:
+    """``gen/train_rows/*`` is what a generator that reproduces its training rows exactly
+    scores: sharing those rows as samples gives the same precision, recall, density and
+    coverage."""
+    from flcore.servers.generator_quality import REFERENCE_METRICS, score_generators
+    from flcore.trainmodel.generators import generator_rows
+
+    server, shared, clients = build(*GENERATORS, "eval.generator_every=1")
+    server.train_round(1, clients)
+    length = server.config.generator.sequence_length
+    copies = {c.node: (generator_rows(shared.tokens[c.train_idx], length).reshape(
+        len(c.train_idx), length, -1), shared.labels[c.train_idx]) for c in clients}
+    scalars = score_generators(clients, copies, shared, server.config, 1).scalars
+    for metric in REFERENCE_METRICS:
+        assert scalars[f"gen/{metric}"] == pytest.approx(scalars[f"gen/train_rows/{metric}"])
+    assert server.quality is not None
+    assert {f"gen/train_rows/{m}" for m in REFERENCE_METRICS} <= server.quality.scalars.keys()

@@ -16,8 +16,16 @@ from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.clientbase import SharedTensors
 from flcore.config import Config
 from flcore.data.partition import scoring_split
-from flcore.metrics.generative import generator_report, kl_per_dimension, latent_usage
+from flcore.metrics.generative import (
+    evaluate_quality,
+    generator_report,
+    kl_per_dimension,
+    latent_usage,
+)
 from flcore.trainmodel.generators import GeneratorBank, generator_rows
+
+#: Manifold metrics also scored for the training rows themselves (``gen/train_rows/*``).
+REFERENCE_METRICS = ("precision", "recall", "density", "coverage")
 
 
 @dataclass
@@ -105,6 +113,7 @@ def score_generators(clients: list[ClientA2V], synthetic: dict[int, tuple[torch.
         # Pooled rows spread over every class, which hides a generator that draws each class's
         # mean: the spread is a within-class figure, averaged over classes.
         quality.scalars["gen/spread_ratio"] = float(np.mean(spreads))
+    quality.scalars.update(train_rows_reference(real, train, e.prdc_k, config.seed))
     for key in ("active_units", "kl"):
         values = [u[key] for u in usage if u.get(key) is not None]
         if values:
@@ -113,3 +122,16 @@ def score_generators(clients: list[ClientA2V], synthetic: dict[int, tuple[torch.
                           **values} for key, values in report["per_class"].items()]
     quality.undefined = report["undefined"]
     return quality
+
+
+def train_rows_reference(real: dict[str, torch.Tensor], train: dict[str, torch.Tensor], k: int,
+                         seed: int) -> dict[str, float]:
+    """``gen/train_rows/*``: the pooled manifold metrics of the generators' own training rows
+    scored as if they were samples, i.e. what a generator that reproduces its rows exactly gets.
+    Held-out clips come from other recordings, so this, not 1.0, is the level a faithful
+    generator's ``gen/recall`` and ``gen/coverage`` are read against."""
+    held, rows = torch.cat(list(real.values())), torch.cat(list(train.values()))
+    if len(held) <= k or len(rows) <= k:
+        return {}
+    scores = evaluate_quality(held, rows, REFERENCE_METRICS, k=k, seed=seed)
+    return {f"gen/train_rows/{m}": float(v) for m, v in scores.items() if v is not None}
