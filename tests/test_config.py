@@ -75,9 +75,6 @@ def test_executor_options_pass_with_the_keys_they_set(make_config: Callable[...,
      "generator.likelihood=mse: is a VAE loss; generator.model=gaussian is fitted in closed form"),
     (["generator.model=gaussian", "generator.free_bits=0.5"],
      "generator.free_bits=0.5: is a VAE loss term; generator.model=gaussian has no latent code"),
-    (["generator.model=gaussian", "generator.sample_noise=true"],
-     "generator.sample_noise=true: is a VAE decoder setting; generator.model=gaussian already "
-     "draws from its fitted covariance"),
     (["generator.gaussian_covariance=low_rank"],
      "generator.gaussian_rank=0: generator.gaussian_covariance=low_rank needs a rank >= 1"),
     (["generator.gaussian_rank=3"], "generator.gaussian_rank=3: only generator.gaussian_covariance"

@@ -378,7 +378,7 @@ class GeneratorConfig:
     training_epochs: int = 30
     beta_warmup_ratio: float = 0.5
     beta_schedule: BetaSchedule = BetaSchedule.linear
-    beta_max: float = 1.0
+    beta_max: float = 64.0
     n_cycles: int = 4
     cycle_ratio: float = 0.5
     schedule_scope: ScheduleScope = ScheduleScope.per_round
@@ -393,7 +393,7 @@ class GeneratorConfig:
     latent_dim: int = 32
     hidden_dim: int = 128
     conditional: bool = True
-    sample_noise: bool = False
+    sample_noise: bool = True
     lr: float = 0.001
     batch_size: int = 8
     grad_clip: float = 1.0
@@ -720,9 +720,6 @@ def _check_generator(g: GeneratorConfig) -> None:
                  g.decoder_variance, f"is a VAE decoder setting; {closed_form}")
         _require(g.precision is Precision.fp32, "generator.precision", g.precision,
                  f"applies to VAE training; {closed_form}")
-        _require(not g.sample_noise, "generator.sample_noise", "true",
-                 f"is a VAE decoder setting; generator.model={g.model.value} already draws "
-                 "from its fitted covariance (drop it)")
     _require(g.training_epochs >= 1, "generator.training_epochs", g.training_epochs,
              "must be >= 1")
     _require(0 < g.beta_warmup_ratio <= 1, "generator.beta_warmup_ratio", g.beta_warmup_ratio,
