@@ -7,7 +7,8 @@ paired differences against its reference row.
 Each (row, seed) is one ``python main.py`` job in ``DIR/<n>/`` (default
 ``outputs/generator_study``); a job that already completed there is reused, so an interrupted
 study continues where it stopped. Jobs run ``--jobs`` at a time, each with its share of the
-cores. Rows: the warm-up sweep, the seed's ``likelihood=mse``, the closed-form ``model=gaussian``
+cores. Rows: the warm-up sweep, ``beta_max=1`` (the true ELBO), decoder means without
+``sample_noise``, the seed's ``likelihood=mse``, the closed-form ``model=gaussian``
 floor, the class-agnostic ``model=noise`` control, FedAvg alone, fedavg+synthetic at every
 granularity, and the ``centralized`` and ``local`` references. The table gives mean ± the 95%
 half-width over seeds; the comparisons give the paired per-seed difference (same seed = same
@@ -52,6 +53,8 @@ ROWS: dict[str, tuple[str, ...]] = {
     "warmup 0.25": ("generator.beta_warmup_ratio=0.25",),
     "warmup 0.75": ("generator.beta_warmup_ratio=0.75",),
     "warmup 1.0": ("generator.beta_warmup_ratio=1.0",),
+    "beta_max=1 (the ELBO)": ("generator.beta_max=1",),
+    "sample_noise=false": ("generator.sample_noise=false",),
     "likelihood=mse (seed)": ("generator.likelihood=mse",),
     "model=gaussian (floor)": ("generator.model=gaussian",),
     "model=noise (control)": ("generator.model=noise",),
@@ -64,15 +67,17 @@ ROWS: dict[str, tuple[str, ...]] = {
 TO_TARGET = "rounds to target"
 AUC = "acc AUC"
 GEN = ("synthetic/acc", "gen/recall", "gen/coverage", "gen/precision", "gen/kl",
-       "gen/active_units", "gen/spread_ratio", "gen/fd")
+       "gen/active_units", "gen/spread_ratio", "gen/fd", "gen/train_rows/recall")
 COLUMNS = (ACC, TO_TARGET, AUC, "synthetic/acceptance_rate", *GEN)
-GENERATOR_VS = ("synthetic/acc", "gen/recall", "gen/coverage", "gen/kl", "gen/fd")
+GENERATOR_VS = ("synthetic/acc", "gen/recall", "gen/coverage", "gen/precision", "gen/kl",
+                "gen/spread_ratio", "gen/fd")
 ADAPTER_VS = (ACC, AUC, TO_TARGET)
 #: (row, reference row, metrics): the paired comparisons the study reports.
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (DEFAULT, "model=gaussian (floor)", GENERATOR_VS),
     *((f"warmup {r}", DEFAULT, GENERATOR_VS) for r in ("0.25", "0.75", "1.0")),
-    ("likelihood=mse (seed)", DEFAULT, GENERATOR_VS),
+    *((row, DEFAULT, GENERATOR_VS) for row in ("beta_max=1 (the ELBO)", "sample_noise=false",
+                                              "likelihood=mse (seed)")),
     *((row, FEDAVG, ADAPTER_VS) for row in (DEFAULT, "unified vae", "per_group vae",
                                             "model=noise (control)", "model=gaussian (floor)")),
     (DEFAULT, "model=noise (control)", ADAPTER_VS),
