@@ -40,12 +40,14 @@ def test_granularities_train_log_and_share(gen_run, tmp_path: Path,
                 "generator/weighted_kl", "generator/similarity_loss", "synthetic/acc",
                 "synthetic/samples"):
         assert key in final, key
-    assert final["generator/beta"] == 1.0
-    assert final["generator/weighted_kl"] == pytest.approx(final["generator/kl_loss"])
+    beta_max = results["config"]["generator"]["beta_max"]
+    assert final["generator/beta"] == beta_max
+    assert final["generator/weighted_kl"] == pytest.approx(beta_max * final["generator/kl_loss"])
     assert final["synthetic/samples"] == results["partition"]["train_clips"]
     rows = epoch_rows(tmp_path / "run")
     assert [float(r["generator/epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert [float(r["generator/beta"]) for r in rows[:4]] == pytest.approx([0.5, 1, 1, 1])
+    assert [float(r["generator/beta"]) for r in rows[:4]] == pytest.approx(
+        [beta_max * b for b in (0.5, 1, 1, 1)])
     assert "node0/generator/recon_loss" in rows[0]
     # The calibrated decoder (issue 17): the KL weight is beta itself at every epoch, and each
     # generator's sigma^2 is logged; a node's one unified generator's is its MSE.
@@ -64,13 +66,13 @@ def test_granularities_train_log_and_share(gen_run, tmp_path: Path,
 
 def test_beta_warmup_ratio_is_swept_from_the_command_line(gen_run, tmp_path: Path) -> None:
     gen_run("federation.rounds=1", "generator.training_epochs=10",
-            "generator.beta_warmup_ratio=0.25")
+            "generator.beta_warmup_ratio=0.25", "generator.beta_max=1")
     betas = [float(r["generator/beta"]) for r in epoch_rows(tmp_path / "run")]
     assert betas[:4] == pytest.approx([1 / 3, 2 / 3, 1, 1])
 
 
 def test_whole_run_scope_spans_rounds(gen_run, tmp_path: Path) -> None:
-    gen_run("federation.rounds=2", "generator.schedule_scope=whole_run")
+    gen_run("federation.rounds=2", "generator.schedule_scope=whole_run", "generator.beta_max=1")
     betas = [float(r["generator/beta"]) for r in epoch_rows(tmp_path / "run")]
     assert betas == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])
 

@@ -82,7 +82,8 @@ def test_train_every_is_honoured_and_epochs_never_repeat(quick, tmp_path: Path,
 
 def test_whole_run_schedule_stays_within_its_length(quick, tmp_path: Path) -> None:
     quick("federation.rounds=5", "generator.train_every=2", "generator.schedule_scope=whole_run",
-          "generator.beta_schedule=cyclical", "generator.n_cycles=1", "generator.cycle_ratio=1")
+          "generator.beta_schedule=cyclical", "generator.n_cycles=1", "generator.cycle_ratio=1",
+          "generator.beta_max=1")
     betas = [float(r["generator/beta"]) for r in epoch_rows(tmp_path / "run")]
     # Rounds 2 and 4 train (5 // 2 = 2 generator rounds), so one cycle spans 2 x 2 = 4 epochs.
     assert betas == pytest.approx([0.25, 0.5, 0.75, 1.0])
@@ -95,17 +96,18 @@ def test_whole_run_schedule_follows_the_rounds_under_client_sampling(quick,
     before, so the warm-up (ratio 1: the whole run) ends at beta_max in the last epoch; each
     row logs every trained node's beta."""
     quick("federation.rounds=4", "federation.client_fraction=0.4",
-          "generator.schedule_scope=whole_run", "generator.beta_warmup_ratio=1")
+          "generator.schedule_scope=whole_run", "generator.beta_warmup_ratio=1",
+          "generator.beta_max=2")
     rows = epoch_rows(tmp_path / "run")
     assert len(rows) == 4 * 2
     for row in rows:
         node_betas = [float(v) for k, v in row.items()
                       if k.startswith("node") and k.endswith("/generator/beta") and v != ""]
         assert len(node_betas) == 2
-        expected = float(row["generator/epoch"]) / 8
+        expected = 2 * float(row["generator/epoch"]) / 8
         assert node_betas == pytest.approx([expected, expected])
         assert float(row["generator/beta"]) == pytest.approx(expected)
-    assert float(rows[-1]["generator/beta"]) == 1.0
+    assert float(rows[-1]["generator/beta"]) == 2.0
 
 
 def test_text_space_generators_report_prompt_accuracy_only(quick) -> None:
