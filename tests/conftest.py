@@ -40,13 +40,16 @@ def _experiment_sets_dataset(name: str) -> bool:
 
 
 def on_small_dataset(overrides: Sequence[str]) -> list[str]:
-    """``overrides`` plus ``dataset=synthetic_small``, unless they pick a dataset themselves
-    (``dataset=...`` or an experiment that does)."""
+    """``overrides`` plus ``dataset=synthetic_small`` (before the first override, so it joins
+    their run of positional arguments), unless they pick a dataset themselves (``dataset=...``
+    or an experiment that does)."""
     experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("+experiment=")]
     if any(o.startswith("dataset=") for o in overrides) or any(
             map(_experiment_sets_dataset, experiments)):
         return list(overrides)
-    return [*overrides, SMALL_DATASET]
+    first = next((i for i, o in enumerate(overrides) if "=" in o and not o.startswith("-")),
+                 len(overrides))
+    return [*overrides[:first], SMALL_DATASET, *overrides[first:]]
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,9 @@ from flcore.trainmodel.vae import (
     warmup_epochs,
 )
 
+#: The unit tests' reference generator: the true ELBO (beta_max 1) and decoder-mean samples, so
+#: their closed forms need no default of the run config.
+UNIT = {"beta_max": 1.0, "sample_noise": False}
 
 def linear(total: int, ratio: float) -> BetaScheduler:
     return BetaScheduler(BetaSchedule.linear, total, ratio)
@@ -420,7 +423,7 @@ def test_gaussian_likelihood_keeps_latent_dimensions_active_where_mse_collapses(
     x, y = _low_rank_classes(1024, 64, 3, (0.3, 0.3))
     active = {}
     for likelihood in Likelihood:
-        config = GeneratorConfig(likelihood=likelihood, training_epochs=30, hidden_dim=64,
+        config = GeneratorConfig(**UNIT, likelihood=likelihood, training_epochs=30, hidden_dim=64,
                                  latent_dim=8, lr=0.003)
         bank = _fit(config, x, y)
         data = bank.data(x, y, None)
@@ -439,7 +442,7 @@ def test_a_generator_at_the_variance_floor_is_named(caplog: pytest.LogCaptureFix
     warning names the node and that generator only (the other class varies by far more than
     the floor)."""
     x, y = _low_rank_classes(64, 32, 2, (0.0, 2.0))
-    config = GeneratorConfig(training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
+    config = GeneratorConfig(**UNIT, training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
                              variance_floor=0.5, decoder_variance=variance, variance_lr=0.05)
     with caplog.at_level(logging.WARNING, logger="flcore.trainmodel.generators"):
         bank = _fit(config, x, y)
@@ -465,7 +468,7 @@ def test_the_learned_variance_travels_with_the_decoder(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(generators, "start_learned_variance", spy)
     x, y = _low_rank_classes(32, 16, 2, (1.0, 1.0))
-    config = GeneratorConfig(training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
+    config = GeneratorConfig(**UNIT, training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
                              decoder_variance=DecoderVariance.learned, variance_lr=0.1)
     bank = _fit(config, x, y)
     rows = torch.stack([x[y == c] for c in (0, 1)])  # [K=2, 16, 32]
@@ -702,8 +705,8 @@ def test_masked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
 
 
 def _bank_config(**overrides: object) -> GeneratorConfig:
-    settings = {"training_epochs": 4, "hidden_dim": 16, "latent_dim": 3, "batch_size": 4,
-                "lr": 0.01, **overrides}
+    settings = {**UNIT, "training_epochs": 4, "hidden_dim": 16, "latent_dim": 3,
+                "batch_size": 4, "lr": 0.01, **overrides}
     return GeneratorConfig(**settings)
 
 

@@ -52,7 +52,8 @@ def test_conditional_generators_draw_each_class_from_its_prompt(groups: list[lis
     y = torch.arange(k).repeat_interleave(n)
     prompts = F.normalize(torch.randn(k, cond, generator=g), dim=-1)
     centroids = torch.stack([x[y == c].mean(0) for c in range(k)])
-    config = GeneratorConfig(training_epochs=30, hidden_dim=32, latent_dim=4, lr=0.03,
+    config = GeneratorConfig(beta_max=1.0, sample_noise=False, training_epochs=30, hidden_dim=32,
+                             latent_dim=4, lr=0.03,
                              batch_size=64)
     spec = GeneratorSpec([f"g{i}" for i in range(len(groups))], groups)
 
