@@ -68,7 +68,8 @@ TO_TARGET = "rounds to target"
 AUC = "acc AUC"
 GEN = ("synthetic/acc", "gen/recall", "gen/coverage", "gen/precision", "gen/kl",
        "gen/active_units", "gen/spread_ratio", "gen/fd", "gen/train_rows/recall")
-COLUMNS = (ACC, TO_TARGET, AUC, "synthetic/acceptance_rate", *GEN)
+COLUMNS = (ACC, TO_TARGET, AUC, "synthetic/acceptance_rate", *GEN, "gen/pairwise_distance",
+           "gen/train_rows/pairwise_distance")
 GENERATOR_VS = ("synthetic/acc", "gen/recall", "gen/coverage", "gen/precision", "gen/kl",
                 "gen/spread_ratio", "gen/fd")
 ADAPTER_VS = (ACC, AUC, TO_TARGET)
@@ -150,6 +151,8 @@ def comparison(arm: Arm, base: Arm, metric: str) -> str:
     if result.diff is None:
         return f"{metric}: under 2 paired seeds"
     d = result.diff
+    if d.half == 0 and d.mean == 0:
+        return f"{metric}: identical in every seed"
     verdict = "detectable" if result.detectable else "no detectable difference"
     return (f"{metric}: {d.mean:+.4g} [{d.mean - d.half:+.3g}, {d.mean + d.half:+.3g}], "
             f"p={result.p if result.p is None else f'{result.p:.2g}'}, {verdict}")
@@ -168,7 +171,7 @@ def report(arms: dict[str, Arm], rounds: int, target: float, seeds: list[int]) -
         if row in arms and reference in arms:
             lines.append(f"- {row} vs {reference}:")
             lines += [f"  - {comparison(arms[row], arms[reference], m)}" for m in metrics
-                      if any(m in v for v in arms[row].values)]
+                      if all(any(m in v for v in arms[a].values) for a in (row, reference))]
     return lines
 
 

@@ -35,7 +35,10 @@ def test_default_run_writes_results_metrics_and_wandb(run_main, tmp_path: Path) 
     log = (folder / "main.log").read_text()
     assert "rising_chirp" in log
     assert [line.split("round ")[1].split(":")[0] for line in log.splitlines()
-            if "] - round " in line] == [f"{r}/10" for r in range(1, 11)]
+            if "[flcore.servers.serverbase][INFO] - round " in line] == [
+        f"{r}/10" for r in range(1, 11)]
+    accepted = [line for line in log.splitlines() if "synthetic fine-tuning accepted" in line]
+    assert len(accepted) == results["final"]["synthetic/accepted_rounds"] > 0, accepted
     assert "\r" not in log
     assert (folder / "plots" / "metrics.png").stat().st_size > 1000
     assert (folder / "plots" / "generator.png").stat().st_size > 1000

@@ -24,8 +24,8 @@ from flcore.metrics.generative import (
 )
 from flcore.trainmodel.generators import GeneratorBank, generator_rows
 
-#: Manifold metrics also scored for the training rows themselves (``gen/train_rows/*``).
-REFERENCE_METRICS = ("precision", "recall", "density", "coverage")
+#: Metrics also scored for the training rows themselves (``gen/train_rows/*``).
+REFERENCE_METRICS = ("precision", "recall", "density", "coverage", "pairwise_distance")
 
 
 @dataclass
