@@ -1,5 +1,6 @@
 """Config composition, schema enforcement and range checks (all before any work)."""
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from conftest import CONFIGS
 from flcore.config import Config, Granularity, PipelineName, validate
 from flcore.errors import ConfigError
 
@@ -292,3 +294,33 @@ def test_unknown_experiment_lists_the_available_ones(
     assert "Could not find 'experiment/nope'" in str(err.value)
     for name in EXPERIMENTS:
         assert name in str(err.value)
+
+
+def _schema_disagreements(schema: type, composed: object, prefix: str = "") -> dict[str, tuple]:
+    """``{key: (dataclass default, composed value)}`` for every field of ``schema`` whose
+    default differs from what ``python main.py`` composes from configs/."""
+    found: dict[str, tuple] = {}
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory())  # type: ignore[misc]
+        value = composed.get(f.name, "<absent>") if isinstance(composed, dict) else "<absent>"
+        if dataclasses.is_dataclass(default):
+            found.update(_schema_disagreements(type(default), value, f"{key}."))
+        elif value != (list(default) if isinstance(default, tuple) else default):
+            found[key] = (default, value)
+    return found
+
+
+def test_the_schema_defaults_are_the_composed_defaults() -> None:
+    """Defaults live in the dataclasses and again in the YAML groups: ``python main.py`` must
+    compose exactly the dataclasses' values, except the interpolations the YAML makes and the
+    logger entries its groups add (their schema default is off)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        composed = OmegaConf.to_container(compose("config"), resolve=False)
+    found = _schema_disagreements(Config, composed)
+    assert found.pop("dataset.clip_seconds") == (None, "${.synthetic.duration_s}")
+    assert found.pop("logger.csv")[0] is None and found.pop("logger.wandb")[0] is None
+    assert found == {}
