@@ -112,8 +112,8 @@ class GeneratorJob:
 
 
 class GeneratorEvaluation:
-    """The seed report's entry points to the generator metrics (docs/metrics.md), for a client
-    or the server; runs compute them every ``eval.generator_every`` rounds on their own."""
+    """Generator metrics on demand (docs/metrics.md) for a client or the server, for a script or
+    a notebook; runs compute them every ``eval.generator_every`` rounds on their own."""
 
     def evaluate_generator_quality(self, real_embeddings: torch.Tensor,
                                    generated_embeddings: torch.Tensor,

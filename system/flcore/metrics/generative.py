@@ -446,9 +446,9 @@ QUALITY_METRICS = ("count", "fd", "mmd", "mmd_pvalue", "precision", "recall", "d
 def evaluate_quality(real: Tensor, generated: Tensor, metrics: Sequence[str] | None = None, *,
                      train: Tensor | None = None, k: int = 5, permutations: int = 0,
                      seed: int = 0) -> dict[str, float | None]:
-    """The seed report's ``evaluate_generator_quality``: the named metrics (all by default) of
-    one set of generated rows against real rows; None where undefined (see
-    :func:`generator_report` for the reasons). Raises ValueError naming unknown metrics."""
+    """The named metrics (all by default) of one set of generated rows against real rows; None
+    where undefined (see :func:`generator_report` for the reasons). Raises ValueError naming
+    unknown metrics."""
     unknown = sorted(set(metrics or ()) - set(QUALITY_METRICS))
     if unknown:
         raise ValueError(f"unknown generator metric(s) {', '.join(unknown)}; choose from "
@@ -460,8 +460,8 @@ def evaluate_quality(real: Tensor, generated: Tensor, metrics: Sequence[str] | N
 
 
 def evaluate_diversity(generated: Tensor) -> dict[str, float]:
-    """The seed report's ``evaluate_generator_diversity``: mean per-dimension standard
-    deviation (``std``) and mean pairwise distance of generated rows."""
+    """Mean per-dimension standard deviation (``std``) and mean pairwise distance of generated
+    rows: their diversity, without real rows to compare with."""
     rows = _rows(generated)
     _require(len(rows) >= 2, f"needs 2 or more generated rows, got {len(rows)}")
     return {"std": float(rows.std(0).mean()),

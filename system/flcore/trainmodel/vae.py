@@ -27,7 +27,7 @@ def warmup_epochs(total_epochs: int, ratio: float) -> int:
 class BetaScheduler:
     """The KL weight of 0-based ``epoch`` (of ``total_epochs``).
 
-    - ``linear`` (the fix): ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
+    - ``linear``: ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
     - ``cyclical`` (Fu et al. 2019): ``n_cycles`` cycles of ``P = ceil(total / n_cycles)``
       epochs; within a cycle ``tau = (epoch mod P + 1) / P`` and
       ``beta = beta_max * min(1, tau / cycle_ratio)``.
@@ -105,7 +105,7 @@ def effective_beta(beta: float, sigma2: torch.Tensor,
 class VAELoss(nn.Module):
     """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
 
-    - ``likelihood=mse`` (the seed's loss, the reference row of every study): reconstruction is
+    - ``likelihood=mse`` (the reference row of every study): reconstruction is
       the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. It equals
       the Gaussian NLL of variance ``D/2`` (D features) up to a constant, so its effective beta
       is ``beta D / (2 mse)``: with a KL summed over latent dimensions, posterior collapse is
@@ -123,9 +123,8 @@ class VAELoss(nn.Module):
 
     The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
     at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
-    (``kl_reduction=sum``, the seed's form) or averaged over dimensions. The seed's fix: beta
-    follows the configured training length (``total_epochs`` and ``beta_warmup_ratio``)
-    instead of reaching 1 only after 100 epochs; a training starts at schedule epoch
+    (``kl_reduction=sum``) or averaged over dimensions. Beta follows the configured training
+    length (``total_epochs`` and ``beta_warmup_ratio``); a training starts at schedule epoch
     ``first_epoch`` (:func:`schedule_start`). Inputs carry a leading generator axis
     ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
     its own rows.
@@ -276,7 +275,7 @@ def schedule_start(config: GeneratorConfig, round_: int) -> int:
 
 
 def vae_loss(config: GeneratorConfig, total_epochs: int, first_epoch: int = 0) -> VAELoss:
-    """The configured VAE loss; its beta warm-up follows ``total_epochs`` (the fix), and its
+    """The configured VAE loss; its beta warm-up follows ``total_epochs``, and its
     training starts at schedule epoch ``first_epoch`` (:func:`schedule_start`)."""
     return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
                    config.kl_reduction, config.similarity_weight, config.n_cycles,
