@@ -32,10 +32,10 @@ from flcore.trainmodel.generators import (
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
-    MaskedAdam,
     learning_rates,
     train_generators,
 )
+from flcore.trainmodel.optim import MaskedAdam
 from flcore.trainmodel.vae import VAEGenerator, vae_loss
 
 

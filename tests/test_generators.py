@@ -30,13 +30,12 @@ from flcore.trainmodel.generators import (
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
-    MaskedAdam,
     _slice,
-    clip_per_generator,
     start_learned_variance,
     train_banks,
     train_generators,
 )
+from flcore.trainmodel.optim import MaskedAdam, clip_per_generator
 from flcore.trainmodel.vae import (
     BetaScheduler,
     VAEGenerator,
