@@ -392,7 +392,7 @@ def test_val_accuracy_is_scored_on_exactly_the_nodes_val_rows(
     accuracy recomputed here on those rows. The val clips here sound like the next class
     (their tokens are its prompt plus noise), so on the test clips, which the adapter learned
     to recognise, the same adapter scores otherwise."""
-    from flcore.servers import serverA2V
+    from flcore.servers import evaluation
 
     server, shared, clients = build()
     val = torch.cat([c.val_idx for c in clients])
@@ -404,13 +404,13 @@ def test_val_accuracy_is_scored_on_exactly_the_nodes_val_rows(
     for round_ in (1, 2):
         server.train_round(round_, clients)
     scored: list[torch.Tensor] = []
-    original = serverA2V.evaluate
+    original = evaluation.evaluate
 
     def spy(model: AudioAdapter, tensors: SharedTensors, idx: torch.Tensor) -> dict:
         scored.append(idx.clone())
         return original(model, tensors, idx)
 
-    monkeypatch.setattr(serverA2V, "evaluate", spy)
+    monkeypatch.setattr(evaluation, "evaluate", spy)
     metrics = server.evaluate_all()
     assert len(scored) == 1 and torch.equal(scored[0], val)
     on_val = hand_accuracy(server.global_state, server.config, shared, val)

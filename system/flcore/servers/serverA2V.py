@@ -15,9 +15,6 @@ from flcore.clients.clientA2V import (
     ClientA2V,
     GeneratorEvaluation,
     condition_width,
-    evaluate,
-    sequence_fit,
-    zero_shot,
 )
 from flcore.clients.clientbase import (
     AdapterJob,
@@ -43,12 +40,10 @@ from flcore.config import (
 from flcore.errors import ConfigError
 from flcore.executors import build_executor
 from flcore.metrics.classification import (
-    classification_metrics,
-    confusion_matrix,
-    per_class_accuracy,
     zero_shot_scores,
 )
 from flcore.progress import phase
+from flcore.servers.evaluation import Evaluator
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.strategies import build_strategy
@@ -140,6 +135,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         self.global_state = _clone(self.model.state_dict())
         self.loss = build_adapter_loss(shared, config.adapter)
         self.executor = build_executor(config, shared, self.loss, self.model)
+        self.evaluator = Evaluator(self.model, shared, clients)
         self.renderer = (Renderer(config, shared, run_dir, trackers) if needs_renderer(config)
                          else None)
         self.node_states: dict[int, StateDict] = {}
@@ -427,8 +423,8 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
         classes = y.unique()
         kept = classes
         if s.skip_failed_classes:
-            real = self.class_recall(state, self.merged("val"))
-            fake = self.class_recall(state, None, x, y)
+            real = self.evaluator.class_recall(state, self.evaluator.merged("val"))
+            fake = self.evaluator.class_recall(state, None, x, y)
             chance = 1 / len(self.shared.label_space)
             kept = classes[[not (real.get(c, 0.0) > chance >= fake[c])
                             for c in classes.tolist()]]
@@ -446,34 +442,6 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                     for r in rows]
         index = torch.cat(rows)
         return x[index], y[index], info
-
-    def class_recall(self, state: StateDict, idx: torch.Tensor | None,
-                     x: torch.Tensor | None = None, y: torch.Tensor | None = None
-                     ) -> dict[int, float]:
-        """Zero-shot recall of each class (dataset id) by ``state``: on real clips ``idx``, or
-        on rows ``x`` labelled ``y``."""
-        if idx is not None:
-            x, y = self.shared.tokens[idx], self.shared.labels[idx]
-        assert x is not None and y is not None
-        if not len(y):
-            return {}
-        self.model.load_state_dict(state)
-        self.model.eval()
-        with torch.no_grad():
-            scores = torch.cat([zero_shot_scores(self.model.embed(chunk),
-                                                 self.shared.prompts[self.shared.label_space])
-                                for chunk in x.split(1024)])
-        hit = (self.shared.label_space[scores.argmax(1)] == y).double()
-        return {c: hit[y == c].mean().item() for c in y.unique().tolist()}
-
-    def val_accuracy(self, state: StateDict) -> float | None:
-        """Accuracy of ``state`` on the nodes' validation clips (federated evaluation: each node
-        scores its own clips), or None without any."""
-        val = self.merged("val")
-        if not len(val):
-            return None
-        self.model.load_state_dict(state)
-        return evaluate(self.model, self.shared, val)["acc"]
 
     def receive(self, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
         """A node's synthetic samples ``[m, S, D]``: as sent, or drawn from its decoders."""
@@ -583,64 +551,23 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             bank.trainings = 0
             client.generators = bank
 
-    def merged(self, split: str) -> torch.Tensor:
-        """Clip indices of ``split`` (train, val or test) over every node."""
-        return torch.cat([getattr(c, f"{split}_idx") for c in self.clients])
-
     def evaluate_all(self) -> dict[str, float]:
-        """The round's zero-shot evaluation: ``global/*`` on the merged test splits, ``val/*`` on
-        the merged val splits (when there are any), ``node{i}/acc`` on each node's test clips
-        and their mean ``local/acc_mean``, and ``synthetic/acc``. Every node is scored, sampled
-        this round or not, with the adapter it holds now: the global one, or under ``local``
-        its own (then ``global/*`` and ``val/*`` are means over the nodes' adapters)."""
-        test, val = self.merged("test"), self.merged("val")
+        """The round's zero-shot evaluation (:meth:`Evaluator.scores`). Every node is scored,
+        sampled this round or not, with the adapter it holds now: the global one, or under
+        ``local`` its own (then ``global/*`` and ``val/*`` are means over the nodes'
+        adapters)."""
         per_node = self.algorithm is not Algorithm.centralized
-        if self.strategy.stateful and per_node:
-            states = [c.model_state for c in self.clients]
-        else:
-            states = [self.global_state]
-        runs: list[dict[str, float]] = []
-        node_acc: dict[str, float] = {}
-        for i, state in enumerate(states):
-            self.model.load_state_dict(state)
-            scores, position = zero_shot(self.model, self.shared, test)
-            row = {f"global/{k}": v for k, v in classification_metrics(position, scores).items()}
-            if self.model.has_sequence:
-                row.update({f"global/{k}": v for k, v in
-                            sequence_fit(self.model, self.shared, test).items()})
-            if len(val):
-                row.update({f"val/{k}": v for k, v in evaluate(self.model, self.shared,
-                                                               val).items()})
-            runs.append(row)
-            if not per_node:
-                continue
-            correct = (scores.argmax(1) == position).double().split(
-                [len(c.test_idx) for c in self.clients])
-            pairs = ([(self.clients[i], correct[i])] if len(states) > 1
-                     else zip(self.clients, correct, strict=True))
-            node_acc.update({f"node{c.node}/acc": h.mean().item() for c, h in pairs if len(h)})
-        metrics = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-        if node_acc:
-            metrics.update(node_acc)
-            metrics["local/acc_mean"] = float(np.mean(list(node_acc.values())))
-        if self.tstr_state is not None and self.pool is not None:
-            self.model.load_state_dict(self.tstr_state)
-            metrics["synthetic/acc"] = evaluate(self.model, self.shared, test)["acc"]
-        return metrics
+        states = ([c.model_state for c in self.clients] if self.strategy.stateful and per_node
+                  else [self.global_state])
+        return self.evaluator.scores(states, per_node,
+                                     self.tstr_state if self.pool is not None else None)
 
     def final_report(self, class_names: list[str]) -> tuple[dict[str, float], np.ndarray] | None:
         """Per-class accuracy and the confusion matrix of the global adapter on the merged test
         splits (None for ``local``, which has no global adapter)."""
         if self.algorithm is Algorithm.local:
             return None
-        self.model.load_state_dict(self.global_state)
-        scores, position = zero_shot(self.model, self.shared, self.merged("test"))
-        k = len(self.shared.label_space)
-        predicted = scores.argmax(1)
-        accuracy = per_class_accuracy(position, predicted, k).cpu().tolist()
-        names = [class_names[i] for i in self.shared.label_space.tolist()]
-        matrix = confusion_matrix(position, predicted, k).cpu().numpy()
-        return dict(zip(names, accuracy, strict=True)), matrix
+        return self.evaluator.final_report(self.global_state, class_names)
 
     def state_dict(self, optimizers: bool = True) -> dict[str, Any]:
         """Everything a resume needs; ``optimizers=False`` leaves out optimizer states (smaller,

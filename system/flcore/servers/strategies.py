@@ -135,10 +135,10 @@ class FedAvgThenSynthetic(FedAvg):
         (logged); True without ``server.synthetic_guard`` or validation clips."""
         if not server.config.server.synthetic_guard:
             return True
-        before = server.val_accuracy(averaged)
+        before = server.evaluator.val_accuracy(averaged)
         if before is None:
             return True
-        after = server.val_accuracy(tuned)
+        after = server.evaluator.val_accuracy(tuned)
         accepted = after >= before
         log.info("round %d: synthetic fine-tuning %s (val acc %.3f -> %.3f)", round_,
                  "accepted" if accepted else "rejected", before, after)
