@@ -154,3 +154,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def interrupt_in_round(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
+    """Make the server raise Ctrl-C as round ``round_`` starts (the rounds before it are
+    checkpointed as the run's settings say)."""
+    from flcore.servers.serverA2V import ServerA2V
+
+    train_round = ServerA2V.train_round
+
+    def stopped(self: ServerA2V, number: int, selected: list) -> dict:
+        if number == round_:
+            raise KeyboardInterrupt
+        return train_round(self, number, selected)
+
+    monkeypatch.setattr(ServerA2V, "train_round", stopped)

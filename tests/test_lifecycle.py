@@ -17,11 +17,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import HANG_GUARD_S, REPO, SMALL_DATASET
+from conftest import HANG_GUARD_S, REPO, SMALL_DATASET, interrupt_in_round
 from flcore import checkpoint
 from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
-from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import CsvTracker
 
 FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
@@ -281,15 +280,8 @@ def test_only_the_last_checkpoint_is_kept_by_default(fast_run, tmp_path: Path) -
 def test_keep_on_complete_false_removes_checkpoints_only_once_the_run_completes(
         fast_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lean = ("federation.rounds=3", "checkpoint.keep_on_complete=false")
-    train_round = ServerA2V.train_round
-
-    def stop_in_round_3(self: ServerA2V, round_: int, selected: list) -> dict:
-        if round_ == 3:
-            raise KeyboardInterrupt
-        return train_round(self, round_, selected)
-
     with monkeypatch.context() as patch:
-        patch.setattr(ServerA2V, "train_round", stop_in_round_3)
+        interrupt_in_round(patch, 3)
         with pytest.raises(RunInterrupted):
             fast_run(*lean)
     assert [f.name for f in checkpoint.checkpoints(tmp_path / "run")] == ["round_0002.pt"]

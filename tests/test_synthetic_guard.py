@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_in_round
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import validate
 from flcore.errors import RunInterrupted
@@ -102,15 +103,8 @@ def test_acceptance_counters_match_metrics_csv_and_survive_a_resume(
     assert (f"synthetic/accepted_rounds={sum(accepted):.4g}, "
             f"synthetic/acceptance_rate={sum(accepted) / len(accepted):.4g}") in summary
 
-    train_round = ServerA2V.train_round
-
-    def stop_in_round_3(self: ServerA2V, round_: int, selected: list) -> dict:
-        if round_ == 3:
-            raise KeyboardInterrupt
-        return train_round(self, round_, selected)
-
     with monkeypatch.context() as patch:
-        patch.setattr(ServerA2V, "train_round", stop_in_round_3)
+        interrupt_in_round(patch, 3)
         with pytest.raises(RunInterrupted):
             quick(*args, folder="cut")
     resumed = quick(*args, "resume=true", folder="cut")
