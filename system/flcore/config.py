@@ -16,144 +16,44 @@ from typing import Any, get_args, get_origin
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from flcore.choices import (
+    Aggregation,
+    Algorithm,
+    AudioEncoderName,
+    BetaSchedule,
+    DatasetName,
+    DecoderVariance,
+    ExecutorName,
+    GaussianCovariance,
+    GeneratorModel,
+    Granularity,
+    ImageDtype,
+    ImageSource,
+    KlReduction,
+    LabelSpace,
+    Likelihood,
+    LrSchedule,
+    OnBadFile,
+    OnNan,
+    PartitionKind,
+    PipelineName,
+    Precision,
+    ScheduleScope,
+    ServerGranularity,
+    ShareMode,
+    SplitKind,
+    TextEncoderName,
+    TextOutput,
+    TrainingData,
+    WandbMode,
+)
 from flcore.errors import ConfigError
-
-
-class DatasetName(str, Enum):
-    synthetic = "synthetic"
-    esc50 = "esc50"
-    folder = "folder"
-
-
-class SplitKind(str, Enum):
-    folds = "folds"
-    ratio = "ratio"
-
-
-class OnBadFile(str, Enum):
-    error = "error"
-    skip = "skip"
-
-
-class PartitionKind(str, Enum):
-    classes_per_node = "classes_per_node"
-    dirichlet = "dirichlet"
-    iid = "iid"
-
-
-class GeneratorModel(str, Enum):
-    """``generator.model``: VAE generators, the closed-form Gaussian floor, or the
-    class-agnostic noise control arm."""
-
-    vae = "vae"
-    gaussian = "gaussian"
-    noise = "noise"
-
-
-class GaussianCovariance(str, Enum):
-    diagonal = "diagonal"
-    low_rank = "low_rank"
-
-
-class Granularity(str, Enum):
-    unified = "unified"
-    per_class = "per_class"
-    per_group = "per_group"
-
-
-class BetaSchedule(str, Enum):
-    linear = "linear"
-    cyclical = "cyclical"
-    sigmoid = "sigmoid"
-    constant = "constant"
-
-
-class AudioEncoderName(str, Enum):
-    yamnet = "yamnet"
-    mfcc = "mfcc"
-    ast = "ast"
-
-
-class TextEncoderName(str, Enum):
-    minilm = "minilm"
-    clip = "clip"
-    clip_t5 = "clip_t5"
-
-
-class TextOutput(str, Enum):
-    pooled = "pooled"
-    sequence = "sequence"
-
-
-class Algorithm(str, Enum):
-    federated = "federated"
-    local = "local"
-    centralized = "centralized"
-
-
-class Aggregation(str, Enum):
-    fedavg = "fedavg"
-    mean = "mean"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-
-
-class LrSchedule(str, Enum):
-    none = "none"
-    cosine = "cosine"
-
-
-class LabelSpace(str, Enum):
-    federation = "federation"
-    dataset = "dataset"
-
 
 ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
 
 
-class KlReduction(str, Enum):
-    sum = "sum"
-    mean = "mean"
-
-
-class Likelihood(str, Enum):
-    mse = "mse"
-    gaussian = "gaussian"
-
-
-class DecoderVariance(str, Enum):
-    optimal = "optimal"
-    learned = "learned"
-
-
-class ScheduleScope(str, Enum):
-    per_round = "per_round"
-    whole_run = "whole_run"
-
-
-class OnNan(str, Enum):
-    error = "error"
-    drop_generator = "drop_generator"
-
-
-class TrainingData(str, Enum):
-    audio = "audio"
-    adapter_output = "adapter_output"
-
-
-class ShareMode(str, Enum):
-    samples = "samples"
-    decoder = "decoder"
-
-
-class ServerGranularity(str, Enum):
-    none = "none"
-    unified = "unified"
-    per_class = "per_class"
-    per_group = "per_group"
-
-
 SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic", "kd")
+
 
 # The default of server.adapter_training (schema and configs/server/default.yaml): it follows the
 # generators and the algorithm through the resolver that flcore/__init__.py registers.
@@ -169,44 +69,7 @@ def default_adapter_training(generators: bool, algorithm: Any) -> str:
     return "fedavg+synthetic" if generators and federated else "fedavg"
 
 
-class Precision(str, Enum):
-    """Arithmetic of a training step's forward pass (parameters and optimizer stay fp32)."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class ExecutorName(str, Enum):
-    sequential = "sequential"
-    batched = "batched"
-    ray = "ray"
-
-
-class PipelineName(str, Enum):
-    none = "none"
-    sd = "sd"
-    flux = "flux"
-
-
-class ImageSource(str, Enum):
-    adapter = "adapter"
-    prompt = "prompt"
-    synthetic = "synthetic"
-
-
-class ImageDtype(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
 IMAGE_SPLITS = ("test", "val")
-
-
-class WandbMode(str, Enum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
 
 
 @dataclass
