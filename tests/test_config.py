@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import CONFIGS
-from flcore.config import Config, Granularity, PipelineName, validate
+from flcore.config import AdapterTraining, Config, Granularity, PipelineName, validate
 from flcore.errors import ConfigError
 
 EXPERIMENT_DIR = Path(__file__).parents[1] / "configs" / "experiment"
@@ -50,6 +50,20 @@ def test_esc50_experiment_uses_the_five_categories(make_config: Callable[..., Di
     assert [len(n.classes) for n in config.federation.nodes] == [10] * 5
     assert len({c for n in config.federation.nodes for c in n.classes}) == 50
     assert config.dataset.train_folds == [1, 2, 3, 4] and config.dataset.test_folds == [5]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ([], AdapterTraining.fedavg_synthetic),
+    (["generator=none"], AdapterTraining.fedavg),
+    (["federation.algorithm=centralized"], AdapterTraining.fedavg),
+    (["server.adapter_training=fedavg+synthetic"], AdapterTraining.fedavg_synthetic),
+    (["server.adapter_training=kd"], AdapterTraining.kd),
+])
+def test_adapter_training_resolves_to_its_enum(make_config: Callable[..., DictConfig],
+                                               overrides: list[str],
+                                               expected: AdapterTraining) -> None:
+    """The interpolated default and a value set on the command line both become a member."""
+    assert validate(make_config(*overrides)).server.adapter_training is expected
 
 
 def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> None:
@@ -98,7 +112,6 @@ def test_executor_options_pass_with_the_keys_they_set(make_config: Callable[...,
      "generator.synthetic_samples_per_class=0: must be a positive integer or auto"),
     (["generator.synthetic_samples_per_class=some"],
      "generator.synthetic_samples_per_class=some: must be a positive integer or auto"),
-    (["server.adapter_training=fedprox"], "server.adapter_training=fedprox: must be one of"),
     (["federation.algorithm=local", "server.adapter_training=synthetic"],
      "applies to federation.algorithm=federated only"),
     (["adapter.loss=l1"], "adapter.loss=l1: must be one of mse, cosine, mse+cosine, contrastive"),
@@ -174,6 +187,8 @@ def _chain(err: BaseException) -> str:
     ("seed=abc", ["seed=abc", "could not be converted to Integer"]),
     ("generator.granularity=bad", ["expected one of [unified, per_class, per_group]"]),
     ("federation.partition.kind=ring", ["expected one of [classes_per_node, dirichlet, iid]"]),
+    ("server.adapter_training=fedprox",
+     ["expected one of [fedavg, synthetic, fedavg+synthetic, kd]"]),
     ("dataset.train_folds=one", ["dataset.train_folds=one"]),
     ("checkpoint.optimizer_state=maybe", ["Value 'maybe' is not a valid bool"]),
 ])

@@ -7,6 +7,7 @@ reaches every name a config value is made of.
 """
 
 from flcore.choices import (
+    AdapterTraining,
     Aggregation,
     Algorithm,
     AudioEncoderName,
@@ -64,6 +65,7 @@ from flcore.config.validation import schema_keys, unknown_key, validate, without
 
 __all__ = [
     "AdapterConfig",
+    "AdapterTraining",
     "Aggregation",
     "Algorithm",
     "AudioEncoderConfig",

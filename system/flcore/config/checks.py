@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flcore.choices import (
+    AdapterTraining,
     Algorithm,
     DatasetName,
     DecoderVariance,
@@ -42,7 +43,6 @@ from flcore.config.schema import (
 from flcore.errors import ConfigError
 
 ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
-SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic", "kd")
 IMAGE_SPLITS = ("test", "val")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -319,12 +319,10 @@ def check_checkpoint(c: CheckpointConfig) -> None:
 def check_server(config: Config) -> None:
     """``server.*``, and the generators and algorithm its adapter training needs."""
     s = config.server
-    _require(s.adapter_training in SERVER_ADAPTER_TRAINING, "server.adapter_training",
-             s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
     _require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
              "must be >= 1")
     _require(s.synthetic_mu >= 0, "server.synthetic_mu", s.synthetic_mu, "must be >= 0 (0 = off)")
-    if s.adapter_training != "fedavg":
+    if s.adapter_training is not AdapterTraining.fedavg:
         _require(config.generator.enabled, "server.adapter_training", s.adapter_training,
                  "needs synthetic samples: set generator.enabled=true")
         _require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
@@ -345,9 +343,9 @@ def check_generator_use(config: Config) -> None:
                      "decoder", f"a {granularity.value} unconditional decoder cannot label its "
                      "samples; use per_class generators or generator.conditional=true")
     if g.training_data is TrainingData.adapter_output:
-        _require(s.adapter_training == "fedavg", "generator.training_data", "adapter_output",
-                 "samples in the text space cannot train an audio adapter; set "
-                 "server.adapter_training=fedavg")
+        _require(s.adapter_training is AdapterTraining.fedavg, "generator.training_data",
+                 "adapter_output", "samples in the text space cannot train an audio adapter; "
+                 "set server.adapter_training=fedavg")
     if s.generator.granularity is ServerGranularity.per_group:
         _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")
@@ -402,5 +400,6 @@ def check_images(config: Config) -> None:
     if i.nodes:
         _require(config.federation.algorithm is not Algorithm.centralized, "images.nodes",
                  True, "federation.algorithm=centralized has no nodes to render for")
-        _require(config.server.adapter_training != "synthetic", "images.nodes", True,
+        _require(config.server.adapter_training is not AdapterTraining.synthetic,
+                 "images.nodes", True,
                  "server.adapter_training=synthetic trains no node adapters to render with")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from flcore.choices import (
+    AdapterTraining,
     Aggregation,
     Algorithm,
     AudioEncoderName,
@@ -41,7 +42,8 @@ from flcore.choices import (
 )
 
 # The default of server.adapter_training: it follows the generators and the algorithm through
-# the resolver ``feda2v.default_adapter_training`` (:mod:`flcore.config.store`); a value the user
+# the resolver ``feda2v.default_adapter_training`` (:mod:`flcore.config.store`), which OmegaConf
+# calls when the config is resolved and whose answer it converts to the enum; a value the user
 # sets wins.
 ADAPTER_TRAINING_DEFAULT = (
     "${feda2v.default_adapter_training:${generator.enabled},${federation.algorithm}}")
@@ -256,7 +258,7 @@ class ServerGeneratorConfig:
 class ServerConfig:
     """How the server trains the global adapter."""
 
-    adapter_training: str = ADAPTER_TRAINING_DEFAULT
+    adapter_training: AdapterTraining = ADAPTER_TRAINING_DEFAULT  # type: ignore[assignment]
     synthetic_epochs: int = 5
     synthetic_balance: bool = True
     synthetic_mu: float = 0.1

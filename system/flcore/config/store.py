@@ -6,16 +6,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from flcore.choices import Algorithm
+from flcore.choices import AdapterTraining, Algorithm
 from flcore.config.schema import Config
 
 
-def default_adapter_training(generators: bool, algorithm: Any) -> str:
+def default_adapter_training(generators: bool, algorithm: Any) -> AdapterTraining:
     """``fedavg+synthetic`` when there are synthetic samples and a global adapter to fine-tune on
     them, else ``fedavg``: so ``generator=none`` and ``federation.algorithm=local|centralized``
     run without also naming server.adapter_training, while an explicit value still wins."""
     federated = Algorithm(algorithm) is Algorithm.federated
-    return "fedavg+synthetic" if generators and federated else "fedavg"
+    return AdapterTraining.fedavg_synthetic if generators and federated else AdapterTraining.fedavg
 
 
 def register_configs() -> None:
