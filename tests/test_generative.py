@@ -11,8 +11,9 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.distributions import Normal, kl_divergence
 
-from flcore.errors import TrainingError
+from flcore.errors import FedA2VError
 from flcore.metrics.generative import (
+    NonFiniteRows,
     UndefinedMetric,
     active_units,
     coverage,
@@ -275,12 +276,14 @@ def test_report_gives_reasons_for_undefined_metrics() -> None:
 
 
 def test_nan_in_generated_samples_names_node_and_generator() -> None:
+    """Metrics raise a plain ValueError; the run that called them makes it a TrainingError."""
     generated = gaussian(20, 8, 44)
     generated[3, 2] = math.nan
-    with pytest.raises(TrainingError, match="node 4, server generators, class dog"):
+    with pytest.raises(NonFiniteRows, match="node 4, server generators, class dog") as err:
         generator_report({"dog": gaussian(20, 8, 45)}, {"dog": generated},
                          where="node 4, server generators")
-    with pytest.raises(TrainingError, match="node 4, generator dog"):
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, FedA2VError)
+    with pytest.raises(NonFiniteRows, match="node 4, generator dog"):
         latent_usage(generated, torch.zeros_like(generated), where="node 4, generator dog")
 
 
