@@ -135,7 +135,9 @@ class ShareMode(str, Enum):
 #: is refused while composing, naming the four. Code names that member
 #: ``AdapterTraining.fedavg_synthetic``, an alias outside ``__members__`` (never a valid value).
 AdapterTraining = Enum(
-    "AdapterTraining", [(v, v) for v in ("fedavg", "synthetic", "fedavg+synthetic", "kd")],
+    "AdapterTraining",
+    [("fedavg", "fedavg"), ("synthetic", "synthetic"), ("fedavg+synthetic", "fedavg+synthetic"),
+     ("kd", "kd")],
     type=str, module=__name__, qualname="AdapterTraining")
 AdapterTraining.fedavg_synthetic = AdapterTraining["fedavg+synthetic"]
 
