@@ -10,13 +10,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import epoch_rows, write_esc50
+from conftest import LEARNING, epoch_rows, write_esc50
 from flcore import checkpoint
 from flcore.errors import ConfigError, TrainingError
 from flcore.run import run
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
-        "federation.local_epochs=1", "generator.training_epochs=4", "generator.hidden_dim=32",
+FAST = (*LEARNING, "generator.training_epochs=4", "generator.hidden_dim=32",
         "generator.latent_dim=8", "checkpoint.every=1")
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HANG_GUARD_S
+from conftest import ADAPTERS_ONLY, HANG_GUARD_S
 
 pytest.importorskip("diffusers")
 
@@ -33,9 +33,8 @@ from tiny_models import save_tiny_clip_judge, save_tiny_flux, save_tiny_sd
 
 REPO = Path(__file__).parents[1]
 PROMPTS = ["the sound of rising chirp", "the sound of bell ring", "the sound of siren wail"]
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "generator=none", "checkpoint.every=1", "images.height=32",
-        "images.width=32", "images.steps=2", "images.dtype=fp32", "images.batch_size=4")
+FAST = (*ADAPTERS_ONLY, "images.height=32", "images.width=32", "images.steps=2",
+        "images.dtype=fp32", "images.batch_size=4")
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,21 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import HANG_GUARD_S, REPO, SMALL_DATASET, interrupt_in_round
+from conftest import (
+    ADAPTERS_ONLY,
+    HANG_GUARD_S,
+    QUICK,
+    REPO,
+    SMALL_DATASET,
+    interrupt_in_round,
+)
 from flcore import checkpoint
 from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
 from flcore.tracking import CsvTracker
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
-FAST_CLI = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-            "federation.local_epochs=1", "checkpoint.every=1", SMALL_DATASET)
+FAST = ADAPTERS_ONLY
+FAST_CLI = (*QUICK, "federation.local_epochs=1", "checkpoint.every=1", SMALL_DATASET)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

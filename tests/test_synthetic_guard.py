@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import interrupt_in_round
+from conftest import QUICK_ROUNDS, interrupt_in_round
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import validate
 from flcore.errors import RunInterrupted
@@ -22,9 +22,7 @@ from flcore.trainmodel.generators import SyntheticShare
 
 # Closed-form Gaussian generators: good samples in no training time, so the guard has a real
 # choice to make; gen/* scoring is off where a test does not read it.
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
-        "federation.local_epochs=1", "checkpoint.every=0", "generator.model=gaussian",
-        "eval.generator_every=0")
+FAST = (*QUICK_ROUNDS, "generator.model=gaussian", "eval.generator_every=0")
 GUARD_LINE = re.compile(r"round (\d+): synthetic fine-tuning (accepted|rejected) "
                         r"\(val acc (\d\.\d{3}) -> (\d\.\d{3})\)")
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from conftest import QUICK_ROUNDS, TINY_GENERATORS
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import GeneratorConfig, validate
@@ -23,9 +24,7 @@ from flcore.trainmodel.generators import (
 )
 from flcore.trainmodel.vae import vae_loss
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
-        "federation.local_epochs=1", "checkpoint.every=0", "generator.training_epochs=2",
-        "generator.hidden_dim=16", "generator.latent_dim=4")
+FAST = (*QUICK_ROUNDS, *TINY_GENERATORS)
 
 
 @pytest.fixture
