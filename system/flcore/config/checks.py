@@ -98,13 +98,9 @@ def _check_synthetic(s: SyntheticConfig) -> None:
 
 def check_dataset(d: DatasetConfig) -> None:
     if d.name is DatasetName.esc50:
-        _require(
-            d.root is not None,
-            "dataset.root",
-            d.root,
-            "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
-            "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic",
-        )
+        _require(d.root is not None, "dataset.root", d.root,
+                 "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
+                 "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic")
     if d.name is DatasetName.folder:
         _require(d.root is not None or d.csv is not None, "dataset.root", d.root,
                  "dataset.name=folder needs a folder of class folders (dataset.root) or a "
@@ -400,6 +396,5 @@ def check_images(config: Config) -> None:
     if i.nodes:
         _require(config.federation.algorithm is not Algorithm.centralized, "images.nodes",
                  True, "federation.algorithm=centralized has no nodes to render for")
-        _require(config.server.adapter_training is not AdapterTraining.synthetic,
-                 "images.nodes", True,
-                 "server.adapter_training=synthetic trains no node adapters to render with")
+        _require(config.server.adapter_training is not AdapterTraining.synthetic, "images.nodes",
+                 True, "server.adapter_training=synthetic trains no node adapters to render with")
