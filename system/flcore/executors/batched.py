@@ -13,7 +13,6 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,12 +31,6 @@ from flcore.errors import ResourceError
 from flcore.executors.base import Executor
 from flcore.runtime import autocast
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs, step_keys
-from flcore.trainmodel.banks import Bank
-from flcore.trainmodel.generators import EpochLog
-from flcore.trainmodel.vae import VAELoss
-
-if TYPE_CHECKING:
-    from flcore.clients.clientA2V import GeneratorJob
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +144,10 @@ def clip_per_client(grads: dict[str, torch.Tensor], max_norm: float) -> None:
 
 class Batched(Executor):
     """Trains up to ``clients_per_batch`` clients at a time as one stacked adapter; when a batch
-    does not fit in device memory, halves it (with a warning) down to one client."""
+    does not fit in device memory, halves it (with a warning) down to one client. Generators
+    train as one stacked bank."""
+
+    stack_generators = True
 
     def __init__(self, shared: SharedTensors, loss: AdapterLoss, model: AudioAdapter,
                  clients_per_batch: int) -> None:
@@ -181,12 +177,6 @@ class Batched(Executor):
                 continue
             done += len(chunk)
             yield from updates
-
-    def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
-                         loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Every node's generators trained as one stacked bank (per shape), the same as one by
-        one to float tolerance (:func:`~flcore.trainmodel.banks.fit_together`)."""
-        return self.train_generators_stacked(banks, jobs, loss)
 
     def _optimizer_groups(self, config: AdapterConfig) -> list[dict]:
         """``param_groups`` of the state dicts handed back (as torch's AdamW writes them)."""

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import torch
@@ -39,12 +39,6 @@ from flcore.executors import check_executor
 from flcore.executors.base import Executor
 from flcore.runtime import thread_share, use_threads
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
-from flcore.trainmodel.banks import Bank
-from flcore.trainmodel.generators import EpochLog
-from flcore.trainmodel.vae import VAELoss
-
-if TYPE_CHECKING:
-    from flcore.clients.clientA2V import GeneratorJob
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +258,11 @@ def _local_cpus(wanted: float) -> int:
 
 
 class RayExecutor(Executor):
-    """Runs each batch of up to ``executor.clients_per_batch`` clients as a Ray task."""
+    """Runs each batch of up to ``executor.clients_per_batch`` clients as a Ray task. Generators
+    train in the driver, every node's as one stacked bank (as the batched executor does): their
+    states stay where the server keeps them between rounds."""
+
+    stack_generators = True
 
     def __init__(self, config: Config, shared: SharedTensors, loss: AdapterLoss,
                  model: AudioAdapter) -> None:
@@ -377,12 +375,6 @@ class RayExecutor(Executor):
         # ("Tried to complete task that was not pending").
         for batch, ref in zip(batches, refs, strict=True):
             yield from unpack_updates(self._get(ref, batch), device)
-
-    def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
-                         loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Generators train in the driver, every node's as one stacked bank (as the batched
-        executor does): their states stay where the server keeps them between rounds."""
-        return self.train_generators_stacked(banks, jobs, loss)
 
     def _get(self, ref: ray.ObjectRef, batch: Sequence[AdapterJob]) -> dict:
         """A task's packed updates; its training error as raised, or a lost worker as one line."""
