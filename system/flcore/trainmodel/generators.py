@@ -117,7 +117,7 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                    rngs: list[torch.Generator], offset: int, noise_std: float,
                    labels: list[str], on_nan: OnNan, precision: Precision) -> list[_Epoch]:
     """The training loop of :func:`train_generators`, at 0-based schedule epochs ``offset +
-    epoch`` (the loss's ``first_epoch``) and with ``labels[k]`` naming generator k in errors.
+    epoch`` (the loss's ``beta.first_epoch``) and with ``labels[k]`` naming generator k in errors.
 
     No host round trip inside the step loop: minibatch sizes come from the host-side
     ``data.counts`` (read once an epoch), masks, step counts and the non-finite flag stay on the
@@ -212,8 +212,8 @@ def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELos
     generator and the epoch, or with ``on_nan=drop_generator`` stops training that generator
     from that step on (its ``data.counts`` entry becomes 0) and goes on with the others.
     ``precision=bf16`` runs the forward pass under bf16 autocast; the loss, the weights and
-    the optimizer stay fp32. The beta schedule starts at ``loss_fn.first_epoch``."""
-    k, epoch_offset = data.x.shape[0], loss_fn.first_epoch
+    the optimizer stay fp32. The beta schedule starts at ``loss_fn.beta.first_epoch``."""
+    k, epoch_offset = data.x.shape[0], loss_fn.beta.first_epoch
     labels = [f"{where}generator {names[g] if names else g}" for g in range(k)]
     epochs_run = _train_stacked(model, optimizer, loss_fn, data, epochs, batch_size, grad_clip,
                                 rngs, epoch_offset, noise_std, labels, on_nan, precision)
@@ -471,8 +471,8 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     concatenated along the generator axis, at most ``max_generators`` at a time (``None``: all
     of them; a bank may be split between chunks), trained together, and written back. Each
     generator keeps its own rows, noise and shuffling (``rngs[i][g]``), minibatch order and step
-    counts; all follow the beta schedule from ``loss.first_epoch``
-    (:func:`~flcore.trainmodel.vae.schedule_start`). Returns each bank's epoch logs as
+    counts; all follow the beta schedule from ``loss.beta.first_epoch``
+    (:func:`~flcore.trainmodel.vae.beta_schedule`). Returns each bank's epoch logs as
     :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
     bank's ``wheres[i]``, the generator and the epoch (or drops it: ``generator.on_nan``).
     Banks must share shapes, device and training settings (:func:`check_trainable_together`)."""
@@ -495,7 +495,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
             data.counts[bank.spec.names.index(name)] = 0
         datas.append(data)
     had_rows = [(d.counts > 0).tolist() for d in datas]
-    offset = loss.first_epoch
+    offset = loss.beta.first_epoch
     sizes = [bank.model.k for bank in banks]
     # means[i][e]: bank i's per-generator means of epoch e, piece by piece (chunk by chunk)
     means: list[list[list[torch.Tensor]]] = [[[] for _ in range(c.training_epochs)]
