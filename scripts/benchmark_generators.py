@@ -33,10 +33,10 @@ from flcore.trainmodel.generators import (
     GeneratorBank,
     GeneratorData,
     GeneratorSpec,
+    bank_optimizer,
     learning_rates,
     train_generators,
 )
-from flcore.trainmodel.optim import MaskedAdam
 from flcore.trainmodel.vae import VAEGenerator, VAELoss, vae_loss
 
 
@@ -61,7 +61,7 @@ def batched(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: in
     model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim,
                          learned_variance=learned(config)).to(device)
     model.load_state_dict(init)
-    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
+    optimizer = bank_optimizer(model, config)
     rngs = [torch.Generator(device=device).manual_seed(g) for g in range(k)]
     logs = train_generators(model, optimizer, epochs_loss(config, epochs), data, epochs, batch,
                             config.grad_clip, rngs)

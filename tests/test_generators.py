@@ -35,7 +35,7 @@ from flcore.trainmodel.generators import (
     train_banks,
     train_generators,
 )
-from flcore.trainmodel.optim import MaskedAdam, clip_per_generator
+from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import (
     BetaScheduler,
     VAEGenerator,
@@ -265,11 +265,11 @@ def test_free_bits_and_likelihood_are_configured(
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_masked_adam_equals_torch_adam_per_generator() -> None:
+def test_stacked_adam_equals_torch_adam_per_generator() -> None:
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(2, 3))
     single = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(2)]
-    masked = MaskedAdam([weight], k=2, lr=0.01)
+    masked = StackedAdam([weight], lr=0.01)
     reference = [torch.optim.Adam([p], lr=0.01) for p in single]
     for active in ([True, True], [True, False], [False, True], [True, True]):
         grads = torch.randn(2, 3)
@@ -282,7 +282,52 @@ def test_masked_adam_equals_torch_adam_per_generator() -> None:
             torch.testing.assert_close(weight[k], single[k])
 
 
-def test_per_generator_clipping_matches_clip_grad_norm() -> None:
+def test_stacked_adamw_with_per_model_rates_equals_torch_adamw_per_model() -> None:
+    """The batched adapter executor's form: weight decay, a learning rate per model and step
+    (a schedule) and gradients handed over, not read from ``.grad``; the state round-trips
+    through torch's AdamW state dict of each model."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4, 2), torch.randn(3, 1, 2)
+    single = [[torch.nn.Parameter(t[k].clone()) for t in (weight, bias)] for k in range(3)]
+    stacked = StackedAdam([weight, bias], weight_decay=0.1)
+    reference = [torch.optim.AdamW(p, lr=0.01, weight_decay=0.1) for p in single]
+    for active in ([1, 1, 1], [1, 0, 1], [0, 1, 1]):
+        grads = [torch.randn(3, 4, 2), torch.randn(3, 1, 2)]
+        lr = torch.tensor([0.01, 0.02, 0.03])
+        stacked.step(torch.tensor(active, dtype=torch.bool), grads, lr)
+        for k in range(3):
+            if active[k]:
+                for p, g in zip(single[k], grads, strict=True):
+                    p.grad = g[k].clone()
+                reference[k].param_groups[0]["lr"] = float(lr[k])
+                reference[k].step()
+            torch.testing.assert_close(weight[k], single[k][0].detach())
+            torch.testing.assert_close(bias[k], single[k][1].detach())
+    state = stacked.export_torch(2, reference[2].state_dict()["param_groups"])
+    for i, entry in reference[2].state_dict()["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state["state"][i][key], entry[key])
+    again = StackedAdam([weight.clone(), bias.clone()], weight_decay=0.1)
+    again.load_torch(1, reference[1].state_dict())
+    torch.testing.assert_close(again.steps, torch.tensor([0.0, 2.0, 0.0]))
+    torch.testing.assert_close(again.v[1][1], stacked.v[1][1])
+
+
+def test_non_finite_flags_keep_each_models_first_bad_loss_and_step() -> None:
+    flags = NonFiniteFlags(3, torch.device("cpu"))
+    nan, inf = float("nan"), float("inf")
+    on = torch.tensor([True, True, False])
+    assert flags.update(torch.tensor([1.0, 2.0, nan]), on, 0).tolist() == [False] * 3
+    assert flags.failed() == []
+    assert flags.update(torch.tensor([1.0, inf, nan]), on, 1).tolist() == [False, True, False]
+    assert flags.update(torch.tensor([nan, nan, 1.0]), on, 2).tolist() == [True, False, False]
+    assert flags.failed() == [1, 0]  # the earliest step first
+    assert math.isnan(flags.value[0]) and flags.value[1:].tolist() == [inf, 0.0]
+    assert flags.step.tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_per_generator_clipping_matches_clip_grad_norm(flat: bool) -> None:
     torch.manual_seed(0)
     w, b = torch.nn.Parameter(torch.zeros(3, 4, 2)), torch.nn.Parameter(torch.zeros(3, 1, 2))
     w.grad, b.grad = torch.randn(3, 4, 2) * 5, torch.randn(3, 1, 2) * 5
@@ -292,7 +337,7 @@ def test_per_generator_clipping_matches_clip_grad_norm() -> None:
         pw.grad, pb.grad = w.grad[k].clone(), b.grad[k].clone()
         torch.nn.utils.clip_grad_norm_([pw, pb], 1.0)
         expected.append((pw.grad, pb.grad))
-    clip_per_generator([w, b], 1.0)
+    clip_per_model([w.grad, b.grad], 1.0, flat=flat)
     for k in range(3):
         torch.testing.assert_close(w.grad[k], expected[k][0])
         torch.testing.assert_close(b.grad[k], expected[k][1])
@@ -321,7 +366,7 @@ def _lrs(model: VAEGenerator, lr: float = 0.01) -> list[float]:
 
 def _train(model: VAEGenerator, data: GeneratorData, seeds: list[int], epochs: int = 6,
            variant: tuple[Likelihood, DecoderVariance] = VARIANTS[0]) -> list:
-    optimizer = MaskedAdam(list(model.parameters()), model.k, lr=_lrs(model))
+    optimizer = StackedAdam(list(model.parameters()), lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(s) for s in seeds]
     loss = VAELoss(linear(epochs, 0.5), likelihood=variant[0], decoder_variance=variant[1])
     return train_generators(model, optimizer, loss, data, epochs, batch_size=4, grad_clip=1.0,
@@ -377,7 +422,7 @@ def test_augmentation_noise_perturbs_the_inputs_reproducibly() -> None:
     def final_loss(noise: float, seed: int = 5) -> torch.Tensor:
         torch.manual_seed(3)
         model = VAEGenerator(2, 12, 16, 3)
-        optimizer = MaskedAdam(list(model.parameters()), 2, lr=0.01)
+        optimizer = StackedAdam(list(model.parameters()), lr=0.01)
         rngs = [torch.Generator().manual_seed(seed + k) for k in range(2)]
         logs = train_generators(model, optimizer, VAELoss(linear(3, 0.5)), data, 3, 4, 1.0, rngs,
                                 noise_std=noise)
@@ -645,7 +690,7 @@ def _reference_alone(init: dict, x: torch.Tensor, epochs: int, batch: int, seed:
 def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
         variant: tuple[Likelihood, DecoderVariance]) -> None:
     """The device-side step loop (masks, step counts and the NaN flag on the device; the
-    branch-free MaskedAdam) gives, for generators of unequal sizes (so that some sit out the
+    branch-free StackedAdam) gives, for generators of unequal sizes (so that some sit out the
     last minibatches, and their Adam step counts drift apart) and with input jitter, what a
     plain torch.optim.Adam loop over one generator at a time gives: weights, Adam moments'
     effect and every epoch's mean loss."""
@@ -655,7 +700,7 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
     model = VAEGenerator(4, 12, 16, 3, learned_variance=variant[1] is DecoderVariance.learned)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     loss = VAELoss(linear(5, 0.5), likelihood=variant[0], decoder_variance=variant[1])
-    optimizer = MaskedAdam(list(model.parameters()), 4, lr=_lrs(model))
+    optimizer = StackedAdam(list(model.parameters()), lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(20 + k) for k in range(4)]
     logs = train_generators(model, optimizer, loss, data, 5, 4, 1.0, rngs, noise_std=0.1)
     assert [log.steps for log in logs] == [4] * 5
@@ -674,14 +719,14 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_masked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
+def test_stacked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
     """Both forms of the step (per-generator fused kernels, elementwise ``where``) equal torch's
     Adam per generator, keep their own step counts, and leave an inactive generator's weights
     and moments bit for bit as they were, even when its gradient is not finite."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(3, 2, 4))
     single = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(3)]
-    masked = MaskedAdam([weight], k=3, lr=0.01)
+    masked = StackedAdam([weight], lr=0.01)
     masked.fused = fused
     reference = [torch.optim.Adam([p], lr=0.01) for p in single]
     for active in ([1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [1, 1, 0]):

@@ -3,7 +3,8 @@
 All generators of a node (one unified, one per class or one per group) live in one module whose
 weights are stacked along a leading generator axis ``K`` and run with batched matmuls. Each
 generator draws its own minibatches and noise; masks cover unequal data sizes, gradients are
-clipped per generator and :class:`MaskedAdam` steps a generator only when it had data, so
+clipped per generator and :class:`~flcore.trainmodel.optim.StackedAdam` steps a generator only
+when it had data, so
 training K generators together equals training each alone.
 """
 
@@ -25,7 +26,7 @@ from flcore.config import (
     Precision,
 )
 from flcore.errors import TrainingError
-from flcore.trainmodel.optim import MaskedAdam, clip_per_generator
+from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import VAEGenerator, VAELoss
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def start_learned_variance(dec_logvar: torch.Tensor, steps: torch.Tensor, data: 
     dec_logvar.copy_(torch.where(fresh.view(-1, 1, 1), start.view(-1, 1, 1), dec_logvar))
 
 
-def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
+def _train_stacked(model: VAEGenerator, optimizer: StackedAdam, loss_fn: VAELoss,
                    data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
                    rngs: list[torch.Generator], offset: int, noise_std: float,
                    labels: list[str], on_nan: OnNan, precision: Precision) -> list[_Epoch]:
@@ -120,8 +121,8 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
     epoch`` (the loss's ``beta.first_epoch``) and with ``labels[k]`` naming generator k in errors.
 
     No host round trip inside the step loop: minibatch sizes come from the host-side
-    ``data.counts`` (read once an epoch), masks, step counts and the non-finite flag stay on the
-    device; the flag is read once, at the end of each epoch."""
+    ``data.counts`` (read once an epoch), masks, step counts and the non-finite flags stay on
+    the device; the flags are read once, at the end of each epoch."""
     k, n_max, _ = data.x.shape
     device = data.x.device
     params = list(model.parameters())
@@ -136,13 +137,10 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
             perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
         sums = torch.zeros(7, k, device=device)
         seen = torch.zeros(k, device=device)
-        alive = torch.ones(k, dtype=torch.bool, device=device)
-        bad = torch.zeros(k, dtype=torch.bool, device=device)
-        first_value = torch.zeros(k, device=device)
-        first_step = torch.zeros(k, dtype=torch.long, device=device)
+        flags = NonFiniteFlags(k, device)
         for step, start in enumerate(range(0, max(max(counts, default=0), 1), batch_size)):
             index = perms[:, start : start + batch_size]
-            mask = (index >= 0) & alive[:, None]
+            mask = (index >= 0) & ~flags.bad[:, None]
             safe = index.clamp(min=0)
             x = torch.gather(data.x, 1, safe[..., None].expand(-1, -1, data.x.shape[-1]))
             cond = (None if data.cond is None else
@@ -159,18 +157,13 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
                 recon, mu, logvar = recon.float(), mu.float(), logvar.float()
             terms = loss_fn(recon, x, mu, logvar, epoch + offset, mask, model.dec_logvar)
             active = mask.any(1)
-            now = active & ~torch.isfinite(terms.total)
-            first_value = torch.where(now, terms.total.detach(), first_value)
-            first_step = torch.where(now, step, first_step)
-            bad |= now
-            alive &= ~now
-            active = active & ~now
+            active = active & ~flags.update(terms.total, active, step)
             mask = mask & active[:, None]
             for p in params:
                 p.grad = None
             torch.where(active, terms.total, 0.0).sum().backward()
             if grad_clip > 0:
-                clip_per_generator(params, grad_clip)
+                clip_per_model([p.grad for p in params], grad_clip)
             optimizer.step(active)
             batch = mask.sum(1).to(sums.dtype)
             sums += torch.nan_to_num(torch.stack([
@@ -180,20 +173,16 @@ def _train_stacked(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
         means = sums / seen.clamp(min=1)
         means[5] = torch.where(seen > 0, means[5].log(), torch.nan)
         out.append(_Epoch(epoch, means, counts))
-        if bool(bad.any()):  # the one host round trip of an epoch
-            _report_non_finite(bad, first_value, first_step, epoch + offset, labels, on_nan,
-                               data)
+        _report_non_finite(flags, epoch + offset, labels, on_nan, data)
     return out
 
 
-def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tensor, epoch: int,
-                       labels: list[str], on_nan: OnNan,
+def _report_non_finite(flags: NonFiniteFlags, epoch: int, labels: list[str], on_nan: OnNan,
                        data: GeneratorData) -> None:
     """Raise TrainingError for the first generator whose loss was not finite this epoch, or
     (``on_nan=drop_generator``) warn about each and zero its rows for the epochs to come."""
-    failed = sorted(bad.nonzero().flatten().tolist(), key=lambda g: (int(step[g]), g))
-    for g in failed:
-        message = f"{labels[g]}, epoch {epoch + 1}: VAE loss is {value[g].item()}"
+    for g in flags.failed():  # the one host round trip of an epoch
+        message = f"{labels[g]}, epoch {epoch + 1}: VAE loss is {flags.value[g].item()}"
         if on_nan is OnNan.error:
             raise TrainingError(f"{message}; lower generator.lr or set "
                                 "generator.on_nan=drop_generator")
@@ -201,7 +190,7 @@ def _report_non_finite(bad: torch.Tensor, value: torch.Tensor, step: torch.Tenso
         data.counts[g] = 0
 
 
-def train_generators(model: VAEGenerator, optimizer: MaskedAdam, loss_fn: VAELoss,
+def train_generators(model: VAEGenerator, optimizer: StackedAdam, loss_fn: VAELoss,
                      data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
                      rngs: list[torch.Generator], noise_std: float = 0.0, where: str = "",
                      names: list[str] | None = None, on_nan: OnNan = OnNan.error,
@@ -261,8 +250,7 @@ class GeneratorBank:
         self.model = VAEGenerator(len(spec.names), features, config.hidden_dim, config.latent_dim,
                                   cond_dim, config.decoder_variance is DecoderVariance.learned
                                   ).to(device)
-        self.optimizer = MaskedAdam(list(self.model.parameters()), self.model.k,
-                                    learning_rates(self.model, config))
+        self.optimizer = bank_optimizer(self.model, config)
         self.trainings = 0
         self.dropped: list[str] = []
 
@@ -398,6 +386,11 @@ def learning_rates(model: VAEGenerator, config: GeneratorConfig) -> list[float]:
     start and moves as the reconstructions improve."""
     return [config.variance_lr if name == "dec_logvar" else config.lr
             for name, _ in model.named_parameters()]
+
+
+def bank_optimizer(model: VAEGenerator, config: GeneratorConfig) -> StackedAdam:
+    """Adam over a bank's generators at :func:`learning_rates`."""
+    return StackedAdam(list(model.parameters()), learning_rates(model, config))
 
 
 #: The settings of a bank's training that banks trained together must share.
@@ -550,7 +543,7 @@ def _slice_data(data: GeneratorData, a: int, b: int) -> GeneratorData:
 
 
 def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
-           config: GeneratorConfig) -> tuple[VAEGenerator, MaskedAdam]:
+           config: GeneratorConfig) -> tuple[VAEGenerator, StackedAdam]:
     """One model and optimizer holding the generators ``chunk`` of ``banks`` (copies)."""
     first = banks[chunk[0][0]].model
     features, hidden, latent, cond, learned = banks[chunk[0][0]].shape()
@@ -560,7 +553,7 @@ def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
         for j, param in enumerate(model.parameters()):
             param.copy_(torch.cat([list(banks[i].model.parameters())[j][a:b]
                                    for i, a, b in chunk]))
-    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
+    optimizer = bank_optimizer(model, config)
     optimizer.load_state_dict({
         "m": [torch.cat([banks[i].optimizer.m[j][a:b] for i, a, b in chunk])
               for j in range(len(optimizer.m))],
@@ -572,7 +565,7 @@ def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
 
 @torch.no_grad()
 def _unstack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
-             model: VAEGenerator, optimizer: MaskedAdam) -> None:
+             model: VAEGenerator, optimizer: StackedAdam) -> None:
     """Write the trained generators ``chunk`` (weights, Adam moments, step counts) back."""
     lo = 0
     for i, a, b in chunk:
