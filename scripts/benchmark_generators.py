@@ -28,15 +28,14 @@ import time
 import torch
 
 from flcore.config import DecoderVariance, GeneratorConfig
-from flcore.trainmodel.banks import fit_together
-from flcore.trainmodel.generators import (
-    GeneratorBank,
+from flcore.trainmodel.bank_training import (
     GeneratorData,
-    GeneratorSpec,
     bank_optimizer,
     learning_rates,
     train_generators,
 )
+from flcore.trainmodel.banks import fit_together
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec
 from flcore.trainmodel.vae import VAEGenerator, VAELoss, vae_loss
 
 

@@ -25,16 +25,14 @@ from flcore.config import (
     validate,
 )
 from flcore.errors import ConfigError, TrainingError
-from flcore.trainmodel.banks import fit_together
-from flcore.trainmodel.generators import (
-    GeneratorBank,
+from flcore.trainmodel.bank_training import (
     GeneratorData,
-    GeneratorSpec,
-    _slice,
     start_learned_variance,
     train_banks,
     train_generators,
 )
+from flcore.trainmodel.banks import fit_together
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec, _slice
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import (
     BetaScheduler,
@@ -502,16 +500,16 @@ def test_the_learned_variance_travels_with_the_decoder(monkeypatch: pytest.Monke
     averaged), is trained towards its optimum, the log of the reconstructions' MSE, is sliced
     with its generator and sent in the decoder package; a bank built from the package samples
     what the sender would."""
-    from flcore.trainmodel import generators
+    from flcore.trainmodel import bank_training
 
     starts: list[torch.Tensor] = []
-    original = generators.start_learned_variance
+    original = bank_training.start_learned_variance
 
     def spy(dec_logvar: torch.Tensor, *args: object) -> None:
         original(dec_logvar, *args)
         starts.append(dec_logvar.detach().flatten().clone())
 
-    monkeypatch.setattr(generators, "start_learned_variance", spy)
+    monkeypatch.setattr(bank_training, "start_learned_variance", spy)
     x, y = _low_rank_classes(32, 16, 2, (1.0, 1.0))
     config = GeneratorConfig(**UNIT, training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
                              decoder_variance=DecoderVariance.learned, variance_lr=0.1)

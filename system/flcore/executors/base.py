@@ -15,8 +15,8 @@ import torch
 
 from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.progress import phase, stage
+from flcore.trainmodel.bank_training import EpochLog
 from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog
 from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
