@@ -59,7 +59,7 @@ def test_conditional_generators_draw_each_class_from_its_prompt(groups: list[lis
     def fit(cond_dim: int) -> GeneratorBank:
         torch.manual_seed(0)
         bank = GeneratorBank(spec, features, config, cond_dim, torch.device("cpu"))
-        bank.fit(x, y, prompts if cond_dim else None, vae_loss(config, config.training_epochs),
+        bank.fit(x, y, prompts if cond_dim else None, vae_loss(config, rounds=1, round_=1),
                  [torch.Generator().manual_seed(1 + i) for i in range(len(groups))], "")
         return bank
 

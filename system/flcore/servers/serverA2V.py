@@ -33,7 +33,6 @@ from flcore.config import (
     Config,
     Granularity,
     ImageSource,
-    ScheduleScope,
     ServerGranularity,
     TrainingData,
 )
@@ -56,7 +55,7 @@ from flcore.trainmodel.generators import (
     SyntheticShare,
     generator_spec,
 )
-from flcore.trainmodel.vae import schedule_start, vae_loss
+from flcore.trainmodel.vae import vae_loss
 from flcore.visual.renderer import Renderer, RenderSet, needs_renderer, pick_per_class
 
 log = logging.getLogger(__name__)
@@ -73,11 +72,6 @@ def labels_by_centroid(bank: Bank | None) -> bool:
     with a generator of several classes (``generator.conditional=false``)."""
     return (isinstance(bank, GeneratorBank) and bank.model.cond == 0
             and any(len(c) > 1 for c in bank.spec.classes))
-
-
-def generator_trainings(config: Config) -> int:
-    """How many rounds of the run train generators (every ``generator.train_every``-th)."""
-    return config.federation.rounds // config.generator.train_every
 
 
 def _clone(state: StateDict) -> StateDict:
@@ -144,8 +138,6 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                 client.model_state = _clone(self.global_state)
         g = config.generator
         self.generators_on = g.enabled
-        self.generator_epochs = g.training_epochs * (
-            generator_trainings(config) if g.schedule_scope is ScheduleScope.whole_run else 1)
         self.generator_rounds_done = 0
         self.synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -298,7 +290,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
             jobs.append(client.generator_job(self.shared, g, round_, self.config.seed, adapter))
         banks = [client.generators for client in selected]
         epochs = self.executor.train_generators(
-            banks, jobs, vae_loss(g, self.generator_epochs, schedule_start(g, round_)))
+            banks, jobs, vae_loss(g, rounds=self.config.federation.rounds, round_=round_))
         for client, job, client_epochs in zip(selected, jobs, epochs, strict=True):
             if client_epochs:
                 logs[client.node] = client_epochs
@@ -366,7 +358,7 @@ class ServerA2V(ServerBase, GeneratorEvaluation):
                        purpose=Purpose.server_generator_training, device=rows.device)
                 for k in range(self.server_bank.model.k)]
         self.server_bank.fit(rows, y, prompts,
-                             vae_loss(g, self.generator_epochs, schedule_start(g, round_)), rngs,
+                             vae_loss(g, rounds=self.config.federation.rounds, round_=round_), rngs,
                              where=f"server, round {round_}: ")
         present = y.unique().tolist()
         counts = {c: int((y == c).sum()) for c in present}
