@@ -11,11 +11,7 @@ import numpy as np
 import torch
 
 from flcore import checkpoint
-from flcore.clients.clientA2V import (
-    ClientA2V,
-    GeneratorEvaluation,
-    condition_width,
-)
+from flcore.clients.clientA2V import ClientA2V, condition_width
 from flcore.clients.clientbase import (
     AdapterJob,
     LocalUpdate,
@@ -118,7 +114,7 @@ def _generator_scalars(epochs: list[EpochLog], prefix: str) -> dict[str, float]:
             f"{prefix}generator/steps_per_epoch": float(np.mean([e.steps for e in epochs]))}
 
 
-class ServerA2V(ServerBase, GeneratorEvaluation):
+class ServerA2V(ServerBase):
     """Runs the A2V round: the strategy of ``federation.algorithm`` and
     ``server.adapter_training`` trains the global adapter from client adapters and synthetic
     samples; clients train generators every ``generator.train_every`` rounds; evaluation is
