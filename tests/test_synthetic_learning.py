@@ -108,14 +108,14 @@ def test_majority_share_is_the_largest_class_share_of_the_labels() -> None:
     largest count or of the classes."""
     from types import SimpleNamespace
 
-    from flcore.servers.serverA2V import ServerA2V
+    from flcore.servers.synthetic import SyntheticLearner
 
     stub = SimpleNamespace(shared=SimpleNamespace(class_names=[f"c{i}" for i in range(5)]),
                            majority_shares={})
     cases = {0: [3] * 7 + [1] * 2 + [4] * 3, 1: [0, 2, 2, 0, 0, 4], 2: [1] * 5,
              3: [4, 0, 1, 2, 3, 4, 0, 1]}
     for node, labels in cases.items():
-        ServerA2V.report_label_shares(stub, f"node{node}", torch.tensor(labels))
+        SyntheticLearner.report_label_shares(stub, f"node{node}", torch.tensor(labels))
     expected = {f"node{node}": np.bincount(labels).max() / len(labels)
                 for node, labels in cases.items()}
     assert expected == {"node0": 7 / 12, "node1": 3 / 6, "node2": 1.0, "node3": 2 / 8}
