@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,6 @@ from flcore.config import GeneratorConfig, OnNan, Precision
 from flcore.errors import TrainingError
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import VAEGenerator, VAELoss
-
-if TYPE_CHECKING:
-    from flcore.trainmodel.generators import GeneratorBank
 
 log = logging.getLogger(__name__)
 
@@ -216,19 +213,40 @@ def bank_optimizer(model: VAEGenerator, config: GeneratorConfig) -> StackedAdam:
     return StackedAdam(list(model.parameters()), learning_rates(model, config))
 
 
+class GeneratorBank(Protocol):
+    """What bank training needs of a bank (:class:`flcore.trainmodel.generators.GeneratorBank`):
+    its stacked model and optimizer, settings, generator names, and the two steps around a
+    training."""
+
+    model: VAEGenerator
+    optimizer: StackedAdam
+    config: GeneratorConfig
+    dropped: list[str]
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def shape(self) -> tuple[int, int, int, int, bool]: ...
+
+    def data(self, x: torch.Tensor, labels: torch.Tensor,
+             prompts: torch.Tensor | None) -> GeneratorData: ...
+
+    def end_training(self, last: EpochLog, dropped: list[bool], where: str) -> None: ...
+
+
 #: The settings of a bank's training that banks trained together must share.
 _SHARED_SETTINGS = ("training_epochs", "batch_size", "grad_clip", "augmentation_noise", "lr",
                     "variance_lr", "on_nan", "schedule_scope", "precision")
 
 
-def _stack_key(bank: "GeneratorBank") -> dict[str, object]:
+def _stack_key(bank: GeneratorBank) -> dict[str, object]:
     features, hidden, latent, cond, learned = bank.shape()
     return {"features": features, "hidden": hidden, "latent": latent, "cond": cond,
             "learned variance": learned, "device": bank.model.enc.weight.device,
             **{key: getattr(bank.config, key) for key in _SHARED_SETTINGS}}
 
 
-def check_trainable_together(banks: Sequence["GeneratorBank"], wheres: Sequence[str]) -> None:
+def check_trainable_together(banks: Sequence[GeneratorBank], wheres: Sequence[str]) -> None:
     """Raise ValueError, naming the first bank that differs from the first one and how, unless
     all ``banks`` have the same shapes (features, hidden, latent, cond, learned variance),
     device and training settings (:data:`_SHARED_SETTINGS`)."""
@@ -276,7 +294,7 @@ def _concat_data(parts: list[GeneratorData]) -> GeneratorData:
                          torch.cat([p.counts for p in parts]), cond)
 
 
-def train_banks(banks: Sequence["GeneratorBank"], xs: Sequence[torch.Tensor],
+def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                 labels: Sequence[torch.Tensor], prompts: Sequence[torch.Tensor | None],
                 loss: VAELoss, rngs: Sequence[list[torch.Generator]], wheres: Sequence[str],
                 max_generators: int | None = None) -> list[list[EpochLog]]:
@@ -308,7 +326,7 @@ def train_banks(banks: Sequence["GeneratorBank"], xs: Sequence[torch.Tensor],
     for bank, x, y, p in zip(banks, xs, labels, prompts, strict=True):
         data = bank.data(x, y, p)
         for name in bank.dropped:
-            data.counts[bank.spec.names.index(name)] = 0
+            data.counts[bank.names.index(name)] = 0
         datas.append(data)
     had_rows = [(d.counts > 0).tolist() for d in datas]
     offset = loss.beta.first_epoch
@@ -326,7 +344,7 @@ def train_banks(banks: Sequence["GeneratorBank"], xs: Sequence[torch.Tensor],
             model, optimizer = _stack(banks, chunk, c)
             data = _concat_data([_slice_data(datas[i], a, b) for i, a, b in chunk])
         chunk_rngs = [r for i, a, b in chunk for r in rngs[i][a:b]]
-        chunk_labels = [f"{wheres[i]}generator {banks[i].spec.names[g]}"
+        chunk_labels = [f"{wheres[i]}generator {banks[i].names[g]}"
                         for i, a, b in chunk for g in range(a, b)]
         epochs_run = _train_stacked(model, optimizer, loss, data, c.training_epochs,
                                     c.batch_size, c.grad_clip, chunk_rngs, c.augmentation_noise,
@@ -360,7 +378,7 @@ def _slice_data(data: GeneratorData, a: int, b: int) -> GeneratorData:
                          None if data.cond is None else data.cond[a:b])
 
 
-def _stack(banks: Sequence["GeneratorBank"], chunk: list[tuple[int, int, int]],
+def _stack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
            config: GeneratorConfig) -> tuple[VAEGenerator, StackedAdam]:
     """One model and optimizer holding the generators ``chunk`` of ``banks`` (copies)."""
     first = banks[chunk[0][0]].model
@@ -382,7 +400,7 @@ def _stack(banks: Sequence["GeneratorBank"], chunk: list[tuple[int, int, int]],
 
 
 @torch.no_grad()
-def _unstack(banks: Sequence["GeneratorBank"], chunk: list[tuple[int, int, int]],
+def _unstack(banks: Sequence[GeneratorBank], chunk: list[tuple[int, int, int]],
              model: VAEGenerator, optimizer: StackedAdam) -> None:
     """Write the trained generators ``chunk`` (weights, Adam moments, step counts) back."""
     lo = 0

@@ -79,6 +79,11 @@ class GeneratorBank:
         """``generator.training_epochs`` epochs on rows ``x [n, F]`` with class ids ``labels``."""
         return train_banks([self], [x], [labels], [prompts], loss, [rngs], [where])[0]
 
+    @property
+    def names(self) -> list[str]:
+        """The generators' names, in stack order."""
+        return self.spec.names
+
     def shape(self) -> tuple[int, int, int, int, bool]:
         """``(features, hidden, latent, cond, learned variance)``: banks of one shape can train
         as one stacked model."""
