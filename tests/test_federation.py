@@ -11,7 +11,7 @@ import torch
 from conftest import LEARNING
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import AdapterConfig
 from flcore.errors import CheckpointError, ConfigError, TrainingError
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter

@@ -340,7 +340,8 @@ def test_flux_pooled_conditioning_is_rescaled_to_the_prompts_norm(
         make_config: Callable[..., Any], models: dict[str, Path], tmp_path: Path) -> None:
     """Flux reads CLIP's unnormalised pooled output: the adapter's pooled vector (trained on
     the normalised one) keeps its direction and takes the class prompts' mean norm."""
-    from flcore.clients.clientbase import SharedTensors, build_adapter
+    from flcore.clients.protocol import SharedTensors
+    from flcore.clients.training import build_adapter
     from flcore.config import validate
     from flcore.tracking import Trackers
     from flcore.visual.renderer import Renderer, RenderSet

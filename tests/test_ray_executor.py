@@ -19,14 +19,8 @@ from conftest import HANG_GUARD_S
 
 ray = pytest.importorskip("ray")
 
-from flcore.clients.clientbase import (  # noqa: E402
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    build_adapter,
-    build_adapter_loss,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors  # noqa: E402
+from flcore.clients.training import build_adapter, build_adapter_loss  # noqa: E402
 from flcore.config import Config, validate  # noqa: E402
 from flcore.errors import ConfigError, ResourceError, TrainingError  # noqa: E402
 from flcore.executors import ray as ray_executor  # noqa: E402
@@ -203,7 +197,7 @@ UNREACHABLE = textwrap.dedent("""
     import os, socket, sys, time
     import torch
     from omegaconf import OmegaConf
-    from flcore.clients.clientbase import SharedTensors
+    from flcore.clients.protocol import SharedTensors
     from flcore.config import Config
     from flcore.errors import ResourceError
     from flcore.executors.ray import RayExecutor

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, validate
 from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import Trackers

@@ -91,7 +91,7 @@ def test_conditional_generators_draw_each_class_from_its_prompt(groups: list[lis
 
 
 def test_per_class_generators_need_no_condition(make_config: Callable[..., DictConfig]) -> None:
-    from flcore.clients.clientbase import SharedTensors
+    from flcore.clients.protocol import SharedTensors
 
     config = validate(make_config())
     shared = SharedTensors(torch.randn(6, 8, 16), torch.tensor([0, 0, 1, 1, 2, 2]),

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import (
     Algorithm,
     Config,

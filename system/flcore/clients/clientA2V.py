@@ -5,17 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flcore.clients.clientbase import (
-    AdapterJob,
-    ClientBase,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    StateDict,
-    fit,
-    proximal_term,
-    training_seed,
-)
+from flcore.clients.clientbase import ClientBase
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors, StateDict
+from flcore.clients.training import fit, proximal_term, training_seed
 from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode, TrainingData
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.streams import Purpose, stream, stream_seed

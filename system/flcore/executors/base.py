@@ -1,8 +1,8 @@
 """The interface every executor implements.
 
 An executor trains the round's selected clients' adapters from the weights the strategy chose
-and hands back one :class:`~flcore.clients.clientbase.LocalUpdate` per
-:class:`~flcore.clients.clientbase.AdapterJob`, in job order. What a
+and hands back one :class:`~flcore.clients.protocol.LocalUpdate` per
+:class:`~flcore.clients.protocol.AdapterJob`, in job order. What a
 job carries is small: index tensors into the shared embeddings, a start state, a seed. So an
 executor that ships work elsewhere (Ray) sends tensors, never client objects.
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.progress import phase, stage
 from flcore.trainmodel.bank_training import EpochLog
 from flcore.trainmodel.banks import Bank, fit_together

@@ -1,7 +1,7 @@
 """A round's clients trained together as one adapter with a leading client axis.
 
 Each client keeps what makes its training its own: its minibatch order and dropout masks (both
-functions of its seed, as in :func:`~flcore.clients.clientbase.fit`), its AdamW state and step
+functions of its seed, as in :func:`~flcore.clients.training.fit`), its AdamW state and step
 count, its learning-rate schedule, its gradient-norm clip and its data size (a client with fewer
 minibatches sits out the steps it does not have). So the result equals the sequential
 executor's to float tolerance, while a step costs a few large kernels instead of one small set
@@ -16,15 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flcore.clients.clientbase import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    check_finite,
-    cosine_lr,
-    minibatch_orders,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.training import check_finite, cosine_lr, minibatch_orders
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError
 from flcore.executors.base import Executor

@@ -24,14 +24,8 @@ from typing import Any
 import ray
 import torch
 
-from flcore.clients.clientbase import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    build_adapter,
-    build_adapter_loss,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.training import build_adapter, build_adapter_loss
 from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors import check_executor

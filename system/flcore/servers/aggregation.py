@@ -2,7 +2,7 @@
 
 import torch
 
-from flcore.clients.clientbase import StateDict
+from flcore.clients.protocol import StateDict
 
 
 class RunningAverage:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config
 from flcore.data.partition import scoring_split
 from flcore.metrics.generative import (

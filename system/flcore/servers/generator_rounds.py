@@ -12,7 +12,7 @@ import torch
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors, StateDict
+from flcore.clients.protocol import SharedTensors, StateDict
 from flcore.config import Config, TrainingData
 from flcore.errors import ConfigError
 from flcore.executors.base import Executor

@@ -4,7 +4,7 @@ and the adapter states that render them (``images.*``)."""
 import torch
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors, StateDict
+from flcore.clients.protocol import SharedTensors, StateDict
 from flcore.config import Algorithm, Config, ImageSource
 from flcore.visual.renderer import RenderSet, pick_per_class
 

@@ -12,16 +12,8 @@ import numpy as np
 import torch
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    StateDict,
-    build_adapter,
-    build_adapter_loss,
-    training_seed,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors, StateDict
+from flcore.clients.training import build_adapter, build_adapter_loss, training_seed
 from flcore.config import Algorithm, Config, TrainingData
 from flcore.executors import build_executor
 from flcore.progress import phase

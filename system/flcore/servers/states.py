@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from flcore.clients.clientbase import StateDict
+from flcore.clients.protocol import StateDict
 from flcore.trainmodel.banks import Bank
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flcore.clients.clientbase import LocalUpdate, StateDict
+from flcore.clients.protocol import LocalUpdate, StateDict
 from flcore.config import Aggregation, Algorithm, Config, SplitKind
 from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.evaluation import Evaluator

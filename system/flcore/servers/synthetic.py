@@ -7,7 +7,8 @@ from typing import Any, Protocol
 import torch
 
 from flcore.clients.clientA2V import ClientA2V, condition_width
-from flcore.clients.clientbase import SharedTensors, StateDict, fit, proximal_term
+from flcore.clients.protocol import SharedTensors, StateDict
+from flcore.clients.training import fit, proximal_term
 from flcore.config import Config, Granularity, ServerGranularity, TrainingData
 from flcore.metrics.classification import zero_shot_scores
 from flcore.servers.evaluation import Evaluator
