@@ -48,8 +48,8 @@ def test_granularities_train_log_and_share(gen_run, tmp_path: Path,
     assert [float(r["generator/beta"]) for r in rows[:4]] == pytest.approx(
         [beta_max * b for b in (0.5, 1, 1, 1)])
     assert "node0/generator/recon_loss" in rows[0]
-    # The calibrated decoder (issue 17): the KL weight is beta itself at every epoch, and each
-    # generator's sigma^2 is logged; a node's one unified generator's is its MSE.
+    # The calibrated decoder (σ-VAE, Rybkin et al. 2021): the KL weight is beta itself at every
+    # epoch, and each generator's sigma^2 is logged; a node's one unified generator's is its MSE.
     for row in rows:
         assert float(row["generator/effective_beta"]) == pytest.approx(
             float(row["generator/beta"]), rel=1e-5)

@@ -785,8 +785,8 @@ def _rngs(banks: list[GeneratorBank]) -> list[list[torch.Generator]]:
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_the_optimal_sigma_keeps_beta_calibrated_at_every_epoch_of_every_round(
         granularity: str) -> None:
-    """Issue 17's drift: a learned sigma that started at 1 and moved by about ``lr`` a step made
-    the effective beta ~100 x beta, drifting within a run and differing between granularities
+    """The drift it prevents: a learned σ that started at 1 and moved by about ``lr`` a step
+    made the effective beta ~100 x beta, drifting within a run and differing between granularities
     (a unified generator takes more steps a round). With the optimal sigma, over three trainings
     of a node's rows, each generator's logged ``exp(log_sigma2)`` is its epoch's MSE and its
     effective beta the epoch's beta, at every epoch, for a unified and a per-class bank."""

@@ -20,7 +20,8 @@ from flcore.servers.states import bank_state
 from flcore.servers.synthetic import SyntheticLearner, labels_by_centroid
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AudioAdapter
-from flcore.trainmodel.generators import EpochLog, GeneratorBank
+from flcore.trainmodel.bank_training import EpochLog
+from flcore.trainmodel.generators import GeneratorBank
 from flcore.trainmodel.vae import vae_loss
 
 #: Config keys whose values must match for generators of an earlier run to load.

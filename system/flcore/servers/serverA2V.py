@@ -26,7 +26,7 @@ from flcore.servers.states import clone_state, offload
 from flcore.servers.strategies import build_strategy
 from flcore.servers.synthetic import SyntheticLearner
 from flcore.tracking import Trackers
-from flcore.trainmodel.generators import EpochLog
+from flcore.trainmodel.bank_training import EpochLog
 from flcore.visual.renderer import Renderer, needs_renderer
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flcore.clients.protocol import LocalUpdate, StateDict
-from flcore.config import Aggregation, Algorithm, Config, SplitKind
+from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
 from flcore.servers.aggregation import FedAdam, RunningAverage
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.synthetic import SyntheticLearner, Teacher
@@ -242,11 +242,11 @@ def build_strategy(config: Config, learner: SyntheticLearner,
     if config.federation.algorithm is Algorithm.centralized:
         return Centralized()
     mode = config.server.adapter_training
-    if mode == "synthetic":
+    if mode is AdapterTraining.synthetic:
         return SyntheticOnly(learner)
-    if mode == "kd":
+    if mode is AdapterTraining.kd:
         return Distillation(learner)
-    if mode == "fedavg+synthetic":
+    if mode is AdapterTraining.fedavg_synthetic:
         return FedAvgThenSynthetic(config, learner, evaluator)
     return FedAvg(config)
 
@@ -257,7 +257,7 @@ def unguarded_warnings(config: Config, val_clips: int) -> list[str]:
     fine-tuned adapter in silence."""
     s, d = config.server, config.dataset
     if (val_clips or config.federation.algorithm is not Algorithm.federated
-            or s.adapter_training != "fedavg+synthetic"
+            or s.adapter_training is not AdapterTraining.fedavg_synthetic
             or not (s.synthetic_guard or s.skip_failed_classes)):
         return []
     key, value = (("dataset.val_folds", d.val_folds) if d.split is SplitKind.folds
