@@ -16,13 +16,14 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                # ``from package import submodule`` depends on the submodule alone
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                           else node.module for a in node.names]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
                 continue
-            graph[name] |= {t for t in targets
-                            if t in modules and t != name and not name.startswith(t + ".")}
+            graph[name] |= {t for t in targets if t in modules and t != name}
     return graph
 
 

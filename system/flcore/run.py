@@ -28,7 +28,7 @@ from flcore.data.embeddings import Embeddings, dataset_fingerprint, encode_datas
 from flcore.data.partition import Partition, build_partition
 from flcore.encoders.audio import min_clip_seconds
 from flcore.errors import ConfigError, FedA2VError, RunInterrupted
-from flcore.executors import check_executor
+from flcore.executors.resources import check_executor
 from flcore.files import (
     atomic_write_text,
     remove_stale_temporaries,

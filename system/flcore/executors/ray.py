@@ -28,8 +28,8 @@ from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTe
 from flcore.clients.training import build_adapter, build_adapter_loss
 from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
-from flcore.executors import check_executor
 from flcore.executors.base import Executor
+from flcore.executors.resources import check_executor
 from flcore.runtime import thread_share, use_threads
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
