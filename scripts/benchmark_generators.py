@@ -22,26 +22,31 @@ configured epochs and batch), trained
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
 
 from flcore.config import DecoderVariance, GeneratorConfig
-from flcore.trainmodel.banks import fit_together
-from flcore.trainmodel.generators import (
-    GeneratorBank,
+from flcore.trainmodel.bank_training import (
     GeneratorData,
-    GeneratorSpec,
+    bank_optimizer,
     learning_rates,
     train_generators,
 )
-from flcore.trainmodel.optim import MaskedAdam
-from flcore.trainmodel.vae import VAEGenerator, vae_loss
+from flcore.trainmodel.banks import fit_together
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec
+from flcore.trainmodel.vae import VAEGenerator, VAELoss, vae_loss
 
 
 def learned(config: GeneratorConfig) -> bool:
     """Whether the configured decoders learn their variance (``decoder_variance=learned``)."""
     return config.decoder_variance is DecoderVariance.learned
+
+
+def epochs_loss(config: GeneratorConfig, epochs: int) -> VAELoss:
+    """The configured loss, its beta schedule ``epochs`` long (one training of a run)."""
+    return vae_loss(dataclasses.replace(config, training_epochs=epochs), rounds=1, round_=1)
 
 
 def sync(device: torch.device) -> None:
@@ -55,9 +60,9 @@ def batched(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: in
     model = VAEGenerator(k, features, config.hidden_dim, config.latent_dim,
                          learned_variance=learned(config)).to(device)
     model.load_state_dict(init)
-    optimizer = MaskedAdam(list(model.parameters()), k, learning_rates(model, config))
+    optimizer = bank_optimizer(model, config)
     rngs = [torch.Generator(device=device).manual_seed(g) for g in range(k)]
-    logs = train_generators(model, optimizer, vae_loss(config, epochs), data, epochs, batch,
+    logs = train_generators(model, optimizer, epochs_loss(config, epochs), data, epochs, batch,
                             config.grad_clip, rngs)
     sync(device)
     return float(logs[-1].total.mean())
@@ -67,7 +72,7 @@ def loop(init: dict, data: GeneratorData, config: GeneratorConfig, epochs: int, 
          device: torch.device) -> float:
     """One VAE per class, trained in turn (torch Adam, ``clip_grad_norm_``)."""
     k, features = data.x.shape[0], data.x.shape[-1]
-    loss_fn = vae_loss(config, epochs)
+    loss_fn = epochs_loss(config, epochs)
     finals = []
     for g in range(k):
         model = VAEGenerator(1, features, config.hidden_dim, config.latent_dim,
@@ -127,7 +132,7 @@ def benchmark_nodes(args: argparse.Namespace, device: torch.device) -> None:
     features = 4 * 1024
     torch.manual_seed(0)
     banks, xs, ys = node_banks(args.nodes, args.classes, args.samples, features, config, device)
-    loss = vae_loss(config, args.epochs)
+    loss = vae_loss(config, rounds=1, round_=1)
     wheres = [f"node {i}: " for i in range(args.nodes)]
 
     def together(fresh: list[GeneratorBank]) -> float:

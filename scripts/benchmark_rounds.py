@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, ExecutorName
 from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import Trackers

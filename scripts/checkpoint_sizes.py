@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config
 from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import Trackers

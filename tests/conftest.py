@@ -28,6 +28,24 @@ HANG_GUARD_S = 3600
 # benchmark (400 test clips) is for results, tests/test_synthetic.py checks its shape.
 SMALL_DATASET = "dataset=synthetic_small"
 
+# Overrides the run tests share, so a run takes seconds; each module adds its own keys, in the
+# order its runs record them (results.json keeps the overrides as given).
+#: MFCC features (no weights), a narrow adapter and a csv log only.
+QUICK = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32")
+#: Generators small enough to train in a blink.
+TINY_GENERATORS = ("generator.training_epochs=2", "generator.hidden_dim=16",
+                   "generator.latent_dim=4")
+#: A quick adapter at a higher learning rate, one local epoch a round, no checkpoints.
+QUICK_ROUNDS = (*QUICK, "adapter.lr=0.003", "federation.local_epochs=1", "checkpoint.every=0")
+#: Adapters alone (no generators), one local epoch a round, a checkpoint every round.
+ADAPTERS_ONLY = (*QUICK, "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
+#: A wider adapter that learns the small set in a few rounds.
+LEARNING = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
+            "federation.local_epochs=1")
+#: One round with tiny generators and no checkpoints: a sweep's job.
+SWEEP_JOB = [*QUICK, "federation.local_epochs=1", "federation.rounds=1", *TINY_GENERATORS,
+             "checkpoint.every=0"]
+
 
 def _experiment_sets_dataset(name: str) -> bool:
     """Whether ``configs/experiment/NAME.yaml`` (or an experiment it builds on) picks a dataset."""

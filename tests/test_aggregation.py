@@ -2,7 +2,7 @@
 
 import torch
 
-from flcore.clients.clientbase import proximal_term
+from flcore.clients.training import proximal_term
 from flcore.servers.aggregation import FedAdagrad, FedAdam, FedAvgM, FedYogi, RunningAverage
 
 

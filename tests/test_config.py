@@ -1,6 +1,7 @@
 """Config composition, schema enforcement and range checks (all before any work)."""
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import CONFIGS
-from flcore.config import Config, Granularity, PipelineName, validate
+from flcore.config import AdapterTraining, Config, Granularity, PipelineName, validate
 from flcore.errors import ConfigError
 
 EXPERIMENT_DIR = Path(__file__).parents[1] / "configs" / "experiment"
@@ -50,6 +51,20 @@ def test_esc50_experiment_uses_the_five_categories(make_config: Callable[..., Di
     assert [len(n.classes) for n in config.federation.nodes] == [10] * 5
     assert len({c for n in config.federation.nodes for c in n.classes}) == 50
     assert config.dataset.train_folds == [1, 2, 3, 4] and config.dataset.test_folds == [5]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ([], AdapterTraining.fedavg_synthetic),
+    (["generator=none"], AdapterTraining.fedavg),
+    (["federation.algorithm=centralized"], AdapterTraining.fedavg),
+    (["server.adapter_training=fedavg+synthetic"], AdapterTraining.fedavg_synthetic),
+    (["server.adapter_training=kd"], AdapterTraining.kd),
+])
+def test_adapter_training_resolves_to_its_enum(make_config: Callable[..., DictConfig],
+                                               overrides: list[str],
+                                               expected: AdapterTraining) -> None:
+    """The interpolated default and a value set on the command line both become a member."""
+    assert validate(make_config(*overrides)).server.adapter_training is expected
 
 
 def test_logger_selection_is_a_list(make_config: Callable[..., DictConfig]) -> None:
@@ -98,7 +113,6 @@ def test_executor_options_pass_with_the_keys_they_set(make_config: Callable[...,
      "generator.synthetic_samples_per_class=0: must be a positive integer or auto"),
     (["generator.synthetic_samples_per_class=some"],
      "generator.synthetic_samples_per_class=some: must be a positive integer or auto"),
-    (["server.adapter_training=fedprox"], "server.adapter_training=fedprox: must be one of"),
     (["federation.algorithm=local", "server.adapter_training=synthetic"],
      "applies to federation.algorithm=federated only"),
     (["adapter.loss=l1"], "adapter.loss=l1: must be one of mse, cosine, mse+cosine, contrastive"),
@@ -174,6 +188,8 @@ def _chain(err: BaseException) -> str:
     ("seed=abc", ["seed=abc", "could not be converted to Integer"]),
     ("generator.granularity=bad", ["expected one of [unified, per_class, per_group]"]),
     ("federation.partition.kind=ring", ["expected one of [classes_per_node, dirichlet, iid]"]),
+    ("server.adapter_training=fedprox",
+     ["expected one of [fedavg, synthetic, fedavg+synthetic, kd]"]),
     ("dataset.train_folds=one", ["dataset.train_folds=one"]),
     ("checkpoint.optimizer_state=maybe", ["Value 'maybe' is not a valid bool"]),
 ])
@@ -313,9 +329,10 @@ def _schema_disagreements(schema: type, composed: object, prefix: str = "") -> d
 
 
 def test_the_schema_defaults_are_the_composed_defaults() -> None:
-    """Defaults live in the dataclasses and again in the YAML groups: ``python main.py`` must
-    compose exactly the dataclasses' values, except the interpolations the YAML makes and the
-    logger entries its groups add (their schema default is off)."""
+    """Defaults live in the dataclasses; ``config.yaml`` and the logger options list some again
+    for the reader: ``python main.py`` must compose exactly the dataclasses' values, except the
+    interpolations the YAML makes and the logger entries its groups add (their schema default is
+    off)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -324,3 +341,62 @@ def test_the_schema_defaults_are_the_composed_defaults() -> None:
     assert found.pop("dataset.clip_seconds") == (None, "${.synthetic.duration_s}")
     assert found.pop("logger.csv")[0] is None and found.pop("logger.wandb")[0] is None
     assert found == {}
+
+
+GROUPS = sorted(p.name for p in CONFIGS.iterdir()
+                if p.is_dir() and p.name not in ("experiment", "hydra"))
+OPTIONS = [f"{group}/{p.stem}" for group in GROUPS
+           for p in sorted((CONFIGS / group).glob("*.yaml"))]
+#: Options that list their keys at the schema's defaults for the reader (a tracker's section is
+#: the option): each value they list must be the schema's, so a changed default leaves no copy.
+LISTINGS = {"logger/csv", "logger/wandb"}
+#: The key that names each group's option, set even where it is the schema's default so that the
+#: option stays itself whatever the default becomes.
+NAMING_KEYS = {"audio_encoder": "name", "dataset": "name", "executor": "name",
+               "federation": "partition.kind", "generator": "granularity", "images": "pipeline",
+               "text_encoder": "name"}
+#: Keys the option's user must fill in, shown as null.
+PLACEHOLDERS = {"dataset/esc50": {"root"}, "dataset/folder": {"root", "csv"}}
+
+
+def _schema_of(annotation: object) -> type | None:
+    """The dataclass ``annotation`` names, alone or as ``X | None``."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _against_schema(schema: type, values: dict, prefix: str = "") -> list[tuple[str, object,
+                                                                             object]]:
+    """``(key, value, schema default)`` of every leaf in ``values`` (a section of ``schema``)."""
+    leaves = []
+    by_name = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        f = by_name[key]
+        inner = _schema_of(f.type)
+        if inner is not None and isinstance(value, dict):
+            leaves += _against_schema(inner, value, f"{prefix}{key}.")
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory())  # type: ignore[misc]
+        leaves.append((f"{prefix}{key}", value, default))
+    return leaves
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_group_options_hold_what_differs_from_the_schema(option: str) -> None:
+    """Defaults live in one place, the dataclasses: an option file sets the key that names it,
+    the values in which it differs and the placeholders its user fills in; a listing repeats
+    the defaults exactly."""
+    group = option.split("/")[0]
+    values = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{option}.yaml"), resolve=False)
+    values.pop("defaults", None)
+    schema = {f.name: f.type for f in dataclasses.fields(Config)}[group]
+    leaves = _against_schema(schema, values)
+    if option in LISTINGS:
+        assert [(k, v, d) for k, v, d in leaves if v != d] == []
+        return
+    kept = {NAMING_KEYS.get(group), *PLACEHOLDERS.get(option, ())}
+    assert [(k, v) for k, v, d in leaves if v == d and k not in kept] == []
+    assert all(v is None for k, v, _ in leaves if k in PLACEHOLDERS.get(option, ()))

@@ -113,7 +113,7 @@ def test_bad_files_stop_the_run_or_are_skipped_and_counted(tiny_esc50: Path, dam
         load_esc50(tiny_esc50)
     assert victim.name in str(err.value) and problem in str(err.value)
     assert "dataset.on_bad_file=skip" in str(err.value)
-    dataset = load_esc50(tiny_esc50, OnBadFile.skip)
+    dataset = load_esc50(tiny_esc50, on_bad_file=OnBadFile.skip)
     assert len(dataset.clips) == 29
     assert list(dataset.skipped) == [victim.name]
     assert problem in dataset.skipped[victim.name]
@@ -156,7 +156,8 @@ def test_clip_shorter_than_the_encoder_window_is_a_bad_file(tiny_esc50: Path,
     assert len(dataset.clips) == 29 and list(dataset.skipped) == [victim.name]
     assert "too short" in dataset.skipped[victim.name]
     mfcc = min_clip_seconds(AudioEncoderConfig(name=AudioEncoderName.mfcc))
-    assert "at least 0.025 s" in load_dataset(config, tmp_path, mfcc).skipped[victim.name]
+    skipped = load_dataset(config, tmp_path, min_seconds=mfcc).skipped
+    assert "at least 0.025 s" in skipped[victim.name]
     sf.write(victim, np.zeros(22050, dtype=np.float32), 44100, subtype="PCM_16")  # 0.5 s
     assert len(load_dataset(config, tmp_path, min_seconds=mfcc).clips) == 30
     assert list(load_dataset(config, tmp_path, min_seconds=yamnet).skipped) == [victim.name]

@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from conftest import HANG_GUARD_S, REPO
-from flcore.clients.clientbase import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    training_seed,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.training import training_seed
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError, TrainingError
 from flcore.executors.batched import Batched

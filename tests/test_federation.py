@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import LEARNING
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import AdapterConfig
 from flcore.errors import CheckpointError, ConfigError, TrainingError
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
-        "federation.local_epochs=1", "generator=none", "server.adapter_training=fedavg",
-        "checkpoint.every=1")
+FAST = (*LEARNING, "generator=none", "server.adapter_training=fedavg", "checkpoint.every=1")
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.distributions import Normal, kl_divergence
 
-from flcore.errors import TrainingError
+from flcore.errors import FedA2VError
 from flcore.metrics.generative import (
+    NonFiniteRows,
     UndefinedMetric,
     active_units,
     coverage,
@@ -275,39 +276,41 @@ def test_report_gives_reasons_for_undefined_metrics() -> None:
 
 
 def test_nan_in_generated_samples_names_node_and_generator() -> None:
+    """Metrics raise a plain ValueError; the run that called them makes it a TrainingError."""
     generated = gaussian(20, 8, 44)
     generated[3, 2] = math.nan
-    with pytest.raises(TrainingError, match="node 4, server generators, class dog"):
+    with pytest.raises(NonFiniteRows, match="node 4, server generators, class dog") as err:
         generator_report({"dog": gaussian(20, 8, 45)}, {"dog": generated},
                          where="node 4, server generators")
-    with pytest.raises(TrainingError, match="node 4, generator dog"):
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, FedA2VError)
+    with pytest.raises(NonFiniteRows, match="node 4, generator dog"):
         latent_usage(generated, torch.zeros_like(generated), where="node 4, generator dog")
 
 
-def test_the_seed_reports_entry_points_on_client_and_server() -> None:
-    """``evaluate_generator_quality`` / ``evaluate_generator_diversity`` as the fix report calls
-    them, checked against torch computations written here."""
-    from flcore.clients.clientA2V import ClientA2V
-    from flcore.servers.serverA2V import ServerA2V
+def test_the_generator_metrics_on_demand() -> None:
+    """``evaluate_generator_quality`` / ``evaluate_generator_diversity`` on any tensors, checked
+    against torch computations written here."""
+    from flcore.servers.generator_quality import (
+        evaluate_generator_diversity,
+        evaluate_generator_quality,
+    )
 
     torch.manual_seed(0)
     real, generated = torch.randn(30, 4, 8), torch.randn(50, 4, 8) * 0.5 + 1.0
-    client = ClientA2V(0, [], torch.arange(0), torch.arange(0), torch.arange(0))
-    scores = client.evaluate_generator_quality(real_embeddings=real,
-                                               generated_embeddings=generated,
-                                               metrics=["l2_distance", "cosine_similarity"])
+    scores = evaluate_generator_quality(real_embeddings=real, generated_embeddings=generated,
+                                        metrics=["l2_distance", "cosine_similarity"])
     real_mean, generated_mean = real.flatten(1).mean(0), generated.flatten(1).mean(0)
     assert set(scores) == {"l2_distance", "cosine_similarity"}
     assert scores["l2_distance"] == pytest.approx(float((real_mean - generated_mean).norm()))
     assert scores["cosine_similarity"] == pytest.approx(float(
         torch.nn.functional.cosine_similarity(real_mean, generated_mean, dim=0)))
-    assert scores == ServerA2V.evaluate_generator_quality(
-        client, real, generated, ["l2_distance", "cosine_similarity"])
-    everything = client.evaluate_generator_quality(real, generated)
+    assert scores == evaluate_generator_quality(real, generated,
+                                                ["l2_distance", "cosine_similarity"])
+    everything = evaluate_generator_quality(real, generated)
     assert {"fd", "mmd", "precision", "recall", "coverage", "spread_ratio"} <= set(everything)
     with pytest.raises(ValueError, match="unknown generator metric"):
-        client.evaluate_generator_quality(real, generated, ["l2"])
-    diversity = client.evaluate_generator_diversity(generated_embeddings=generated)
+        evaluate_generator_quality(real, generated, ["l2"])
+    diversity = evaluate_generator_diversity(generated_embeddings=generated)
     rows = generated.flatten(1).double()
     assert diversity["std"] == pytest.approx(float(rows.std(0).mean()))
     distances = torch.cdist(rows, rows)

@@ -10,13 +10,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import epoch_rows, write_esc50
+from conftest import LEARNING, epoch_rows, write_esc50
 from flcore import checkpoint
 from flcore.errors import ConfigError, TrainingError
 from flcore.run import run
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=64", "adapter.lr=0.003",
-        "federation.local_epochs=1", "generator.training_epochs=4", "generator.hidden_dim=32",
+FAST = (*LEARNING, "generator.training_epochs=4", "generator.hidden_dim=32",
         "generator.latent_dim=8", "checkpoint.every=1")
 
 
@@ -49,8 +48,8 @@ def test_granularities_train_log_and_share(gen_run, tmp_path: Path,
     assert [float(r["generator/beta"]) for r in rows[:4]] == pytest.approx(
         [beta_max * b for b in (0.5, 1, 1, 1)])
     assert "node0/generator/recon_loss" in rows[0]
-    # The calibrated decoder (issue 17): the KL weight is beta itself at every epoch, and each
-    # generator's sigma^2 is logged; a node's one unified generator's is its MSE.
+    # The calibrated decoder (σ-VAE, Rybkin et al. 2021): the KL weight is beta itself at every
+    # epoch, and each generator's sigma^2 is logged; a node's one unified generator's is its MSE.
     for row in rows:
         assert float(row["generator/effective_beta"]) == pytest.approx(
             float(row["generator/beta"]), rel=1e-5)

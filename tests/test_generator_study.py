@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD_S, REPO, SMALL_DATASET
+from conftest import HANG_GUARD_S, REPO, SMALL_DATASET, TINY_GENERATORS
 
 SCRIPT = REPO / "scripts" / "generator_study.py"
 TINY = [SMALL_DATASET, "audio_encoder=mfcc", "adapter.hidden_dim=32", "federation.local_epochs=1",
-        "generator.training_epochs=2", "generator.hidden_dim=16", "generator.latent_dim=4"]
+        *TINY_GENERATORS]
 ROWS = ["fedavg alone", "local"]
 # t_{0.975, 1} from a printed table of Student's t.
 T975_1 = 12.7062

@@ -1,4 +1,4 @@
-"""Beta schedules (the fix's specification), the VAE loss, and batched generator training."""
+"""Beta schedules, the VAE loss, stacked optimizers, and batched generator training."""
 
 import copy
 import dataclasses
@@ -25,22 +25,20 @@ from flcore.config import (
     validate,
 )
 from flcore.errors import ConfigError, TrainingError
-from flcore.trainmodel.banks import fit_together
-from flcore.trainmodel.generators import (
-    GeneratorBank,
+from flcore.trainmodel.bank_training import (
     GeneratorData,
-    GeneratorSpec,
-    _slice,
     start_learned_variance,
     train_banks,
     train_generators,
 )
-from flcore.trainmodel.optim import MaskedAdam, clip_per_generator
+from flcore.trainmodel.banks import fit_together
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec, _slice
+from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import (
     BetaScheduler,
     VAEGenerator,
     VAELoss,
-    schedule_start,
+    beta_schedule,
     vae_loss,
     warmup_epochs,
 )
@@ -107,7 +105,7 @@ def test_vae_loss_terms_match_closed_forms() -> None:
     x, recon = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
     mu, logvar = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    loss = VAELoss(10, 0.5, similarity_weight=0.1, likelihood=Likelihood.mse)
+    loss = VAELoss(linear(10, 0.5), similarity_weight=0.1, likelihood=Likelihood.mse)
     ignored = torch.full((2, 1, 1), 3.0)
     terms = loss(recon, x, mu, logvar, epoch=1, mask=mask, recon_logvar=ignored)
     for g, n in ((0, 2), (1, 3)):
@@ -120,13 +118,13 @@ def test_vae_loss_terms_match_closed_forms() -> None:
         torch.testing.assert_close(terms.total[g], mse + 0.4 * kl + 0.1 * sim)
         torch.testing.assert_close(terms.mse[g], mse)
     assert terms.beta == pytest.approx(0.4)
-    mean_kl = VAELoss(10, 0.5, kl_reduction=KlReduction.mean)(recon, x, mu, logvar, 1, mask)
+    mean_kl = VAELoss(linear(10, 0.5), kl_reduction=KlReduction.mean)(recon, x, mu, logvar, 1, mask)
     torch.testing.assert_close(mean_kl.kl, terms.kl / 4)
 
 
 def test_kl_is_zero_at_the_prior() -> None:
     zeros = torch.zeros(1, 2, 3)
-    terms = VAELoss(1, 1.0)(zeros, zeros + 1, zeros, zeros, 0, torch.ones(1, 2, dtype=bool))
+    terms = VAELoss(linear(1, 1.0))(zeros, zeros + 1, zeros, zeros, 0, torch.ones(1, 2, dtype=bool))
     assert terms.kl.item() == 0.0
 
 
@@ -141,7 +139,7 @@ def test_gaussian_likelihood_with_a_learned_variance_is_the_negative_elbo() -> N
     mu, logvar = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
     recon_logvar = torch.tensor([-1.0, 0.5, -20.0]).view(3, 1, 1)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    loss = VAELoss(10, 0.5, similarity_weight=0.1, likelihood=Likelihood.gaussian,
+    loss = VAELoss(linear(10, 0.5), similarity_weight=0.1, likelihood=Likelihood.gaussian,
                    variance_floor=1e-4, decoder_variance=DecoderVariance.learned)
     terms = loss(recon, x, mu, logvar, epoch=1, mask=mask, recon_logvar=recon_logvar)
     for g, n in enumerate((2, 4, 1)):
@@ -175,7 +173,7 @@ def test_optimal_sigma_is_each_generators_masked_mse_and_the_loss_its_closed_for
     floor, beta, features = 1e-4, 0.4, 10
     recon_t = torch.tensor(recon, dtype=torch.float32, requires_grad=True)
     mask = torch.tensor([[i < n for i in range(4)] for n in rows])
-    loss = VAELoss(10, 0.5, likelihood=Likelihood.gaussian, variance_floor=floor)
+    loss = VAELoss(linear(10, 0.5), likelihood=Likelihood.gaussian, variance_floor=floor)
     terms = loss(recon_t, torch.tensor(x, dtype=torch.float32),
                  torch.tensor(mu, dtype=torch.float32), torch.tensor(logvar, dtype=torch.float32),
                  epoch=1, mask=mask)
@@ -205,7 +203,7 @@ def test_mse_likelihood_implies_a_decoder_variance_of_half_the_features() -> Non
     torch.manual_seed(0)
     x, recon = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     mu, logvar = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    terms = VAELoss(10, 0.5, likelihood=Likelihood.mse)(
+    terms = VAELoss(linear(10, 0.5), likelihood=Likelihood.mse)(
         recon, x, mu, logvar, 1, torch.ones(2, 3, dtype=torch.bool))
     torch.testing.assert_close(terms.sigma2, torch.tensor([4.0, 4.0]))
     torch.testing.assert_close(terms.effective_beta, 0.4 * 8 / (2 * terms.mse))
@@ -224,7 +222,7 @@ def test_free_bits_floor_each_dimensions_batch_mean_kl(likelihood: Likelihood) -
     x = torch.ones(1, 3, 4)
 
     def terms(free_bits: float, reduction: KlReduction = KlReduction.sum) -> object:
-        loss = VAELoss(10, 0.5, kl_reduction=reduction, likelihood=likelihood,
+        loss = VAELoss(linear(10, 0.5), kl_reduction=reduction, likelihood=likelihood,
                        free_bits=free_bits)
         return loss(x, x, mu, logvar, 0, mask, torch.zeros(1, 1, 1))
 
@@ -247,11 +245,12 @@ def test_free_bits_and_likelihood_are_configured(
     assert (config.likelihood, config.free_bits, config.variance_floor) == (
         Likelihood.gaussian, 0.0, 1e-4)
     loss = vae_loss(validate(make_config("generator.likelihood=mse",
-                                         "generator.free_bits=0.25")).generator, 10)
+                                         "generator.free_bits=0.25")).generator,
+                    rounds=1, round_=1)
     assert (loss.likelihood, loss.free_bits) == (Likelihood.mse, 0.25)
     assert (config.decoder_variance, config.variance_lr) == (DecoderVariance.optimal, 0.01)
     learned = validate(make_config("generator.decoder_variance=learned")).generator
-    assert vae_loss(learned, 10).decoder_variance is DecoderVariance.learned
+    assert vae_loss(learned, rounds=1, round_=1).decoder_variance is DecoderVariance.learned
     for override, message in (
             ("generator.free_bits=-0.1", "generator.free_bits=-0.1: must be"),
             ("generator.variance_floor=0", "generator.variance_floor=0"),
@@ -264,11 +263,11 @@ def test_free_bits_and_likelihood_are_configured(
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_masked_adam_equals_torch_adam_per_generator() -> None:
+def test_stacked_adam_equals_torch_adam_per_generator() -> None:
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(2, 3))
     single = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(2)]
-    masked = MaskedAdam([weight], k=2, lr=0.01)
+    masked = StackedAdam([weight], lr=0.01)
     reference = [torch.optim.Adam([p], lr=0.01) for p in single]
     for active in ([True, True], [True, False], [False, True], [True, True]):
         grads = torch.randn(2, 3)
@@ -281,7 +280,52 @@ def test_masked_adam_equals_torch_adam_per_generator() -> None:
             torch.testing.assert_close(weight[k], single[k])
 
 
-def test_per_generator_clipping_matches_clip_grad_norm() -> None:
+def test_stacked_adamw_with_per_model_rates_equals_torch_adamw_per_model() -> None:
+    """The batched adapter executor's form: weight decay, a learning rate per model and step
+    (a schedule) and gradients handed over, not read from ``.grad``; the state round-trips
+    through torch's AdamW state dict of each model."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4, 2), torch.randn(3, 1, 2)
+    single = [[torch.nn.Parameter(t[k].clone()) for t in (weight, bias)] for k in range(3)]
+    stacked = StackedAdam([weight, bias], weight_decay=0.1)
+    reference = [torch.optim.AdamW(p, lr=0.01, weight_decay=0.1) for p in single]
+    for active in ([1, 1, 1], [1, 0, 1], [0, 1, 1]):
+        grads = [torch.randn(3, 4, 2), torch.randn(3, 1, 2)]
+        lr = torch.tensor([0.01, 0.02, 0.03])
+        stacked.step(torch.tensor(active, dtype=torch.bool), grads, lr)
+        for k in range(3):
+            if active[k]:
+                for p, g in zip(single[k], grads, strict=True):
+                    p.grad = g[k].clone()
+                reference[k].param_groups[0]["lr"] = float(lr[k])
+                reference[k].step()
+            torch.testing.assert_close(weight[k], single[k][0].detach())
+            torch.testing.assert_close(bias[k], single[k][1].detach())
+    state = stacked.export_torch(2, reference[2].state_dict()["param_groups"])
+    for i, entry in reference[2].state_dict()["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state["state"][i][key], entry[key])
+    again = StackedAdam([weight.clone(), bias.clone()], weight_decay=0.1)
+    again.load_torch(1, reference[1].state_dict())
+    torch.testing.assert_close(again.steps, torch.tensor([0.0, 2.0, 0.0]))
+    torch.testing.assert_close(again.v[1][1], stacked.v[1][1])
+
+
+def test_non_finite_flags_keep_each_models_first_bad_loss_and_step() -> None:
+    flags = NonFiniteFlags(3, torch.device("cpu"))
+    nan, inf = float("nan"), float("inf")
+    on = torch.tensor([True, True, False])
+    assert flags.update(torch.tensor([1.0, 2.0, nan]), on, 0).tolist() == [False] * 3
+    assert flags.failed() == []
+    assert flags.update(torch.tensor([1.0, inf, nan]), on, 1).tolist() == [False, True, False]
+    assert flags.update(torch.tensor([nan, nan, 1.0]), on, 2).tolist() == [True, False, False]
+    assert flags.failed() == [1, 0]  # the earliest step first
+    assert math.isnan(flags.value[0]) and flags.value[1:].tolist() == [inf, 0.0]
+    assert flags.step.tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_per_generator_clipping_matches_clip_grad_norm(flat: bool) -> None:
     torch.manual_seed(0)
     w, b = torch.nn.Parameter(torch.zeros(3, 4, 2)), torch.nn.Parameter(torch.zeros(3, 1, 2))
     w.grad, b.grad = torch.randn(3, 4, 2) * 5, torch.randn(3, 1, 2) * 5
@@ -291,7 +335,7 @@ def test_per_generator_clipping_matches_clip_grad_norm() -> None:
         pw.grad, pb.grad = w.grad[k].clone(), b.grad[k].clone()
         torch.nn.utils.clip_grad_norm_([pw, pb], 1.0)
         expected.append((pw.grad, pb.grad))
-    clip_per_generator([w, b], 1.0)
+    clip_per_model([w.grad, b.grad], 1.0, flat=flat)
     for k in range(3):
         torch.testing.assert_close(w.grad[k], expected[k][0])
         torch.testing.assert_close(b.grad[k], expected[k][1])
@@ -320,9 +364,9 @@ def _lrs(model: VAEGenerator, lr: float = 0.01) -> list[float]:
 
 def _train(model: VAEGenerator, data: GeneratorData, seeds: list[int], epochs: int = 6,
            variant: tuple[Likelihood, DecoderVariance] = VARIANTS[0]) -> list:
-    optimizer = MaskedAdam(list(model.parameters()), model.k, lr=_lrs(model))
+    optimizer = StackedAdam(list(model.parameters()), lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(s) for s in seeds]
-    loss = VAELoss(epochs, 0.5, likelihood=variant[0], decoder_variance=variant[1])
+    loss = VAELoss(linear(epochs, 0.5), likelihood=variant[0], decoder_variance=variant[1])
     return train_generators(model, optimizer, loss, data, epochs, batch_size=4, grad_clip=1.0,
                             rngs=rngs)
 
@@ -376,9 +420,9 @@ def test_augmentation_noise_perturbs_the_inputs_reproducibly() -> None:
     def final_loss(noise: float, seed: int = 5) -> torch.Tensor:
         torch.manual_seed(3)
         model = VAEGenerator(2, 12, 16, 3)
-        optimizer = MaskedAdam(list(model.parameters()), 2, lr=0.01)
+        optimizer = StackedAdam(list(model.parameters()), lr=0.01)
         rngs = [torch.Generator().manual_seed(seed + k) for k in range(2)]
-        logs = train_generators(model, optimizer, VAELoss(3, 0.5), data, 3, 4, 1.0, rngs,
+        logs = train_generators(model, optimizer, VAELoss(linear(3, 0.5)), data, 3, 4, 1.0, rngs,
                                 noise_std=noise)
         return logs[-1].total
 
@@ -408,7 +452,7 @@ def _fit(config: GeneratorConfig, x: torch.Tensor, y: torch.Tensor) -> Generator
     bank = GeneratorBank(GeneratorSpec(names, [[c] for c in range(len(names))]), x.shape[1],
                          config, 0, torch.device("cpu"))
     rngs = [torch.Generator().manual_seed(k) for k in range(len(names))]
-    bank.fit(x, y, None, vae_loss(config, config.training_epochs), rngs, where="node 3, round 1: ")
+    bank.fit(x, y, None, vae_loss(config, rounds=1, round_=1), rngs, where="node 3, round 1: ")
     return bank
 
 
@@ -456,16 +500,16 @@ def test_the_learned_variance_travels_with_the_decoder(monkeypatch: pytest.Monke
     averaged), is trained towards its optimum, the log of the reconstructions' MSE, is sliced
     with its generator and sent in the decoder package; a bank built from the package samples
     what the sender would."""
-    from flcore.trainmodel import generators
+    from flcore.trainmodel import bank_training
 
     starts: list[torch.Tensor] = []
-    original = generators.start_learned_variance
+    original = bank_training.start_learned_variance
 
     def spy(dec_logvar: torch.Tensor, *args: object) -> None:
         original(dec_logvar, *args)
         starts.append(dec_logvar.detach().flatten().clone())
 
-    monkeypatch.setattr(generators, "start_learned_variance", spy)
+    monkeypatch.setattr(bank_training, "start_learned_variance", spy)
     x, y = _low_rank_classes(32, 16, 2, (1.0, 1.0))
     config = GeneratorConfig(**UNIT, training_epochs=20, hidden_dim=16, latent_dim=4, lr=0.05,
                              decoder_variance=DecoderVariance.learned, variance_lr=0.1)
@@ -508,7 +552,7 @@ def _fit_bank(config: GeneratorConfig, spec: GeneratorSpec, x: torch.Tensor, y: 
 def _refit(bank: GeneratorBank, x: torch.Tensor, y: torch.Tensor,
            prompts: torch.Tensor | None = None) -> list:
     rngs = [torch.Generator().manual_seed(20 + g) for g in range(bank.model.k)]
-    loss = vae_loss(bank.config, bank.config.training_epochs)
+    loss = vae_loss(bank.config, rounds=1, round_=1)
     return bank.fit(x, y, prompts, loss, rngs, where="node 0, round 1: ")
 
 
@@ -644,7 +688,7 @@ def _reference_alone(init: dict, x: torch.Tensor, epochs: int, batch: int, seed:
 def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
         variant: tuple[Likelihood, DecoderVariance]) -> None:
     """The device-side step loop (masks, step counts and the NaN flag on the device; the
-    branch-free MaskedAdam) gives, for generators of unequal sizes (so that some sit out the
+    branch-free StackedAdam) gives, for generators of unequal sizes (so that some sit out the
     last minibatches, and their Adam step counts drift apart) and with input jitter, what a
     plain torch.optim.Adam loop over one generator at a time gives: weights, Adam moments'
     effect and every epoch's mean loss."""
@@ -653,8 +697,8 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
     torch.manual_seed(2)
     model = VAEGenerator(4, 12, 16, 3, learned_variance=variant[1] is DecoderVariance.learned)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = VAELoss(5, 0.5, likelihood=variant[0], decoder_variance=variant[1])
-    optimizer = MaskedAdam(list(model.parameters()), 4, lr=_lrs(model))
+    loss = VAELoss(linear(5, 0.5), likelihood=variant[0], decoder_variance=variant[1])
+    optimizer = StackedAdam(list(model.parameters()), lr=_lrs(model))
     rngs = [torch.Generator().manual_seed(20 + k) for k in range(4)]
     logs = train_generators(model, optimizer, loss, data, 5, 4, 1.0, rngs, noise_std=0.1)
     assert [log.steps for log in logs] == [4] * 5
@@ -673,14 +717,14 @@ def test_stacked_training_equals_plain_adam_one_generator_at_a_time(
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_masked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
+def test_stacked_adam_leaves_inactive_generators_untouched(fused: bool) -> None:
     """Both forms of the step (per-generator fused kernels, elementwise ``where``) equal torch's
     Adam per generator, keep their own step counts, and leave an inactive generator's weights
     and moments bit for bit as they were, even when its gradient is not finite."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(3, 2, 4))
     single = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(3)]
-    masked = MaskedAdam([weight], k=3, lr=0.01)
+    masked = StackedAdam([weight], lr=0.01)
     masked.fused = fused
     reference = [torch.optim.Adam([p], lr=0.01) for p in single]
     for active in ([1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [1, 1, 0]):
@@ -741,8 +785,8 @@ def _rngs(banks: list[GeneratorBank]) -> list[list[torch.Generator]]:
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_the_optimal_sigma_keeps_beta_calibrated_at_every_epoch_of_every_round(
         granularity: str) -> None:
-    """Issue 17's drift: a learned sigma that started at 1 and moved by about ``lr`` a step made
-    the effective beta ~100 x beta, drifting within a run and differing between granularities
+    """The drift it prevents: a learned σ that started at 1 and moved by about ``lr`` a step
+    made the effective beta ~100 x beta, drifting within a run and differing between granularities
     (a unified generator takes more steps a round). With the optimal sigma, over three trainings
     of a node's rows, each generator's logged ``exp(log_sigma2)`` is its epoch's MSE and its
     effective beta the epoch's beta, at every epoch, for a unified and a per-class bank."""
@@ -752,7 +796,7 @@ def test_the_optimal_sigma_keeps_beta_calibrated_at_every_epoch_of_every_round(
     config = _bank_config(beta_warmup_ratio=0.5, likelihood=Likelihood.gaussian)
     torch.manual_seed(0)
     bank = GeneratorBank(spec, 12, config, 0, torch.device("cpu"))
-    loss = vae_loss(config, config.training_epochs)
+    loss = vae_loss(config, rounds=1, round_=1)
     betas, checked = [loss.beta(e) for e in range(config.training_epochs)], 0
     for round_ in range(3):
         rngs = [torch.Generator().manual_seed(10 * round_ + g) for g in range(bank.model.k)]
@@ -783,7 +827,7 @@ def test_a_learned_variance_starts_at_each_generators_data_variance() -> None:
     start_learned_variance(bank.model.dec_logvar, bank.optimizer.steps, data, 1e-4)
     torch.testing.assert_close(bank.model.dec_logvar.flatten(), torch.tensor(start))
     rngs = [torch.Generator().manual_seed(g) for g in range(2)]
-    logs = bank.fit(x, y, None, vae_loss(config, 1), rngs, "")
+    logs = bank.fit(x, y, None, vae_loss(config, rounds=1, round_=1), rngs, "")
     steps = torch.tensor([3.0, 2.0])  # 9 and 5 rows in minibatches of 4
     torch.testing.assert_close(bank.optimizer.steps, steps)
     moved = bank.model.dec_logvar.flatten() - torch.tensor(start)
@@ -791,7 +835,7 @@ def test_a_learned_variance_starts_at_each_generators_data_variance() -> None:
     torch.testing.assert_close(logs[0].log_sigma2, bank.model.dec_logvar.flatten(), atol=0.05,
                                rtol=0)
     trained = bank.model.dec_logvar.detach().clone()
-    bank.fit(x, y, None, vae_loss(config, 1), rngs, "")
+    bank.fit(x, y, None, vae_loss(config, rounds=1, round_=1), rngs, "")
     assert ((bank.model.dec_logvar - trained).abs() <= 0.02 * steps.view(-1, 1, 1) + 1e-6).all()
 
 
@@ -809,23 +853,27 @@ def test_a_node_sampled_late_ends_the_whole_run_warmup_on_time() -> None:
     logs = []
     for round_ in range(7, 11):
         rngs = [torch.Generator().manual_seed(round_ * 10 + g) for g in range(2)]
-        loss = vae_loss(config, 10 * config.training_epochs, schedule_start(config, round_))
+        loss = vae_loss(config, rounds=10, round_=round_)
         logs += bank.fit(x, y, None, loss, rngs, f"round {round_}: ")
     assert [log.epoch for log in logs] == list(range(18, 30))
     assert [log.beta for log in logs] == pytest.approx([2.0 * (e + 1) / 30 for e in range(18, 30)])
     assert logs[-1].beta == 2.0
 
 
-@pytest.mark.parametrize(("scope", "train_every", "round_", "start"), [
-    (ScheduleScope.per_round, 1, 5, 0), (ScheduleScope.whole_run, 1, 1, 0),
-    (ScheduleScope.whole_run, 1, 5, 12), (ScheduleScope.whole_run, 2, 2, 0),
-    (ScheduleScope.whole_run, 2, 6, 6), (ScheduleScope.whole_run, 3, 9, 6)])
-def test_schedule_start_counts_the_generator_rounds_before_this_one(
-        scope: ScheduleScope, train_every: int, round_: int, start: int) -> None:
-    """Generator rounds are every ``train_every``-th; round r starts after the
-    ``(r - 1) // train_every`` generator rounds before it (3 epochs each)."""
+@pytest.mark.parametrize(("scope", "train_every", "round_", "start", "total"), [
+    (ScheduleScope.per_round, 1, 5, 0, 3), (ScheduleScope.whole_run, 1, 1, 0, 36),
+    (ScheduleScope.whole_run, 1, 5, 12, 36), (ScheduleScope.whole_run, 2, 2, 0, 18),
+    (ScheduleScope.whole_run, 2, 6, 6, 18), (ScheduleScope.whole_run, 3, 9, 6, 12),
+    (ScheduleScope.whole_run, 5, 10, 3, 6)])
+def test_the_beta_schedule_spans_the_generator_rounds_of_its_scope(
+        scope: ScheduleScope, train_every: int, round_: int, start: int, total: int) -> None:
+    """Of a 12-round run: generator rounds are every ``train_every``-th (3 epochs each);
+    ``per_round`` spans one training from epoch 0, ``whole_run`` every generator round of the
+    run, round r starting after the ``(r - 1) // train_every`` generator rounds before it."""
     config = _bank_config(schedule_scope=scope, train_every=train_every, training_epochs=3)
-    assert schedule_start(config, round_) == start
+    schedule = beta_schedule(config, rounds=12, round_=round_)
+    assert (schedule.first_epoch, schedule.total_epochs) == (start, total)
+    assert vae_loss(config, rounds=12, round_=round_).beta == schedule
 
 
 @pytest.mark.parametrize(("scope", "max_generators", "noise"), [
@@ -841,7 +889,7 @@ def test_banks_of_several_nodes_train_as_one_as_each_alone(
     together, xs, ys = _banks(config)
     alone = copy.deepcopy(together)
     rounds = 3 if scope is ScheduleScope.whole_run else 1
-    loss = vae_loss(config, rounds * config.training_epochs, schedule_start(config, 2))
+    loss = vae_loss(config, rounds=rounds, round_=2)
     wheres = [f"node {i}, round 2: " for i in range(3)]
     logs = fit_together(together, xs, ys, [None] * 3, loss, _rngs(together), wheres,
                         max_generators=max_generators)
@@ -873,7 +921,7 @@ def test_banks_trained_together_name_the_node_generator_and_epoch_of_a_nan() -> 
     config = _bank_config()
     banks, xs, ys = _banks(config)
     xs[1] = torch.where((ys[1] == 3)[:, None], torch.tensor(float("inf")), xs[1])
-    loss = vae_loss(config, config.training_epochs)
+    loss = vae_loss(config, rounds=1, round_=1)
     wheres = [f"node {i}, round 2: " for i in range(3)]
     with pytest.raises(TrainingError, match=r"^node 1, round 2: generator c3, epoch 1: VAE loss "
                                             r"is (nan|inf); lower generator\.lr"):
@@ -896,24 +944,24 @@ def test_banks_trained_together_name_the_node_generator_and_epoch_of_a_nan() -> 
 def test_banks_of_other_shapes_or_settings_are_refused_or_stacked_apart() -> None:
     config = _bank_config()
     banks, xs, ys = _banks(config)
+    loss = vae_loss(config, rounds=1, round_=1)
     wide = GeneratorBank(GeneratorSpec(["all"], [[0, 1]]), 12, config, 5, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^node 9: generator banks trained together must "
                                          r"share \(features, .* differs from node 0 in cond 5 "
                                          r"\(vs 0\)$"):
         train_banks([banks[0], wide], xs[:1] * 2, ys[:1] * 2, [None, torch.randn(6, 5)],
-                    vae_loss(config, 4), _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
+                    loss, _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
     faster = GeneratorBank(GeneratorSpec(["c0"], [[0]]), 12, _bank_config(lr=0.1), 0,
                            torch.device("cpu"))
     with pytest.raises(ValueError, match=r"differs from node 0 in lr 0\.1 \(vs 0\.01\)$"):
-        train_banks([banks[0], faster], xs[:1] * 2, ys[:1] * 2, [None] * 2, vae_loss(config, 4),
+        train_banks([banks[0], faster], xs[:1] * 2, ys[:1] * 2, [None] * 2, loss,
                     _rngs([banks[0], faster]), ["node 0: ", "node 1: "])
     # fit_together stacks banks of each shape apart, each as it would train alone
     prompts = torch.randn(6, 5)
     alone = copy.deepcopy(wide)
     logs = fit_together([banks[0], wide], xs[:1] * 2, ys[:1] * 2, [None, prompts],
-                        vae_loss(config, 4), _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
-    expected = alone.fit(xs[0], ys[0], prompts, vae_loss(config, 4), _rngs([banks[0], wide])[1],
-                         "node 9: ")
+                        loss, _rngs([banks[0], wide]), ["node 0: ", "node 9: "])
+    expected = alone.fit(xs[0], ys[0], prompts, loss, _rngs([banks[0], wide])[1], "node 9: ")
     torch.testing.assert_close(logs[1][-1].total, expected[-1].total)
     torch.testing.assert_close(wide.model.dec.weight, alone.model.dec.weight)
 
@@ -927,7 +975,7 @@ def test_bf16_forward_trains_close_to_fp32_and_keeps_fp32_weights() -> None:
     for precision in Precision:
         config = _bank_config(precision=precision, likelihood=Likelihood.mse)
         banks, xs, ys = _banks(config)
-        logs[precision] = banks[1].fit(xs[1], ys[1], None, vae_loss(config, 4),
+        logs[precision] = banks[1].fit(xs[1], ys[1], None, vae_loss(config, rounds=1, round_=1),
                                        _rngs(banks)[1], "node 1: ")
         assert banks[1].model.enc.weight.dtype == torch.float32
         assert banks[1].optimizer.m[0].dtype == torch.float32

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HANG_GUARD_S
+from conftest import ADAPTERS_ONLY, HANG_GUARD_S
 
 pytest.importorskip("diffusers")
 
@@ -33,9 +33,8 @@ from tiny_models import save_tiny_clip_judge, save_tiny_flux, save_tiny_sd
 
 REPO = Path(__file__).parents[1]
 PROMPTS = ["the sound of rising chirp", "the sound of bell ring", "the sound of siren wail"]
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "generator=none", "checkpoint.every=1", "images.height=32",
-        "images.width=32", "images.steps=2", "images.dtype=fp32", "images.batch_size=4")
+FAST = (*ADAPTERS_ONLY, "images.height=32", "images.width=32", "images.steps=2",
+        "images.dtype=fp32", "images.batch_size=4")
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +340,8 @@ def test_flux_pooled_conditioning_is_rescaled_to_the_prompts_norm(
         make_config: Callable[..., Any], models: dict[str, Path], tmp_path: Path) -> None:
     """Flux reads CLIP's unnormalised pooled output: the adapter's pooled vector (trained on
     the normalised one) keeps its direction and takes the class prompts' mean norm."""
-    from flcore.clients.clientbase import SharedTensors, build_adapter
+    from flcore.clients.protocol import SharedTensors
+    from flcore.clients.training import build_adapter
     from flcore.config import validate
     from flcore.tracking import Trackers
     from flcore.visual.renderer import Renderer, RenderSet

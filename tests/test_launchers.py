@@ -13,12 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS
+from conftest import CONFIGS, SWEEP_JOB
 from flcore.sweep import launcher_error
 
-FAST = ["logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "federation.rounds=1", "generator.training_epochs=2",
-        "generator.hidden_dim=16", "generator.latent_dim=4", "checkpoint.every=0"]
+FAST = SWEEP_JOB
 JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 BETA = "generator.beta_warmup_ratio"
 

@@ -17,16 +17,22 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import HANG_GUARD_S, REPO, SMALL_DATASET, interrupt_in_round
+from conftest import (
+    ADAPTERS_ONLY,
+    HANG_GUARD_S,
+    QUICK,
+    REPO,
+    SMALL_DATASET,
+    TINY_GENERATORS,
+    interrupt_in_round,
+)
 from flcore import checkpoint
 from flcore.errors import CheckpointError, ConfigError, RunInterrupted
 from flcore.run import run
 from flcore.tracking import CsvTracker
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "generator=none", "checkpoint.every=1")
-FAST_CLI = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-            "federation.local_epochs=1", "checkpoint.every=1", SMALL_DATASET)
+FAST = ADAPTERS_ONLY
+FAST_CLI = (*QUICK, "federation.local_epochs=1", "checkpoint.every=1", SMALL_DATASET)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -89,9 +95,6 @@ def test_a_new_run_refuses_a_folder_that_holds_one(fast_run, tmp_path: Path) -> 
     assert snapshot(tmp_path / "run") == before
 
 
-GENERATOR = ("generator.training_epochs=2", "generator.hidden_dim=16", "generator.latent_dim=4")
-
-
 def csv_rows(path: Path) -> list[dict[str, str]]:
     """A CSV's rows without its timing columns (they differ between two runs of one seed)."""
     with open(path, newline="") as fh:
@@ -114,7 +117,7 @@ def interrupt_before_log(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
 
 def test_a_kill_between_checkpoint_and_log_loses_no_row(
         fast_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ("generator=per_class", *GENERATOR, "eval.generator_every=0",
+    args = ("generator=per_class", *TINY_GENERATORS, "eval.generator_every=0",
             "server.adapter_training=fedavg", "federation.rounds=2")
     fast_run(*args, folder="whole")
     with monkeypatch.context() as patch:
@@ -294,9 +297,7 @@ def test_keep_on_complete_false_removes_checkpoints_only_once_the_run_completes(
 
 def test_whole_run_schedule_refuses_a_new_length_on_resume(
         make_config: Callable[..., DictConfig], tmp_path: Path) -> None:
-    gen = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-           "federation.local_epochs=1", "checkpoint.every=1", "generator.training_epochs=2",
-           "generator.hidden_dim=16", "generator.latent_dim=4",
+    gen = (*QUICK, "federation.local_epochs=1", "checkpoint.every=1", *TINY_GENERATORS,
            "generator.schedule_scope=whole_run")
     run(make_config(*gen, "federation.rounds=2"), run_dir=tmp_path)
     with pytest.raises(CheckpointError, match="whole_run spreads the beta schedule over the "

@@ -72,6 +72,8 @@ def test_refused_config_leaves_no_run_folder(run_main, tmp_path: Path, args: lis
                         "per_group, unified"),
     (["seed=abc"], "error: seed=abc: must be an integer"),
     (["dataset.name=foo"], "error: dataset.name=foo: must be one of synthetic, esc50, folder"),
+    (["server.adapter_training=bogus"], "error: server.adapter_training=bogus: must be one of "
+                                        "fedavg, synthetic, fedavg+synthetic, kd"),
     (["-m", "deterministic=maybe,true"], "error: deterministic=maybe: must be true or false"),
     (["genrator.beta_warmup_ratio=0.25"], "error: genrator.beta_warmup_ratio: not a config key; "
                                           "did you mean generator.beta_warmup_ratio? "

@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "federation.rounds=1",
-        "federation.local_epochs=1", "generator.training_epochs=1", "checkpoint.every=0")
+from conftest import QUICK
+
+FAST = (*QUICK, "federation.rounds=1", "federation.local_epochs=1", "generator.training_epochs=1",
+        "checkpoint.every=0")
 
 
 class Terminal(io.StringIO):

@@ -3,6 +3,7 @@ for jobs of unequal sizes split over tasks, the same run end to end, a worker th
 or reported with its nodes and round), training errors passed through unchanged, GPUs asked of a
 machine without any, and a cluster address where nothing answers."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,17 +19,12 @@ from conftest import HANG_GUARD_S
 
 ray = pytest.importorskip("ray")
 
-from flcore.clients.clientbase import (  # noqa: E402
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    build_adapter,
-    build_adapter_loss,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors  # noqa: E402
+from flcore.clients.training import build_adapter, build_adapter_loss  # noqa: E402
 from flcore.config import Config, validate  # noqa: E402
 from flcore.errors import ConfigError, ResourceError, TrainingError  # noqa: E402
-from flcore.executors.ray import TEST_CRASH_ONCE_ENV, RayExecutor, describe  # noqa: E402
+from flcore.executors import ray as ray_executor  # noqa: E402
+from flcore.executors.ray import RayExecutor, describe  # noqa: E402
 from flcore.executors.sequential import Sequential  # noqa: E402
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter  # noqa: E402
 
@@ -201,7 +197,7 @@ UNREACHABLE = textwrap.dedent("""
     import os, socket, sys, time
     import torch
     from omegaconf import OmegaConf
-    from flcore.clients.clientbase import SharedTensors
+    from flcore.clients.protocol import SharedTensors
     from flcore.config import Config
     from flcore.errors import ResourceError
     from flcore.executors.ray import RayExecutor
@@ -246,6 +242,21 @@ def test_an_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None
     assert "within executor.connect_timeout_s=2 s" in silent
 
 
+def crash_once(monkeypatch: pytest.MonkeyPatch, marker: Path) -> None:
+    """Make the executor's tasks kill their worker process the first time any of them runs
+    (leaving ``marker``), then train as usual: a worker that dies once. The wrapper is a
+    closure, so Ray ships it by value and the workers need not import this module."""
+    train_batch = ray_executor.train_batch
+
+    def dies_once(*args: object) -> dict:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return train_batch(*args)
+
+    monkeypatch.setattr(ray_executor, "_remote_train_batch", ray.remote(dies_once))
+
+
 # The last tests: a worker that dies costs the next task a worker start.
 def test_a_worker_that_dies_once_is_retried(config, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,7 +264,7 @@ def test_a_worker_that_dies_once_is_retried(config, tmp_path: Path,
     shared = shared_tensors()
     loss, model = parts(cfg, shared)
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(TEST_CRASH_ONCE_ENV, str(marker))
+    crash_once(monkeypatch, marker)
     executor = RayExecutor(cfg, shared, loss, model)
     spec = RoundSpec(cfg.adapter, epochs=1)
     try:
@@ -271,7 +282,7 @@ def test_a_lost_worker_names_its_nodes_and_round(config, tmp_path: Path,
     cfg = config("executor.max_retries=0")
     shared = shared_tensors()
     loss, model = parts(cfg, shared)
-    monkeypatch.setenv(TEST_CRASH_ONCE_ENV, str(tmp_path / "crashed"))
+    crash_once(monkeypatch, tmp_path / "crashed")
     executor = RayExecutor(cfg, shared, loss, model)
     try:
         with pytest.raises(ResourceError) as err:

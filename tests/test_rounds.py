@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from conftest import epoch_rows
+from conftest import QUICK_ROUNDS, TINY_GENERATORS, epoch_rows
 from flcore.config import validate
 from flcore.servers.serverbase import clients_per_round
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
-        "federation.local_epochs=1", "checkpoint.every=0", "generator.training_epochs=2",
-        "generator.hidden_dim=16", "generator.latent_dim=4")
+FAST = (*QUICK_ROUNDS, *TINY_GENERATORS)
 
 
 @pytest.fixture

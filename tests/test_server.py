@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, validate
 from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import Trackers
@@ -223,8 +223,8 @@ def test_distillation_moves_the_global_adapter_towards_the_teachers(build) -> No
     before = clone(server.global_state)
     teachers = [trained_copy(config, shared, c, before, 1) for c in clients]
     server.train_round(1, clients)
-    assert server.pool is not None
-    x, y = server.pool
+    assert server.synthetic.pool is not None
+    x, y = server.synthetic.pool
     # Each synthetic sample's target: the mean output of the teachers whose node holds its class.
     total = torch.zeros(len(x), TEXT_DIM)
     count = torch.zeros(len(x), 1)
@@ -270,27 +270,27 @@ def test_generators_never_read_val_or_test_clips(build, overrides: tuple[str, ..
         metrics = server.train_round(round_, clients)
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
         assert "synthetic/samples" in metrics
-        assert server.pool is not None
-        x, y = server.pool
+        assert server.synthetic.pool is not None
+        x, y = server.synthetic.pool
         assert len(x) == sum(TRAIN) and bool(torch.isfinite(x).all())
         assert set(y.tolist()) <= set(range(len(NAMES)))
-        assert sorted(server.synthetic) == [0, 1, 2]
-        for node, (sx, _) in server.synthetic.items():
+        assert sorted(server.synthetic.received) == [0, 1, 2]
+        for node, (sx, _) in server.synthetic.received.items():
             assert bool(torch.isfinite(sx).all()), node
         for client in clients:
             assert client.generators is not None
             assert finite(client.generators.model.state_dict()), client.node
         assert finite(server.global_state)
-        if server.tstr_state is not None:
-            assert finite(server.tstr_state)
-        if server.server_bank is not None:
-            assert finite(server.server_bank.model.state_dict())
+        if server.synthetic.tstr_state is not None:
+            assert finite(server.synthetic.tstr_state)
+        if server.synthetic.server_bank is not None:
+            assert finite(server.synthetic.server_bank.model.state_dict())
     if overrides == ("generator=unified", "generator.conditional=false"):
         # Unconditional unified generators label each draw by the nearest centroid of the
         # node's training clips (tokens are already sequence_length long, so rows are the
         # flattened tokens).
         for client in clients:
-            sx, sy = server.synthetic[client.node]
+            sx, sy = server.synthetic.received[client.node]
             rows = shared.tokens[client.train_idx].reshape(len(client.train_idx), -1)
             held = shared.labels[client.train_idx]
             classes = held.unique()
@@ -325,12 +325,12 @@ def test_server_generators_follow_generator_conditional(build) -> None:
         server, _, _ = build(*GENERATORS, "generator.training_epochs=40",
                              "server.generator.granularity=unified",
                              f"generator.conditional={str(conditional).lower()}")
-        server.synthetic = synthetic_pool_of_far_classes()
-        x, y = server.synthetic_pool(1)
-        assert server.server_bank is not None
-        assert server.server_bank.model.cond == (TEXT_DIM if conditional else 0)
-        rows = torch.cat([s[0] for s in server.synthetic.values()]).flatten(1)
-        labels = torch.cat([s[1] for s in server.synthetic.values()])
+        server.synthetic.received = synthetic_pool_of_far_classes()
+        x, y = server.synthetic.make_pool(1)
+        assert server.synthetic.server_bank is not None
+        assert server.synthetic.server_bank.model.cond == (TEXT_DIM if conditional else 0)
+        rows = torch.cat([s[0] for s in server.synthetic.received.values()]).flatten(1)
+        labels = torch.cat([s[1] for s in server.synthetic.received.values()])
         draws = x.flatten(1)
         distance = torch.stack([
             torch.stack([torch.cdist(draws[y == c], rows[labels == r]).mean()
@@ -342,10 +342,10 @@ def test_server_generators_follow_generator_conditional(build) -> None:
         if conditional:
             assert torch.equal(torch.bincount(y), torch.bincount(labels))
             assert (nearest == y).double().mean() >= 0.95
-            assert "server" not in server.majority_shares
+            assert "server" not in server.synthetic.majority_shares
         else:
             assert torch.equal(nearest, y)
-            assert server.majority_shares["server"] == pytest.approx(
+            assert server.synthetic.majority_shares["server"] == pytest.approx(
                 float(torch.bincount(nearest).max()) / len(nearest))
     assert within[True] < 0.75 * within[False], within
 
@@ -358,10 +358,10 @@ def test_the_server_reports_the_majority_share_of_its_centroid_labelled_draws(bu
                                "server.generator.granularity=per_group",
                                "+generator.class_groups={g:[a,b]}")
     metrics = server.train_round(1, clients)
-    rows = torch.cat([s[0] for s in server.synthetic.values()]).flatten(1)
-    labels = torch.cat([s[1] for s in server.synthetic.values()])
-    assert server.pool is not None
-    draws, y = server.pool[0].flatten(1), server.pool[1]
+    rows = torch.cat([s[0] for s in server.synthetic.received.values()]).flatten(1)
+    labels = torch.cat([s[1] for s in server.synthetic.received.values()])
+    assert server.synthetic.pool is not None
+    draws, y = server.synthetic.pool[0].flatten(1), server.synthetic.pool[1]
     group = y != 2  # the group {a, b} is centroid-labelled; the group "other" holds c alone
     centroids = torch.stack([rows[labels == c].mean(0) for c in (0, 1)])
     assert torch.equal(torch.cdist(draws[group], centroids).argmin(1), y[group])

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from flcore.clients.clientbase import training_seed
+from flcore.clients.training import training_seed
 from flcore.streams import Purpose, stream, stream_seed
 
 

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, SWEEP_JOB
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
-FAST = ["logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32",
-        "federation.local_epochs=1", "federation.rounds=1", "generator.training_epochs=2",
-        "generator.hidden_dim=16", "generator.latent_dim=4", "checkpoint.every=0"]
+FAST = SWEEP_JOB
 BETA = "generator.beta_warmup_ratio"
 PNG = b"\x89PNG\r\n\x1a\n"
 # t_{0.975, df} from a printed table of Student's t (df = 1, 2).

@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import interrupt_in_round
+from conftest import QUICK_ROUNDS, interrupt_in_round
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import validate
 from flcore.errors import RunInterrupted
-from flcore.servers.serverA2V import ServerA2V
 from flcore.servers.strategies import unguarded_warnings
+from flcore.servers.synthetic import SyntheticLearner
 from flcore.trainmodel.generators import SyntheticShare
 
 # Closed-form Gaussian generators: good samples in no training time, so the guard has a real
 # choice to make; gen/* scoring is off where a test does not read it.
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
-        "federation.local_epochs=1", "checkpoint.every=0", "generator.model=gaussian",
-        "eval.generator_every=0")
+FAST = (*QUICK_ROUNDS, "generator.model=gaussian", "eval.generator_every=0")
 GUARD_LINE = re.compile(r"round (\d+): synthetic fine-tuning (accepted|rejected) "
                         r"\(val acc (\d\.\d{3}) -> (\d\.\d{3})\)")
 
@@ -152,9 +150,9 @@ def test_a_noise_run_is_guarded_and_scored_like_any_generator(
     within 5 standard errors), fine-tunes on them under the guard and scores them (gen/*,
     without the latent metrics)."""
     checked: list[int] = []
-    receive = ServerA2V.receive
+    receive = SyntheticLearner.receive
 
-    def check(self: ServerA2V, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
+    def check(self: SyntheticLearner, share: SyntheticShare) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = receive(self, share)
         (node,) = [c for c in self.clients if c.node == share.node]
         real = node.generator_inputs(self.shared, self.config.generator, None).double()
@@ -166,7 +164,7 @@ def test_a_noise_run_is_guarded_and_scored_like_any_generator(
         checked.append(len(y.unique()))
         return x, y
 
-    monkeypatch.setattr(ServerA2V, "receive", check)
+    monkeypatch.setattr(SyntheticLearner, "receive", check)
     final = quick("federation.rounds=2", "generator.model=noise", "eval.generator_every=2",
                   "generator.synthetic_samples_per_class=50")["final"]
     assert checked and min(checked) >= 2  # every node sent samples of its two classes

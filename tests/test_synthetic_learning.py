@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from conftest import QUICK_ROUNDS, TINY_GENERATORS
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
 from flcore.config import GeneratorConfig, validate
@@ -23,9 +24,7 @@ from flcore.trainmodel.generators import (
 )
 from flcore.trainmodel.vae import vae_loss
 
-FAST = ("logger=[csv]", "audio_encoder=mfcc", "adapter.hidden_dim=32", "adapter.lr=0.003",
-        "federation.local_epochs=1", "checkpoint.every=0", "generator.training_epochs=2",
-        "generator.hidden_dim=16", "generator.latent_dim=4")
+FAST = (*QUICK_ROUNDS, *TINY_GENERATORS)
 
 
 @pytest.fixture
@@ -60,7 +59,7 @@ def test_conditional_generators_draw_each_class_from_its_prompt(groups: list[lis
     def fit(cond_dim: int) -> GeneratorBank:
         torch.manual_seed(0)
         bank = GeneratorBank(spec, features, config, cond_dim, torch.device("cpu"))
-        bank.fit(x, y, prompts if cond_dim else None, vae_loss(config, config.training_epochs),
+        bank.fit(x, y, prompts if cond_dim else None, vae_loss(config, rounds=1, round_=1),
                  [torch.Generator().manual_seed(1 + i) for i in range(len(groups))], "")
         return bank
 
@@ -92,7 +91,7 @@ def test_conditional_generators_draw_each_class_from_its_prompt(groups: list[lis
 
 
 def test_per_class_generators_need_no_condition(make_config: Callable[..., DictConfig]) -> None:
-    from flcore.clients.clientbase import SharedTensors
+    from flcore.clients.protocol import SharedTensors
 
     config = validate(make_config())
     shared = SharedTensors(torch.randn(6, 8, 16), torch.tensor([0, 0, 1, 1, 2, 2]),
@@ -109,14 +108,14 @@ def test_majority_share_is_the_largest_class_share_of_the_labels() -> None:
     largest count or of the classes."""
     from types import SimpleNamespace
 
-    from flcore.servers.serverA2V import ServerA2V
+    from flcore.servers.synthetic import SyntheticLearner
 
     stub = SimpleNamespace(shared=SimpleNamespace(class_names=[f"c{i}" for i in range(5)]),
                            majority_shares={})
     cases = {0: [3] * 7 + [1] * 2 + [4] * 3, 1: [0, 2, 2, 0, 0, 4], 2: [1] * 5,
              3: [4, 0, 1, 2, 3, 4, 0, 1]}
     for node, labels in cases.items():
-        ServerA2V.report_label_shares(stub, f"node{node}", torch.tensor(labels))
+        SyntheticLearner.report_label_shares(stub, f"node{node}", torch.tensor(labels))
     expected = {f"node{node}": np.bincount(labels).max() / len(labels)
                 for node, labels in cases.items()}
     assert expected == {"node0": 7 / 12, "node1": 3 / 6, "node2": 1.0, "node3": 2 / 8}

@@ -129,6 +129,19 @@ class ShareMode(str, Enum):
     decoder = "decoder"
 
 
+#: ``server.adapter_training``. OmegaConf reads an enum value by its member's *name*, so each
+#: member is named by its value (``fedavg+synthetic`` is no identifier, hence this functional
+#: form): the key composes, prints and is refused exactly as written, and a value outside the set
+#: is refused while composing, naming the four. Code names that member
+#: ``AdapterTraining.fedavg_synthetic``, an alias outside ``__members__`` (never a valid value).
+AdapterTraining = Enum(
+    "AdapterTraining",
+    [("fedavg", "fedavg"), ("synthetic", "synthetic"), ("fedavg+synthetic", "fedavg+synthetic"),
+     ("kd", "kd")],
+    type=str, module=__name__, qualname="AdapterTraining")
+AdapterTraining.fedavg_synthetic = AdapterTraining["fedavg+synthetic"]
+
+
 class ServerGranularity(str, Enum):
     none = "none"
     unified = "unified"

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import (
     Algorithm,
     Config,
@@ -343,7 +343,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                            {"config": results.config, "tracker_run_id": trackers.run_id})
         start = 0
         if config.generator.load_from and resumed is None:
-            server.load_generators(config.generator.load_from, results.config)
+            server.generator_rounds.load_generators(config.generator.load_from,
+                                                   results.config)
         if resumed is not None:
             server.load_state_dict(resumed["server"])
             server.history = list(resumed["history"])
@@ -352,8 +353,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             start = resumed["round"]
         history = server.run(start)
         results.timings["rounds_s"] = server.rounds_seconds
-        results.timings["generator_train_s"] = server.generator_seconds
-        results.generator_epochs = server.epoch_history
+        results.timings["generator_train_s"] = server.generator_rounds.seconds
+        results.generator_epochs = server.generator_rounds.epoch_history
         results.summarize(history)
         save_plots(results, job.run_dir / "plots")
         report = server.final_report(dataset.class_names)

@@ -1,25 +1,15 @@
 """The A2V client: trains the audio adapter on its private embeddings and evaluates it."""
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flcore.clients.clientbase import (
-    AdapterJob,
-    ClientBase,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    StateDict,
-    fit,
-    proximal_term,
-    training_seed,
-)
+from flcore.clients.clientbase import ClientBase
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors, StateDict
+from flcore.clients.training import fit, proximal_term, training_seed
 from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode, TrainingData
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
-from flcore.metrics.generative import evaluate_diversity, evaluate_quality
 from flcore.streams import Purpose, stream, stream_seed
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.banks import Bank, new_bank
@@ -111,26 +101,7 @@ class GeneratorJob:
     seed: int
 
 
-class GeneratorEvaluation:
-    """Generator metrics on demand (docs/metrics.md) for a client or the server, for a script or
-    a notebook; runs compute them every ``eval.generator_every`` rounds on their own."""
-
-    def evaluate_generator_quality(self, real_embeddings: torch.Tensor,
-                                   generated_embeddings: torch.Tensor,
-                                   metrics: Sequence[str] | None = None,
-                                   k: int = 5) -> dict[str, float | None]:
-        """Metrics (``l2_distance``, ``cosine_similarity``, ``fd``, ``mmd``, ``precision``,
-        ``recall``, ``density``, ``coverage``, ``one_nn_acc``, ``spread_ratio``, ...; all by
-        default) of generated rows against real rows; None where undefined."""
-        return evaluate_quality(real_embeddings, generated_embeddings, metrics, k=k)
-
-    def evaluate_generator_diversity(self, generated_embeddings: torch.Tensor
-                                     ) -> dict[str, float]:
-        """``std`` (mean per-dimension) and ``pairwise_distance`` of generated rows."""
-        return evaluate_diversity(generated_embeddings)
-
-
-class ClientA2V(ClientBase, GeneratorEvaluation):
+class ClientA2V(ClientBase):
     """A node that trains the adapter from its audio embeddings to its class prompts, and VAE
     generators of those embeddings."""
 

@@ -161,8 +161,8 @@ def _is_short(seconds: float, clip_seconds: float | None) -> bool:
     return clip_seconds is not None and seconds < clip_seconds - CLIP_TOLERANCE_S
 
 
-def screen_files(clips: list[Clip], folder: Path, on_bad_file: OnBadFile, min_seconds: float,
-                 *, clip_seconds: float | None = None, strict: bool = False) -> Screened:
+def screen_files(clips: list[Clip], folder: Path, *, on_bad_file: OnBadFile, min_seconds: float,
+                 clip_seconds: float | None = None, strict: bool = False) -> Screened:
     """Screen the clips' files under ``folder``: with ``on_bad_file=error`` the first bad file
     is a DataError naming it (else it is skipped); a usable clip shorter than ``clip_seconds``
     (a truncated file) is a warning naming it, or with ``strict`` a DataError."""
@@ -193,8 +193,8 @@ def screen_files(clips: list[Clip], folder: Path, on_bad_file: OnBadFile, min_se
     return Screened(kept, skipped, short)
 
 
-def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
-               min_seconds: float = 0.0, *, clip_seconds: float | None = None,
+def load_esc50(root: str | Path, *, on_bad_file: OnBadFile = OnBadFile.error,
+               min_seconds: float = 0.0, clip_seconds: float | None = None,
                strict: bool = False) -> AudioDataset:
     """Read the metadata under ``root`` and screen every listed WAV file's header
     (:func:`screen_files`); a clip shorter than ``min_seconds`` is a bad file."""
@@ -202,8 +202,9 @@ def load_esc50(root: str | Path, on_bad_file: OnBadFile = OnBadFile.error,
     if not root.is_dir():
         raise DataError(f"dataset.root={root}: folder not found; " + HOW_TO_GET)
     clips, class_names = _classes(_read_metadata(root), root / "meta" / "esc50.csv")
-    kept, skipped, short = screen_files(clips, root / "audio", on_bad_file, min_seconds,
-                                        clip_seconds=clip_seconds, strict=strict)
+    kept, skipped, short = screen_files(clips, root / "audio", on_bad_file=on_bad_file,
+                                        min_seconds=min_seconds, clip_seconds=clip_seconds,
+                                        strict=strict)
     if not kept:
         raise DataError(f"dataset.root={root}: no usable clips")
     return AudioDataset(root=root, clips=kept, class_names=class_names, skipped=skipped,

@@ -134,8 +134,8 @@ def _roots(root: str | Path | None, csv_path: str | Path | None) -> tuple[Path, 
     return folder, meta
 
 
-def load_folder(root: str | Path | None, csv_path: str | Path | None = None,
-                on_bad_file: OnBadFile = OnBadFile.error, min_seconds: float = 0.0, *,
+def load_folder(root: str | Path | None, csv_path: str | Path | None = None, *,
+                on_bad_file: OnBadFile = OnBadFile.error, min_seconds: float = 0.0,
                 clip_seconds: float | None = None, strict: bool = False) -> FolderDataset:
     """Read class folders under ``root`` (``csv_path`` None) or the CSV ``csv_path`` (file names
     relative to ``root``, else to the CSV's folder), and screen every file's header
@@ -147,8 +147,9 @@ def load_folder(root: str | Path | None, csv_path: str | Path | None = None,
         has_splits = False
     else:
         clips, classes, has_splits = _csv_clips(meta)
-    kept, skipped, short = screen_files(clips, folder, on_bad_file, min_seconds,
-                                        clip_seconds=clip_seconds, strict=strict)
+    kept, skipped, short = screen_files(clips, folder, on_bad_file=on_bad_file,
+                                        min_seconds=min_seconds, clip_seconds=clip_seconds,
+                                        strict=strict)
     used = {clip.target for clip in kept}
     empty = [name for t, name in enumerate(classes) if t not in used]
     if empty:

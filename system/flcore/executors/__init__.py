@@ -4,7 +4,7 @@ import importlib.util
 
 import torch
 
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, ExecutorName
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors.base import Executor

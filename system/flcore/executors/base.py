@@ -1,8 +1,8 @@
 """The interface every executor implements.
 
 An executor trains the round's selected clients' adapters from the weights the strategy chose
-and hands back one :class:`~flcore.clients.clientbase.LocalUpdate` per
-:class:`~flcore.clients.clientbase.AdapterJob`, in job order. What a
+and hands back one :class:`~flcore.clients.protocol.LocalUpdate` per
+:class:`~flcore.clients.protocol.AdapterJob`, in job order. What a
 job carries is small: index tensors into the shared embeddings, a start state, a seed. So an
 executor that ships work elsewhere (Ray) sends tensors, never client objects.
 """
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.progress import phase, stage
+from flcore.trainmodel.bank_training import EpochLog
 from flcore.trainmodel.banks import Bank, fit_together
-from flcore.trainmodel.generators import EpochLog
 from flcore.trainmodel.vae import VAELoss
 
 if TYPE_CHECKING:
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 class Executor(ABC):
     """Runs a round's client work on the shared embeddings."""
+
+    #: Whether :meth:`train_generators` trains every node's generators as one stacked bank
+    #: (the same as one by one to float tolerance) rather than one bank after another.
+    stack_generators = False
 
     def __init__(self, shared: SharedTensors) -> None:
         self.shared = shared
@@ -36,16 +40,13 @@ class Executor(ABC):
 
     def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
                          loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Train each node's generator bank on its job; each bank's epoch logs, in order. By
-        default one bank after another."""
-        return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
-                for bank, job in phase(zip(banks, jobs, strict=True), "generators", "node",
-                                       len(banks))]
-
-    def train_generators_stacked(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
-                                 loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Every node's generators trained as one stacked bank (per shape), the same as one by
-        one to float tolerance (:func:`~flcore.trainmodel.banks.fit_together`)."""
+        """Train each node's generator bank on its job; each bank's epoch logs, in order: one
+        bank after another, or with :attr:`stack_generators` every node's as one stacked bank
+        per shape (:func:`~flcore.trainmodel.banks.fit_together`), in this process."""
+        if not self.stack_generators:
+            return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
+                    for bank, job in phase(zip(banks, jobs, strict=True), "generators", "node",
+                                           len(banks))]
         with stage(f"generators ({len(banks)} nodes stacked)") as bar:
             logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
                                 [j.prompts for j in jobs], loss, [j.rngs for j in jobs],

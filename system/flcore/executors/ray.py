@@ -13,44 +13,27 @@ raised by training itself (a diverged loss) is never retried and reaches the use
 
 import logging
 import math
-import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import torch
 
-from flcore.clients.clientbase import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    build_adapter,
-    build_adapter_loss,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.training import build_adapter, build_adapter_loss
 from flcore.config import AdapterConfig, Config, ExecutorConfig
 from flcore.errors import ConfigError, ResourceError
 from flcore.executors import check_executor
 from flcore.executors.base import Executor
 from flcore.runtime import thread_share, use_threads
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
-from flcore.trainmodel.banks import Bank
-from flcore.trainmodel.generators import EpochLog
-from flcore.trainmodel.vae import VAELoss
-
-if TYPE_CHECKING:
-    from flcore.clients.clientA2V import GeneratorJob
 
 log = logging.getLogger(__name__)
-
-# Test hook: when this variable names a file that does not exist yet, the worker creates it and
-# exits abruptly mid-task (a worker that dies once). Read on the driver, handed to the task.
-TEST_CRASH_ONCE_ENV = "FEDA2V_TEST_RAY_CRASH_ONCE"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -174,16 +157,12 @@ def _worker_trainer(box: list, device: torch.device) -> Any:
     return _WORKER_CACHE[key]
 
 
-def train_batch(box: list, packed_jobs: dict, spec: RoundSpec, threads: int,
-                crash_marker: str | None = None) -> dict:
+def train_batch(box: list, packed_jobs: dict, spec: RoundSpec, threads: int) -> dict:
     """One task: the jobs of :func:`pack_jobs` trained together on this worker's device; their
     updates packed by :func:`pack_updates`, on the CPU.
 
     ``box`` holds the object-store reference of the run's embeddings (in a list, so that Ray
     hands over the reference and the worker fetches the embeddings only the first time)."""
-    if crash_marker is not None and not os.path.exists(crash_marker):
-        open(crash_marker, "w").close()
-        os._exit(1)
     use_threads(threads)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     trainer = _worker_trainer(box, device)
@@ -264,7 +243,11 @@ def _local_cpus(wanted: float) -> int:
 
 
 class RayExecutor(Executor):
-    """Runs each batch of up to ``executor.clients_per_batch`` clients as a Ray task."""
+    """Runs each batch of up to ``executor.clients_per_batch`` clients as a Ray task. Generators
+    train in the driver, every node's as one stacked bank (as the batched executor does): their
+    states stay where the server keeps them between rounds."""
+
+    stack_generators = True
 
     def __init__(self, config: Config, shared: SharedTensors, loss: AdapterLoss,
                  model: AudioAdapter) -> None:
@@ -366,23 +349,16 @@ class RayExecutor(Executor):
         options = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus,
                    "max_retries": x.max_retries, "retry_exceptions": False}
         spec_ref = ray.put(replace(spec, anchor=_to(spec.anchor, "cpu")))
-        crash_marker = os.environ.get(TEST_CRASH_ONCE_ENV)
         batches = [jobs[i : i + x.clients_per_batch]
                    for i in range(0, len(jobs), x.clients_per_batch)]
         refs = [_remote_train_batch.options(**options).remote(
-                    self.shared_box, pack_jobs(batch), spec_ref, self.threads, crash_marker)
+                    self.shared_box, pack_jobs(batch), spec_ref, self.threads)
                 for batch in batches]
         # The rest of a round that fails is left to finish and dropped, not cancelled:
         # cancelling a task whose reply is in flight aborts the driver in Ray 2.60
         # ("Tried to complete task that was not pending").
         for batch, ref in zip(batches, refs, strict=True):
             yield from unpack_updates(self._get(ref, batch), device)
-
-    def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
-                         loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Generators train in the driver, every node's as one stacked bank (as the batched
-        executor does): their states stay where the server keeps them between rounds."""
-        return self.train_generators_stacked(banks, jobs, loss)
 
     def _get(self, ref: ray.ObjectRef, batch: Sequence[AdapterJob]) -> dict:
         """A task's packed updates; its training error as raised, or a lost worker as one line."""

@@ -3,7 +3,7 @@
 from collections.abc import Iterator, Sequence
 
 from flcore.clients.clientA2V import train_adapter
-from flcore.clients.clientbase import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.executors.base import Executor
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 

@@ -3,7 +3,7 @@ that treat the averaged update as a pseudo-gradient (FedAvgM and the FedOpt fami
 
 import torch
 
-from flcore.clients.clientbase import StateDict
+from flcore.clients.protocol import StateDict
 
 
 class RunningAverage:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from flcore.clients.clientA2V import ClientA2V, evaluate, sequence_fit, zero_shot
-from flcore.clients.clientbase import SharedTensors, StateDict
+from flcore.clients.protocol import SharedTensors, StateDict
 from flcore.metrics.classification import (
     classification_metrics,
     confusion_matrix,

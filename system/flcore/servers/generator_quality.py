@@ -6,6 +6,7 @@ Generated rows are the synthetic samples the node shared; training rows (for mem
 the rows the generators trained on. Nothing here reaches the training loop.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config
 from flcore.data.partition import scoring_split
 from flcore.metrics.generative import (
+    evaluate_diversity,
     evaluate_quality,
     generator_report,
     kl_per_dimension,
@@ -135,3 +137,16 @@ def train_rows_reference(real: dict[str, torch.Tensor], train: dict[str, torch.T
         return {}
     scores = evaluate_quality(held, rows, REFERENCE_METRICS, k=k, seed=seed)
     return {f"gen/train_rows/{m}": float(v) for m, v in scores.items() if v is not None}
+
+
+def evaluate_generator_quality(real_embeddings: torch.Tensor, generated_embeddings: torch.Tensor,
+                               metrics: Sequence[str] | None = None,
+                               k: int = 5) -> dict[str, float | None]:
+    """Generator metrics on demand (docs/metrics.md) of generated rows against real rows, all
+    by default; None where undefined. For scripts and notebooks."""
+    return evaluate_quality(real_embeddings, generated_embeddings, metrics, k=k)
+
+
+def evaluate_generator_diversity(generated_embeddings: torch.Tensor) -> dict[str, float]:
+    """``std`` (mean per-dimension) and ``pairwise_distance`` of generated rows."""
+    return evaluate_diversity(generated_embeddings)

@@ -2,7 +2,9 @@
 
 One small object per mode (``federation.algorithm`` x ``server.adapter_training``), all behind
 :class:`AdapterStrategy`, as Flower's strategies are: the server's round loop asks the strategy
-where each client starts, hands it each update, and lets it conclude the round.
+where each client starts, hands it each update, and lets it conclude the round. A strategy is
+given the global state and returns the new one; what it needs besides (the synthetic learner,
+the evaluator) it gets at construction.
 """
 
 import logging
@@ -10,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flcore.clients.clientbase import LocalUpdate, StateDict
-from flcore.config import Aggregation, Algorithm, Config, SplitKind
+from flcore.clients.protocol import LocalUpdate, StateDict
+from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
 from flcore.servers.aggregation import FedAdam, RunningAverage
+from flcore.servers.evaluation import Evaluator
+from flcore.servers.synthetic import SyntheticLearner, Teacher
 
 if TYPE_CHECKING:
     from flcore.clients.clientA2V import ClientA2V
-    from flcore.servers.serverA2V import ServerA2V
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +39,26 @@ class AdapterStrategy:
     def begin_round(self) -> None:
         """Reset what a round accumulates."""
 
-    def start(self, server: "ServerA2V", client: "ClientA2V") -> StateDict:
+    def start(self, client: "ClientA2V", global_state: StateDict) -> StateDict:
         """The weights ``client`` starts local training from."""
-        return server.global_state
+        return global_state
 
-    def anchor(self, server: "ServerA2V") -> StateDict | None:
+    def anchor(self, global_state: StateDict) -> StateDict | None:
         """FedProx's anchor (the round's global weights), or None."""
         return None
 
-    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+    def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         """Take one client's update."""
 
-    def conclude(self, server: "ServerA2V") -> None:
-        """After every selected client trained: update ``server.global_state``."""
+    def conclude(self, global_state: StateDict) -> StateDict:
+        """After every selected client trained: the new global state."""
+        return global_state
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
-              y: torch.Tensor) -> dict[str, float]:
-        """Use the synthetic pool ``x [m, S, D]``, ``y [m]`` for the global adapter; return
-        what to log about it."""
-        return {}
+    def learn(self, global_state: StateDict, round_: int, x: torch.Tensor, y: torch.Tensor
+              ) -> tuple[StateDict, dict[str, float]]:
+        """The global state after using the synthetic pool ``x [m, S, D]``, ``y [m]``, and what
+        to log about it."""
+        return global_state, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -78,18 +82,18 @@ class FedAvg(AdapterStrategy):
     def begin_round(self) -> None:
         self.average = RunningAverage()
 
-    def anchor(self, server: "ServerA2V") -> StateDict | None:
-        return server.global_state if self.fedprox else None
+    def anchor(self, global_state: StateDict) -> StateDict | None:
+        return global_state if self.fedprox else None
 
-    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+    def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         self.average.add(update.state, float(update.num_samples) if self.weighted else 1.0)
 
-    def conclude(self, server: "ServerA2V") -> None:
+    def conclude(self, global_state: StateDict) -> StateDict:
         if self.average.weight == 0:
-            return
+            return global_state
         average = self.average.result()
-        server.global_state = (self.fedadam.step(server.global_state, average)
-                               if self.fedadam is not None else average)
+        return (self.fedadam.step(global_state, average) if self.fedadam is not None
+                else average)
 
     def state_dict(self) -> dict[str, Any]:
         return {"fedadam": self.fedadam.state_dict()} if self.fedadam is not None else {}
@@ -109,36 +113,38 @@ class FedAvgThenSynthetic(FedAvg):
     rounds it fine-tuned and those whose result it kept, so a study sees how often the guard
     chose."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, learner: SyntheticLearner, evaluator: Evaluator) -> None:
         super().__init__(config)
+        self.learner, self.evaluator = learner, evaluator
+        self.mu = config.server.synthetic_mu
+        self.guarded = config.server.synthetic_guard
         self.tuned_rounds = 0
         self.accepted_rounds = 0
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
-              y: torch.Tensor) -> dict[str, float]:
-        averaged = server.global_state
-        x, y, info = server.curate(averaged, x, y, round_)
+    def learn(self, global_state: StateDict, round_: int, x: torch.Tensor, y: torch.Tensor
+              ) -> tuple[StateDict, dict[str, float]]:
+        averaged = global_state
+        x, y, info = self.learner.curate(averaged, x, y, round_)
         if len(x):
-            tuned = server.train_on(averaged, x, y, round_, 1, anchor=averaged,
-                                    mu=server.config.server.synthetic_mu)
-            accepted = self.guard(server, round_, averaged, tuned)
+            tuned = self.learner.train_on(averaged, x, y, round_, 1, anchor=averaged,
+                                          mu=self.mu)
+            accepted = self.guard(round_, averaged, tuned)
             if accepted:
-                server.global_state = tuned
+                global_state = tuned
             self.tuned_rounds += 1
             self.accepted_rounds += accepted
             info["synthetic/accepted"] = float(accepted)
-        return {**info, **self.counters()}
+        return global_state, {**info, **self.counters()}
 
-    def guard(self, server: "ServerA2V", round_: int, averaged: StateDict,
-              tuned: StateDict) -> bool:
+    def guard(self, round_: int, averaged: StateDict, tuned: StateDict) -> bool:
         """Whether to keep ``tuned``: its validation accuracy is not below ``averaged``'s
         (logged); True without ``server.synthetic_guard`` or validation clips."""
-        if not server.config.server.synthetic_guard:
+        if not self.guarded:
             return True
-        before = server.evaluator.val_accuracy(averaged)
+        before = self.evaluator.val_accuracy(averaged)
         if before is None:
             return True
-        after = server.evaluator.val_accuracy(tuned)
+        after = self.evaluator.val_accuracy(tuned)
         accepted = after >= before
         log.info("round %d: synthetic fine-tuning %s (val acc %.3f -> %.3f)", round_,
                  "accepted" if accepted else "rejected", before, after)
@@ -168,32 +174,33 @@ class SyntheticOnly(AdapterStrategy):
     trains_clients = False
     global_is_synthetic_only = True
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
-              y: torch.Tensor) -> dict[str, float]:
-        server.global_state = server.train_on(server.global_state, x, y, round_, 1)
-        return {}
+    def __init__(self, learner: SyntheticLearner) -> None:
+        self.learner = learner
+
+    def learn(self, global_state: StateDict, round_: int, x: torch.Tensor, y: torch.Tensor
+              ) -> tuple[StateDict, dict[str, float]]:
+        return self.learner.train_on(global_state, x, y, round_, 1), {}
 
 
 class Distillation(AdapterStrategy):
     """Knowledge distillation: the round's client adapters label the synthetic samples of the
     classes they hold, and the global adapter learns those outputs."""
 
-    def __init__(self) -> None:
-        self.teachers: list[tuple[torch.Tensor, StateDict]] = []
+    def __init__(self, learner: SyntheticLearner) -> None:
+        self.learner = learner
+        self.teachers: list[Teacher] = []
 
     def begin_round(self) -> None:
         self.teachers = []
 
-    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
-        held = torch.tensor([server.shared.class_names.index(c) for c in client.classes],
-                            device=server.shared.tokens.device)
-        self.teachers.append((held, update.state))
+    def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
+        self.teachers.append((client.classes, update.state))
 
-    def learn(self, server: "ServerA2V", round_: int, x: torch.Tensor,
-              y: torch.Tensor) -> dict[str, float]:
+    def learn(self, global_state: StateDict, round_: int, x: torch.Tensor, y: torch.Tensor
+              ) -> tuple[StateDict, dict[str, float]]:
         if self.teachers:
-            server.global_state = server.distill(x, y, self.teachers, round_)
-        return {}
+            global_state = self.learner.distill(global_state, x, y, self.teachers, round_)
+        return global_state, {}
 
 
 class Local(AdapterStrategy):
@@ -201,11 +208,11 @@ class Local(AdapterStrategy):
 
     stateful = True
 
-    def start(self, server: "ServerA2V", client: "ClientA2V") -> StateDict:
+    def start(self, client: "ClientA2V", global_state: StateDict) -> StateDict:
         assert client.model_state is not None
         return client.model_state
 
-    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+    def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         client.model_state = update.state
 
 
@@ -213,24 +220,34 @@ class Centralized(Local):
     """One client holds every node's training clips (the upper reference point); its adapter is
     the global one."""
 
-    def accept(self, server: "ServerA2V", client: "ClientA2V", update: LocalUpdate) -> None:
+    def __init__(self) -> None:
+        self.latest: StateDict | None = None
+
+    def begin_round(self) -> None:
+        self.latest = None
+
+    def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         client.model_state = update.state
-        server.global_state = update.state
+        self.latest = update.state
+
+    def conclude(self, global_state: StateDict) -> StateDict:
+        return self.latest if self.latest is not None else global_state
 
 
-def build_strategy(config: Config) -> AdapterStrategy:
+def build_strategy(config: Config, learner: SyntheticLearner,
+                   evaluator: Evaluator) -> AdapterStrategy:
     """The strategy of ``federation.algorithm`` and ``server.adapter_training``."""
     if config.federation.algorithm is Algorithm.local:
         return Local()
     if config.federation.algorithm is Algorithm.centralized:
         return Centralized()
     mode = config.server.adapter_training
-    if mode == "synthetic":
-        return SyntheticOnly()
-    if mode == "kd":
-        return Distillation()
-    if mode == "fedavg+synthetic":
-        return FedAvgThenSynthetic(config)
+    if mode is AdapterTraining.synthetic:
+        return SyntheticOnly(learner)
+    if mode is AdapterTraining.kd:
+        return Distillation(learner)
+    if mode is AdapterTraining.fedavg_synthetic:
+        return FedAvgThenSynthetic(config, learner, evaluator)
     return FedAvg(config)
 
 
@@ -240,7 +257,7 @@ def unguarded_warnings(config: Config, val_clips: int) -> list[str]:
     fine-tuned adapter in silence."""
     s, d = config.server, config.dataset
     if (val_clips or config.federation.algorithm is not Algorithm.federated
-            or s.adapter_training != "fedavg+synthetic"
+            or s.adapter_training is not AdapterTraining.fedavg_synthetic
             or not (s.synthetic_guard or s.skip_failed_classes)):
         return []
     key, value = (("dataset.val_folds", d.val_folds) if d.split is SplitKind.folds

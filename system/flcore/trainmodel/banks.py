@@ -7,13 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from flcore.config import GeneratorConfig, GeneratorModel
+from flcore.trainmodel.bank_training import EpochLog, train_banks
 from flcore.trainmodel.gaussian import GaussianBank, NoiseBank
-from flcore.trainmodel.generators import (
-    EpochLog,
-    GeneratorBank,
-    GeneratorSpec,
-    train_banks,
-)
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec
 from flcore.trainmodel.vae import VAELoss
 
 Bank = GeneratorBank | GaussianBank
@@ -53,11 +49,12 @@ def fit_together(banks: Sequence[Bank], xs: Sequence[torch.Tensor],
                  ) -> list[list[EpochLog]]:
     """``[bank.fit(xs[i], labels[i], prompts[i], loss, rngs[i], wheres[i]) for each bank]``, with
     the VAE banks of one shape (features, hidden, latent, cond, learned variance) trained as one
-    stacked model (:func:`~flcore.trainmodel.generators.train_banks`: the same weights, optimizer
-    states and logs as one by one, to float tolerance; at most ``max_generators`` generators at
-    a time, ``None`` for all). Banks of different shapes (a node whose granularity override
-    makes its generators conditional) train as separate stacks; Gaussian banks are fitted one
-    by one (closed form). Returns each bank's epoch logs, in the order of ``banks``."""
+    stacked model (:func:`~flcore.trainmodel.bank_training.train_banks`: the same weights,
+    optimizer states and logs as one by one, to float tolerance; at most ``max_generators``
+    generators at a time, ``None`` for all). Banks of different shapes (a node whose
+    granularity override makes its generators conditional) train as separate stacks; Gaussian
+    banks are fitted one by one (closed form). Returns each bank's epoch logs, in the order of
+    ``banks``."""
     if not len(xs) == len(labels) == len(prompts) == len(rngs) == len(wheres) == len(banks):
         raise ValueError(f"fit_together: {len(banks)} banks need as many xs, labels, prompts, "
                          "rngs and wheres")

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from flcore.errors import CheckpointError, ConfigError
-from flcore.trainmodel.generators import EpochLog, GeneratorSpec
+from flcore.trainmodel.bank_training import EpochLog
+from flcore.trainmodel.generators import GeneratorSpec
 
 VARIANCE_FLOOR = 1e-6
 COVARIANCES = ("diagonal", "low_rank")

@@ -1,5 +1,6 @@
-"""The VAE of audio embeddings: ``K`` stacked generators, their loss (the negative ELBO with a
-calibrated Gaussian decoder, Rybkin et al. 2021) and the beta schedules of its KL term."""
+"""The VAE of audio embeddings: ``K`` stacked generators (:class:`VAEGenerator`), their loss
+(:class:`VAELoss`, the negative ELBO with a calibrated Gaussian decoder, Rybkin et al. 2021) and
+the schedule of its KL weight (:class:`BetaScheduler`, built by :func:`beta_schedule`)."""
 
 import math
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ def warmup_epochs(total_epochs: int, ratio: float) -> int:
 
 @dataclass(frozen=True)
 class BetaScheduler:
-    """The KL weight of 0-based ``epoch`` (of ``total_epochs``).
+    """The KL weight of 0-based schedule ``epoch`` (of ``total_epochs``; a training starts at
+    ``first_epoch``):
 
     - ``linear``: ``beta_max * min(1, (epoch + 1) / warmup_epochs)``.
     - ``cyclical`` (Fu et al. 2019): ``n_cycles`` cycles of ``P = ceil(total / n_cycles)``
@@ -42,6 +44,7 @@ class BetaScheduler:
     beta_max: float = 1.0
     n_cycles: int = 4
     cycle_ratio: float = 0.5
+    first_epoch: int = 0
 
     @property
     def warmup(self) -> int:
@@ -60,6 +63,23 @@ class BetaScheduler:
         if self.schedule is BetaSchedule.sigmoid:
             return self.beta_max / (1 + math.exp(-12 * (step / self.warmup - 0.5)))
         return self.beta_max * step / self.warmup
+
+
+def beta_schedule(config: GeneratorConfig, *, rounds: int, round_: int) -> BetaScheduler:
+    """The beta schedule of round ``round_``'s (1-based) generator training in a run of
+    ``rounds`` rounds. ``per_round``: ``training_epochs`` long, from epoch 0 every training.
+    ``whole_run``: as long as the run's generator rounds (every ``train_every``-th) together,
+    each training starting after the epochs of every generator round before it, whether or not
+    a node trained in them, so that a node first sampled late still reaches ``beta_max`` when
+    the warm-up ends."""
+    epochs = config.training_epochs
+    if config.schedule_scope is ScheduleScope.per_round:
+        total, first = epochs, 0
+    else:
+        total = epochs * (rounds // config.train_every)
+        first = (round_ - 1) // config.train_every * epochs
+    return BetaScheduler(config.beta_schedule, total, config.beta_warmup_ratio, config.beta_max,
+                         config.n_cycles, config.cycle_ratio, first)
 
 
 @dataclass
@@ -105,11 +125,10 @@ def effective_beta(beta: float, sigma2: torch.Tensor,
 class VAELoss(nn.Module):
     """The negative ELBO of ``K`` generators: reconstruction + beta(epoch) x KL.
 
-    - ``likelihood=mse`` (the reference row of every study): reconstruction is
-      the MSE averaged over the features, plus ``similarity_weight x (1 - cosine)``. It equals
-      the Gaussian NLL of variance ``D/2`` (D features) up to a constant, so its effective beta
-      is ``beta D / (2 mse)``: with a KL summed over latent dimensions, posterior collapse is
-      the optimum.
+    - ``likelihood=mse``: reconstruction is the MSE averaged over the features, plus
+      ``similarity_weight x (1 - cosine)``. It equals the Gaussian NLL of variance ``D/2`` (D
+      features) up to a constant, so its effective beta is ``beta D / (2 mse)``: with a KL
+      summed over latent dimensions, posterior collapse is the optimum.
     - ``likelihood=gaussian`` (sigma-VAE, Rybkin et al. 2021): reconstruction is the Gaussian
       NLL summed over the features, with one shared variance per generator.
       ``decoder_variance=optimal`` (their optimal sigma) sets it to the generator's current
@@ -123,24 +142,17 @@ class VAELoss(nn.Module):
 
     The KL of latent dimension ``j`` is averaged over each generator's real rows, then floored
     at ``free_bits`` nats (Kingma et al. 2016: ``sum_j max(free_bits, KL_j)``), then summed
-    (``kl_reduction=sum``) or averaged over dimensions. Beta follows the configured training
-    length (``total_epochs`` and ``beta_warmup_ratio``); a training starts at schedule epoch
-    ``first_epoch`` (:func:`schedule_start`). Inputs carry a leading generator axis
-    ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each generator's terms are means over
-    its own rows.
+    (``kl_reduction=sum``) or averaged over dimensions; its weight follows ``beta``. Inputs
+    carry a leading generator axis ``[K, B, ...]`` and a mask ``[K, B]`` of real rows; each
+    generator's terms are means over its own rows. :func:`vae_loss` builds the configured one.
     """
 
-    def __init__(self, total_epochs: int, beta_warmup_ratio: float,
-                 schedule: BetaSchedule = BetaSchedule.linear, beta_max: float = 1.0,
-                 kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
-                 n_cycles: int = 4, cycle_ratio: float = 0.5,
-                 likelihood: Likelihood = Likelihood.mse, variance_floor: float = 1e-4,
-                 free_bits: float = 0.0,
+    def __init__(self, beta: BetaScheduler, *, likelihood: Likelihood = Likelihood.mse,
                  decoder_variance: DecoderVariance = DecoderVariance.optimal,
-                 first_epoch: int = 0) -> None:
+                 kl_reduction: KlReduction = KlReduction.sum, similarity_weight: float = 0.1,
+                 variance_floor: float = 1e-4, free_bits: float = 0.0) -> None:
         super().__init__()
-        self.beta = BetaScheduler(schedule, total_epochs, beta_warmup_ratio, beta_max, n_cycles,
-                                  cycle_ratio)
+        self.beta = beta
         self.kl_reduction = kl_reduction
         self.similarity_weight = similarity_weight
         self.likelihood = likelihood
@@ -148,7 +160,6 @@ class VAELoss(nn.Module):
         self.log_variance_floor = math.log(variance_floor)
         self.free_bits = free_bits
         self.decoder_variance = decoder_variance
-        self.first_epoch = first_epoch
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
                 logvar: torch.Tensor, epoch: int, mask: torch.Tensor,
@@ -264,20 +275,10 @@ class VAEGenerator(nn.Module):
         return mean + self.dec_sigma2.sqrt() * eps.to(device)
 
 
-def schedule_start(config: GeneratorConfig, round_: int) -> int:
-    """The schedule epoch at which round ``round_``'s (1-based) generator training starts: 0 under
-    ``per_round``; under ``whole_run`` the epochs of every generator round before it, whether or
-    not a node trained in them, so that the schedule follows the run's clock and a node first
-    sampled late still reaches ``beta_max`` when the warm-up ends."""
-    if config.schedule_scope is ScheduleScope.per_round:
-        return 0
-    return (round_ - 1) // config.train_every * config.training_epochs
-
-
-def vae_loss(config: GeneratorConfig, total_epochs: int, first_epoch: int = 0) -> VAELoss:
-    """The configured VAE loss; its beta warm-up follows ``total_epochs``, and its
-    training starts at schedule epoch ``first_epoch`` (:func:`schedule_start`)."""
-    return VAELoss(total_epochs, config.beta_warmup_ratio, config.beta_schedule, config.beta_max,
-                   config.kl_reduction, config.similarity_weight, config.n_cycles,
-                   config.cycle_ratio, config.likelihood, config.variance_floor,
-                   config.free_bits, config.decoder_variance, first_epoch)
+def vae_loss(config: GeneratorConfig, *, rounds: int, round_: int) -> VAELoss:
+    """The configured VAE loss of round ``round_``'s generator training in a run of ``rounds``
+    rounds (its beta schedule: :func:`beta_schedule`)."""
+    return VAELoss(beta_schedule(config, rounds=rounds, round_=round_),
+                   likelihood=config.likelihood, decoder_variance=config.decoder_variance,
+                   kl_reduction=config.kl_reduction, similarity_weight=config.similarity_weight,
+                   variance_floor=config.variance_floor, free_bits=config.free_bits)

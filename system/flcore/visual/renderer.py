@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flcore.clients.clientbase import SharedTensors
+from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, ImageDtype, ImageSource, PipelineName
 from flcore.encoders.text import class_prompts
 from flcore.errors import ConfigError

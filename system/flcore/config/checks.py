@@ -1,397 +1,54 @@
-"""Config schemas registered in Hydra's ConfigStore, and the range checks that run before any work.
+"""Range checks of each config section, and the rules between keys, each refusing with one
+line that names the key, the value and what is allowed."""
 
-The dataclasses are the contract of ``configs/``: Hydra rejects unknown keys and wrong types while
-composing, and :func:`validate` rejects keys that ``+key=`` added and out-of-range values with one
-line that names the key, the value and what is allowed. Nothing downstream reads the config with
-fallbacks.
-"""
-
-import difflib
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, get_args, get_origin
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from typing import Any
 
 from flcore.choices import (
-    Aggregation,
+    AdapterTraining,
     Algorithm,
-    AudioEncoderName,
-    BetaSchedule,
     DatasetName,
     DecoderVariance,
     ExecutorName,
     GaussianCovariance,
     GeneratorModel,
     Granularity,
-    ImageDtype,
     ImageSource,
-    KlReduction,
-    LabelSpace,
     Likelihood,
-    LrSchedule,
-    OnBadFile,
-    OnNan,
-    PartitionKind,
     PipelineName,
     Precision,
-    ScheduleScope,
     ServerGranularity,
     ShareMode,
     SplitKind,
     TextEncoderName,
     TextOutput,
     TrainingData,
-    WandbMode,
+)
+from flcore.config.schema import (
+    AdapterConfig,
+    AudioEncoderConfig,
+    CheckpointConfig,
+    Config,
+    DatasetConfig,
+    EmbeddingsConfig,
+    EvalConfig,
+    ExecutorConfig,
+    FederationConfig,
+    GeneratorConfig,
+    SyntheticConfig,
+    TextEncoderConfig,
 )
 from flcore.errors import ConfigError
 
 ADAPTER_LOSSES = ("mse", "cosine", "mse+cosine", "contrastive")
-
-
-SERVER_ADAPTER_TRAINING = ("fedavg", "synthetic", "fedavg+synthetic", "kd")
-
-
-# The default of server.adapter_training (schema and configs/server/default.yaml): it follows the
-# generators and the algorithm through the resolver that flcore/__init__.py registers.
-ADAPTER_TRAINING_DEFAULT = (
-    "${feda2v.default_adapter_training:${generator.enabled},${federation.algorithm}}")
-
-
-def default_adapter_training(generators: bool, algorithm: Any) -> str:
-    """``fedavg+synthetic`` when there are synthetic samples and a global adapter to fine-tune on
-    them, else ``fedavg``: so ``generator=none`` and ``federation.algorithm=local|centralized``
-    run without also naming server.adapter_training, while an explicit value still wins."""
-    federated = Algorithm(algorithm) is Algorithm.federated
-    return "fedavg+synthetic" if generators and federated else "fedavg"
-
-
 IMAGE_SPLITS = ("test", "val")
-
-
-@dataclass
-class SyntheticConfig:
-    """The bundled synthetic dataset, generated into the cache on first use (defaults: the hard
-    benchmark of ``dataset=synthetic``; ``dataset=synthetic_small`` is the easy set)."""
-
-    clips_per_class: int = 72
-    clips_per_source: int = 4
-    fold_weights: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 5])
-    duration_s: float = 2.5
-    sample_rate: int = 16000
-    snr_db: list[float] = field(default_factory=lambda: [5.0, 25.0])
-    background_db: list[float] = field(default_factory=lambda: [-18.0, -6.0])
-    room: bool = True
-    seed: int = 0
-
-
-@dataclass
-class DatasetConfig:
-    """Which clips exist and how they split into train / val / test."""
-
-    name: DatasetName = DatasetName.synthetic
-    root: str | None = None
-    split: SplitKind = SplitKind.folds
-    train_folds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    val_folds: list[int] = field(default_factory=lambda: [4])
-    test_folds: list[int] = field(default_factory=lambda: [5])
-    train_ratio: float = 0.7
-    val_ratio: float = 0.1
-    on_bad_file: OnBadFile = OnBadFile.error
-    clip_seconds: float | None = None
-    strict: bool = False
-    csv: str | None = None
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-
-@dataclass
-class AudioEncoderConfig:
-    """Audio clips to token sequences ``[N, tokens, D]`` (keys marked per encoder)."""
-
-    name: AudioEncoderName = AudioEncoderName.yamnet
-    tokens: int = 8
-    batch_size: int = 32
-    threads: int = 0
-    n_mfcc: int = 40
-    deltas: bool = True
-    path: str | None = None
-    model_id: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
-    cls_only: bool = False
-
-
-@dataclass
-class TextEncoderConfig:
-    """One prompt per class to ``[C, D]`` (pooled), plus ``[C, T, D]`` token sequences as
-    conditioning targets when ``output=sequence``."""
-
-    name: TextEncoderName = TextEncoderName.minilm
-    prompt: str = "the sound of {name}"
-    output: TextOutput = TextOutput.pooled
-    max_length: int = 77
-    path: str | None = None
-    model_id: str = "openai/clip-vit-base-patch32"
-
-
-@dataclass
-class EmbeddingsConfig:
-    """The on-disk cache of audio and text embeddings."""
-
-    cache: bool = True
-    cache_dir: str = "${cache_dir}/embeddings"
-    workers: int = 0
-    shard_size: int = 256
-
-
-@dataclass
-class NodeConfig:
-    """One node of an explicit federation: the classes whose clips it holds, and optionally its
-    own generator granularity (else ``generator.granularity``)."""
-
-    classes: list[str] = MISSING
-    granularity: Granularity | None = None
-
-
-@dataclass
-class PartitionConfig:
-    """A generated assignment of classes and clips to nodes (used when ``nodes`` is null)."""
-
-    kind: PartitionKind = PartitionKind.classes_per_node
-    num_nodes: int = 5
-    classes_per_node: int = 2
-    alpha: float = 0.5
-    min_samples_per_node: int = 1
-    max_retries: int = 100
-
-
-@dataclass
-class FederationConfig:
-    """Who holds what (explicit node lists or a generated partition) and how rounds run."""
-
-    nodes: list[NodeConfig] | None = None
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    algorithm: Algorithm = Algorithm.federated
-    rounds: int = 10
-    clients_per_round: int | None = None
-    client_fraction: float = 1.0
-    local_epochs: int = 2
-    aggregation: Aggregation = Aggregation.fedavg
-    fedprox_mu: float = 0.01
-    server_lr: float = 0.01
-    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    server_tau: float = 0.001
-    eval_every: int = 1
-
-
-@dataclass
-class AdapterConfig:
-    """Audio tokens to the text encoder's space: per-token MLP, then attention pooling."""
-
-    hidden_dim: int = 256
-    n_latents: int = 1
-    num_heads: int = 4
-    dropout: float = 0.1
-    loss: str = "mse+cosine"
-    mse_weight: float = 1.0
-    cosine_weight: float = 1.0
-    temperature: float = 0.07
-    lr: float = 0.001
-    weight_decay: float = 0.0001
-    batch_size: int = 32
-    grad_clip: float = 1.0
-    lr_schedule: LrSchedule = LrSchedule.none
-    precision: Precision = Precision.fp32
-    sequence_weight: float = 1.0
-
-
-@dataclass
-class EvalConfig:
-    """Zero-shot evaluation of adapters, and how often and how generators are scored."""
-
-    label_space: LabelSpace = LabelSpace.federation
-    generator_every: int = 1
-    prdc_k: int = 5
-    mmd_permutations: int = 0
-    max_rows: int = 1000
-
-
-@dataclass
-class CheckpointConfig:
-    """Resumable state, saved every ``every`` rounds (0: never) into ``<run>/checkpoints``: the
-    ``keep_last`` newest, and after a completed run none unless ``keep_on_complete``."""
-
-    every: int = 5
-    keep_last: int = 1
-    keep_on_complete: bool = True
-    optimizer_state: bool = True
-
-
-@dataclass
-class GeneratorConfig:
-    """VAE generators of each node's audio embeddings and the synthetic samples they share."""
-
-    enabled: bool = True
-    model: GeneratorModel = GeneratorModel.vae
-    gaussian_covariance: GaussianCovariance = GaussianCovariance.diagonal
-    gaussian_rank: int = 0
-    granularity: Granularity = Granularity.per_class
-    class_groups: dict[str, list[str]] = field(default_factory=dict)
-    training_epochs: int = 30
-    beta_warmup_ratio: float = 0.5
-    beta_schedule: BetaSchedule = BetaSchedule.linear
-    beta_max: float = 64.0
-    n_cycles: int = 4
-    cycle_ratio: float = 0.5
-    schedule_scope: ScheduleScope = ScheduleScope.per_round
-    kl_reduction: KlReduction = KlReduction.sum
-    similarity_weight: float = 0.1
-    likelihood: Likelihood = Likelihood.gaussian
-    decoder_variance: DecoderVariance = DecoderVariance.optimal
-    variance_lr: float = 0.01
-    variance_floor: float = 1e-4
-    free_bits: float = 0.0
-    sequence_length: int = 4
-    latent_dim: int = 32
-    hidden_dim: int = 128
-    conditional: bool = True
-    sample_noise: bool = True
-    lr: float = 0.001
-    batch_size: int = 8
-    grad_clip: float = 1.0
-    train_every: int = 1
-    training_data: TrainingData = TrainingData.audio
-    augmentation_noise: float = 0.0
-    synthetic_samples_per_class: str = "auto"
-    share: ShareMode = ShareMode.samples
-    on_nan: OnNan = OnNan.error
-    precision: Precision = Precision.fp32
-    load_from: str | None = None
-
-
-@dataclass
-class ServerGeneratorConfig:
-    """Generators the server trains on the synthetic samples it receives (``none``: keep them)."""
-
-    granularity: ServerGranularity = ServerGranularity.none
-
-
-@dataclass
-class ServerConfig:
-    """How the server trains the global adapter."""
-
-    adapter_training: str = ADAPTER_TRAINING_DEFAULT
-    synthetic_epochs: int = 5
-    synthetic_balance: bool = True
-    synthetic_mu: float = 0.1
-    skip_failed_classes: bool = True
-    synthetic_guard: bool = True
-    generator: ServerGeneratorConfig = field(default_factory=ServerGeneratorConfig)
-
-
-@dataclass
-class CsvLoggerConfig:
-    filename: str = "metrics.csv"
-
-
-@dataclass
-class WandbLoggerConfig:
-    project: str = "feda2v"
-    entity: str | None = None
-    mode: WandbMode = WandbMode.offline
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
-
-
-@dataclass
-class LoggerConfig:
-    """Active trackers: a tracker is on when its section is present (``logger=[csv,wandb]``)."""
-
-    csv: CsvLoggerConfig | None = None
-    wandb: WandbLoggerConfig | None = None
-
-
-@dataclass
-class ExecutorConfig:
-    """How a round's client work runs (docs/scaling.md): ``sequential`` (one client after
-    another), ``batched`` (the selected clients as one stacked model, ``clients_per_batch`` at a
-    time) or ``ray`` (batches of clients as Ray tasks, locally or on a cluster)."""
-
-    name: ExecutorName = ExecutorName.batched
-    clients_per_batch: int = 64
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    address: str | None = None
-    connect_timeout_s: float = 30.0
-    max_retries: int = 1
-
-
-@dataclass
-class ImagesConfig:
-    """Rendering adapter outputs with a diffusion pipeline, judged zero-shot by a CLIP model
-    (docs/images.md)."""
-
-    pipeline: PipelineName = PipelineName.none
-    path: str | None = None
-    every: int = 0
-    splits: list[str] = field(default_factory=lambda: ["test"])
-    per_class: int = 1
-    nodes: bool = False
-    source: ImageSource = ImageSource.adapter
-    steps: int = 25
-    guidance: float = 7.5
-    height: int = 512
-    width: int = 512
-    seed: int = 0
-    dtype: ImageDtype = ImageDtype.fp16
-    batch_size: int = 8
-    log_limit: int = 50
-    judge_path: str | None = None
-    judge_prompt: str = "a photo of {name}"
-
-
-@dataclass
-class Config:
-    """The whole run."""
-
-    name: str = "default"
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    deterministic: bool = False
-    threads: int | None = None
-    cache_dir: str = "${oc.env:FEDA2V_CACHE_DIR,'~/.cache/feda2v'}"
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    images: ImagesConfig = field(default_factory=ImagesConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-def register_configs() -> None:
-    """Register the schema that ``configs/config.yaml`` extends (its first defaults entry).
-
-    ``generator.class_groups`` holds user data, so it is not in struct mode: Hydra merges a
-    ``generator.class_groups={tonal:[a,b]}`` override into it, which struct mode would refuse
-    (new keys) unless written as ``+generator.class_groups=...``."""
-    schema = OmegaConf.structured(Config)
-    OmegaConf.set_struct(schema.generator.class_groups, False)
-    ConfigStore.instance().store(name="base_config", node=schema)
-
-
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def _show(value: Any) -> str:
+    """``value`` as the command line writes it: an enum by its value, a list as ``[a,b]``."""
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, (list, tuple)):
@@ -400,8 +57,19 @@ def _show(value: Any) -> str:
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Refuse ``key=value`` with ``rule`` (one line) unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={_show(value)}: {rule}")
+
+
+def check_run(config: Config) -> None:
+    """The top-level keys: seed, device, name and threads."""
+    _require(config.seed >= 0, "seed", config.seed, "must be >= 0")
+    _require(bool(_DEVICE.match(config.device)), "device", config.device,
+             "must be auto, cpu, cuda or cuda:N")
+    _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
+    _require(config.threads is None or config.threads >= 1, "threads", config.threads,
+             "must be >= 1, or null for this process's share of the CPUs")
 
 
 def _check_synthetic(s: SyntheticConfig) -> None:
@@ -428,15 +96,11 @@ def _check_synthetic(s: SyntheticConfig) -> None:
              "must be [] (no background) or [low, high] with -60 <= low <= high <= 0")
 
 
-def _check_dataset(d: DatasetConfig) -> None:
+def check_dataset(d: DatasetConfig) -> None:
     if d.name is DatasetName.esc50:
-        _require(
-            d.root is not None,
-            "dataset.root",
-            d.root,
-            "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
-            "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic",
-        )
+        _require(d.root is not None, "dataset.root", d.root,
+                 "dataset.name=esc50 needs the ESC-50 folder (git clone of karolpiczak/ESC-50, "
+                 "or its ESC-50-master zip); or run on the bundled data with dataset=synthetic")
     if d.name is DatasetName.folder:
         _require(d.root is not None or d.csv is not None, "dataset.root", d.root,
                  "dataset.name=folder needs a folder of class folders (dataset.root) or a "
@@ -468,7 +132,7 @@ def _check_dataset(d: DatasetConfig) -> None:
                  f"split), got {d.train_ratio + d.val_ratio:g}")
 
 
-def _check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
+def check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
     _require(1 <= a.tokens <= 512, "audio_encoder.tokens", a.tokens, "must be in [1, 512]")
     _require(a.batch_size >= 1, "audio_encoder.batch_size", a.batch_size, "must be >= 1")
     _require(a.threads >= 0, "audio_encoder.threads", a.threads, "must be >= 0 (0 = all cores)")
@@ -476,6 +140,13 @@ def _check_encoders(a: AudioEncoderConfig, t: TextEncoderConfig) -> None:
     _require("{name}" in t.prompt, "text_encoder.prompt", repr(t.prompt),
              "must contain {name}, where the class name goes")
     _require(t.max_length >= 2, "text_encoder.max_length", t.max_length, "must be >= 2")
+
+
+def check_embeddings(e: EmbeddingsConfig) -> None:
+    _require(e.workers >= 0, "embeddings.workers", e.workers,
+             "must be >= 0 (0 = embed in the run's own process)")
+    _require(e.shard_size >= 1, "embeddings.shard_size", e.shard_size,
+             "must be >= 1 (clips per cache shard)")
 
 
 def _check_rounds(f: FederationConfig) -> None:
@@ -494,7 +165,7 @@ def _check_rounds(f: FederationConfig) -> None:
     _require(f.server_tau > 0, "federation.server_tau", f.server_tau, "must be > 0")
 
 
-def _check_adapter(a: AdapterConfig) -> None:
+def check_adapter(a: AdapterConfig) -> None:
     _require(a.sequence_weight >= 0, "adapter.sequence_weight", a.sequence_weight,
              "must be >= 0")
     _require(a.hidden_dim >= 1, "adapter.hidden_dim", a.hidden_dim, "must be >= 1")
@@ -518,7 +189,7 @@ EXECUTOR_KEYS = {"clients_per_batch": (ExecutorName.batched, ExecutorName.ray),
                                                         "connect_timeout_s", "max_retries")}}
 
 
-def _check_executor(x: ExecutorConfig) -> None:
+def check_executor(x: ExecutorConfig) -> None:
     default = ExecutorConfig()
     for key, users in EXECUTOR_KEYS.items():
         named = " and ".join(f"executor={u.value}" for u in users)
@@ -539,7 +210,7 @@ def _check_executor(x: ExecutorConfig) -> None:
              "machine belongs to) or host:port of a Ray head")
 
 
-def _check_federation(f: FederationConfig) -> None:
+def check_federation(f: FederationConfig) -> None:
     _check_rounds(f)
     if f.nodes is not None:
         _require(len(f.nodes) > 0, "federation.nodes", f.nodes,
@@ -561,7 +232,7 @@ def _check_federation(f: FederationConfig) -> None:
              "must be >= 1")
 
 
-def _check_generator(g: GeneratorConfig) -> None:
+def check_generator(g: GeneratorConfig) -> None:
     if g.gaussian_covariance is GaussianCovariance.low_rank:
         _require(g.gaussian_rank >= 1, "generator.gaussian_rank", g.gaussian_rank,
                  "generator.gaussian_covariance=low_rank needs a rank >= 1")
@@ -617,7 +288,7 @@ def _check_generator(g: GeneratorConfig) -> None:
             owner[name] = group
 
 
-def _check_load_from(folder: str) -> None:
+def check_load_from(folder: str) -> None:
     """The run folder whose checkpoint the generators start from exists and has one (else the
     checkpoint loader's error would blame resume=true)."""
     _require(Path(folder).is_dir(), "generator.load_from", folder,
@@ -627,107 +298,37 @@ def _check_load_from(folder: str) -> None:
              "saved checkpoints")
 
 
-def _keys(node: Any, prefix: str = "") -> dict[str, bool]:
-    """Every dotted path of an attribute of the schema dataclasses under ``node``, mapped to
-    whether the schema declares it (``+key=`` adds keys the schema lacks; to_object keeps them
-    as attributes). Dict fields (user data such as generator.class_groups) are not entered."""
-    found: dict[str, bool] = {}
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            found.update(_keys(item, f"{prefix}[{i}]."))
-    elif is_dataclass(node):
-        declared = {f.name for f in fields(node)}
-        for key, value in vars(node).items():
-            found[f"{prefix}{key}"] = key in declared
-            found.update(_keys(value, f"{prefix}{key}."))
-    return found
-
-
-def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted key the schema declares (list items and user dicts not entered): what a
-    misspelt key is matched against."""
-    keys = []
-    for f in fields(schema):
-        keys.append(prefix + f.name)
-        inner = [t for t in (f.type, *get_args(f.type)) if isinstance(t, type) and is_dataclass(t)]
-        if inner and get_origin(f.type) is not list:
-            keys += schema_keys(inner[0], f"{prefix}{f.name}.")
-    return keys
-
-
-def unknown_key(key: str, known: list[str]) -> ConfigError:
-    """The refusal of a key the schema lacks, naming the closest key it has."""
-    match = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {match[0]}?" if match else ""
-    return ConfigError(f"{key}: not a config key{hint} (docs/configuration.md lists every key)")
-
-
-def _check_known_keys(config: Config) -> None:
-    keys = _keys(config)
-    for key, known in keys.items():
-        if not known:
-            raise unknown_key(key, [k for k, ok in keys.items() if ok])
-
-
-def without_hydra(cfg: DictConfig) -> DictConfig:
-    """``cfg`` less the ``hydra`` node that compose(return_hydra_config=True) adds."""
-    if "hydra" not in cfg:
-        return cfg
-    body = cfg.copy()
-    with open_dict(body):
-        del body["hydra"]
-    return body
-
-
-def validate(cfg: DictConfig) -> Config:
-    """Resolve ``cfg`` into a typed :class:`Config` and check every range; raise ConfigError."""
-    config = OmegaConf.to_object(without_hydra(cfg))
-    assert isinstance(config, Config), "compose the config through configs/config.yaml"
-    _check_known_keys(config)
-    _require(config.seed >= 0, "seed", config.seed, "must be >= 0")
-    _require(bool(_DEVICE.match(config.device)), "device", config.device,
-             "must be auto, cpu, cuda or cuda:N")
-    _require(bool(config.name.strip()), "name", repr(config.name), "must not be empty")
-    _require(config.threads is None or config.threads >= 1, "threads", config.threads,
-             "must be >= 1, or null for this process's share of the CPUs")
-    config.cache_dir = str(Path(config.cache_dir).expanduser())
-    _check_dataset(config.dataset)
-    _check_encoders(config.audio_encoder, config.text_encoder)
-    config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
-    _require(config.embeddings.workers >= 0, "embeddings.workers", config.embeddings.workers,
-             "must be >= 0 (0 = embed in the run's own process)")
-    _require(config.embeddings.shard_size >= 1, "embeddings.shard_size",
-             config.embeddings.shard_size, "must be >= 1 (clips per cache shard)")
-    _check_federation(config.federation)
-    _check_adapter(config.adapter)
-    _check_executor(config.executor)
-    e = config.eval
+def check_eval(e: EvalConfig) -> None:
     _require(e.generator_every >= 0, "eval.generator_every", e.generator_every,
              "must be >= 0 (0 = never score generators)")
     _require(e.prdc_k >= 1, "eval.prdc_k", e.prdc_k, "must be >= 1")
     _require(e.mmd_permutations >= 0, "eval.mmd_permutations", e.mmd_permutations,
              "must be >= 0 (0 = no p-value)")
     _require(e.max_rows >= 2, "eval.max_rows", e.max_rows, "must be >= 2")
-    _require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every,
-             "must be >= 0 (0 = no checkpoints)")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last",
-             config.checkpoint.keep_last, "must be >= 1")
-    _check_generator(config.generator)
-    if config.generator.load_from is not None:
-        config.generator.load_from = str(Path(config.generator.load_from).expanduser())
-        _check_load_from(config.generator.load_from)
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = no checkpoints)")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+
+
+def check_server(config: Config) -> None:
+    """``server.*``, and the generators and algorithm its adapter training needs."""
     s = config.server
-    _require(s.adapter_training in SERVER_ADAPTER_TRAINING, "server.adapter_training",
-             s.adapter_training, f"must be one of {', '.join(SERVER_ADAPTER_TRAINING)}")
     _require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
              "must be >= 1")
     _require(s.synthetic_mu >= 0, "server.synthetic_mu", s.synthetic_mu, "must be >= 0 (0 = off)")
-    if s.adapter_training != "fedavg":
+    if s.adapter_training is not AdapterTraining.fedavg:
         _require(config.generator.enabled, "server.adapter_training", s.adapter_training,
                  "needs synthetic samples: set generator.enabled=true")
         _require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
                  s.adapter_training, "applies to federation.algorithm=federated only")
-    g = config.generator
+
+
+def check_generator_use(config: Config) -> None:
+    """What the generators' granularity, sharing and training data need of the rest: class
+    groups, conditional decoders, and an adapter training that takes their samples."""
+    g, s = config.generator, config.server
     overrides = [n.granularity for n in config.federation.nodes or [] if n.granularity]
     for granularity in [g.granularity, *overrides]:
         if granularity is Granularity.per_group:
@@ -738,14 +339,12 @@ def validate(cfg: DictConfig) -> Config:
                      "decoder", f"a {granularity.value} unconditional decoder cannot label its "
                      "samples; use per_class generators or generator.conditional=true")
     if g.training_data is TrainingData.adapter_output:
-        _require(s.adapter_training == "fedavg", "generator.training_data", "adapter_output",
-                 "samples in the text space cannot train an audio adapter; set "
-                 "server.adapter_training=fedavg")
+        _require(s.adapter_training is AdapterTraining.fedavg, "generator.training_data",
+                 "adapter_output", "samples in the text space cannot train an audio adapter; "
+                 "set server.adapter_training=fedavg")
     if s.generator.granularity is ServerGranularity.per_group:
-        _require(len(config.generator.class_groups) > 0, "generator.class_groups", "{}",
+        _require(len(g.class_groups) > 0, "generator.class_groups", "{}",
                  "server.generator.granularity=per_group needs groups: {group: [classes]}")
-    _check_images(config)
-    return config
 
 
 #: The text encoder each pipeline's conditioning comes from, and what that conditioning is.
@@ -755,7 +354,7 @@ PIPELINE_TEXT_ENCODERS = {
 }
 
 
-def _check_images(config: Config) -> None:
+def check_images(config: Config) -> None:
     """Ranges of ``images.*``, and a pipeline whose conditioning the text encoder and adapter
     can produce."""
     i, t = config.images, config.text_encoder
@@ -797,5 +396,5 @@ def _check_images(config: Config) -> None:
     if i.nodes:
         _require(config.federation.algorithm is not Algorithm.centralized, "images.nodes",
                  True, "federation.algorithm=centralized has no nodes to render for")
-        _require(config.server.adapter_training != "synthetic", "images.nodes", True,
-                 "server.adapter_training=synthetic trains no node adapters to render with")
+        _require(config.server.adapter_training is not AdapterTraining.synthetic, "images.nodes",
+                 True, "server.adapter_training=synthetic trains no node adapters to render with")
