@@ -3,7 +3,7 @@
 import torch
 
 from flcore.clients.training import proximal_term
-from flcore.servers.aggregation import FedAdam, RunningAverage
+from flcore.servers.aggregation import FedAdagrad, FedAdam, FedAvgM, FedYogi, RunningAverage
 
 
 def average(states: list[dict], weights: list[float]) -> dict:
@@ -28,34 +28,76 @@ def test_unweighted_mean() -> None:
     torch.testing.assert_close(average(states, [1.0, 1.0, 1.0])["w"], torch.tensor([4.0]))
 
 
+def one(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor([value], dtype=torch.float64)}
+
+
+def test_fedavgm_by_hand() -> None:
+    """Hsu et al. 2019: v = beta v + delta, w += lr v."""
+    opt = FedAvgM(lr=1.0, momentum=0.9)
+    w = opt.step(one(1.0), one(3.0))  # delta = 2: v = 2, w = 3
+    torch.testing.assert_close(w["w"], one(3.0)["w"])
+    w = opt.step(w, one(2.0))  # delta = -1: v = 0.9 * 2 - 1 = 0.8, w = 3.8
+    torch.testing.assert_close(w["w"], one(3.8)["w"])
+
+
+def test_fedavgm_without_momentum_at_unit_rate_is_fedavg() -> None:
+    opt = FedAvgM(lr=1.0, momentum=0.0)
+    for average in (3.0, -2.0, 0.5):
+        torch.testing.assert_close(opt.step(one(1.0), one(average))["w"], one(average)["w"])
+
+
 def test_fedadam_two_steps_by_hand() -> None:
+    """Reddi et al. 2021, Algorithm 2: m, v without bias correction, v_{-1} = tau^2."""
     adam = FedAdam(lr=0.1, betas=(0.9, 0.99), tau=0.01)
-    w = {"w": torch.tensor([1.0])}
-    w = adam.step(w, {"w": torch.tensor([3.0])})
-    # delta=2: m=0.2, v=0.04, w = 1 + 0.1*0.2/(0.2+0.01)
-    torch.testing.assert_close(w["w"], torch.tensor([1 + 0.1 * 0.2 / 0.21]))
-    w1 = w["w"].item()
-    w = adam.step(w, {"w": torch.tensor([w1 - 1.0])})
-    m = 0.9 * 0.2 + 0.1 * -1.0
-    v = 0.99 * 0.04 + 0.01 * 1.0
-    torch.testing.assert_close(w["w"], torch.tensor([w1 + 0.1 * m / (v**0.5 + 0.01)]))
+    w = adam.step(one(1.0), one(3.0))
+    # delta = 2: m = 0.2, v = 0.99 * 1e-4 + 0.01 * 4 = 0.040099
+    w1 = 1 + 0.1 * 0.2 / (0.040099**0.5 + 0.01)
+    torch.testing.assert_close(w["w"], one(w1)["w"])
+    w = adam.step(w, one(w1 - 1.0))  # delta = -1
+    m, v = 0.9 * 0.2 - 0.1, 0.99 * 0.040099 + 0.01
+    torch.testing.assert_close(w["w"], one(w1 + 0.1 * m / (v**0.5 + 0.01))["w"])
     restored = FedAdam(lr=0.1, betas=(0.9, 0.99), tau=0.01)
     restored.load_state_dict(adam.state_dict())
-    torch.testing.assert_close(restored.m["w"], torch.tensor([m]))
+    torch.testing.assert_close(restored.state["m"]["w"], one(m)["w"])
+    torch.testing.assert_close(restored.state["v"]["w"], one(v)["w"])
 
 
-def test_fedadam_keeps_moving_on_momentum_when_the_average_stands_still() -> None:
+def test_fedadagrad_two_steps_by_hand() -> None:
+    opt = FedAdagrad(lr=0.1, betas=(0.9, 0.99), tau=0.01)
+    w = opt.step(one(1.0), one(3.0))  # delta = 2: m = 0.2, v = 1e-4 + 4
+    w1 = 1 + 0.1 * 0.2 / (4.0001**0.5 + 0.01)
+    torch.testing.assert_close(w["w"], one(w1)["w"])
+    w = opt.step(w, one(w1 - 1.0))  # delta = -1: m = 0.08, v = 4.0001 + 1
+    torch.testing.assert_close(w["w"], one(w1 + 0.1 * 0.08 / (5.0001**0.5 + 0.01))["w"])
+
+
+def test_fedyogi_three_steps_by_hand() -> None:
+    """v moves towards delta^2 by (1 - b2) delta^2 and, unlike Adam's, does not decay when
+    the updates vanish."""
+    opt = FedYogi(lr=0.1, betas=(0.9, 0.99), tau=0.01)
+    w = opt.step(one(1.0), one(3.0))  # delta^2 = 4 > v: v = 1e-4 + 0.04
+    w1 = 1 + 0.1 * 0.2 / (0.0401**0.5 + 0.01)
+    torch.testing.assert_close(w["w"], one(w1)["w"])
+    w = opt.step(w, one(w1 - 1.0))  # delta^2 = 1 > v: v = 0.0401 + 0.01, m = 0.08
+    w2 = w1 + 0.1 * 0.08 / (0.0501**0.5 + 0.01)
+    torch.testing.assert_close(w["w"], one(w2)["w"])
+    w = opt.step(w, one(w2))  # delta = 0: v stays 0.0501, m = 0.072
+    torch.testing.assert_close(opt.state["v"]["w"], one(0.0501)["w"])
+    torch.testing.assert_close(w["w"], one(w2 + 0.1 * 0.072 / (0.0501**0.5 + 0.01))["w"])
+
+
+def test_adaptive_optimizers_keep_moving_on_momentum_when_the_average_stands_still() -> None:
     """Unlike FedAvg, a round whose average equals the global weights still moves them: m
     decays but is not zero."""
-    adam = FedAdam(lr=0.1, betas=(0.9, 0.99), tau=0.01)
-    start = {"w": torch.tensor([1.0])}
-    unchanged = adam.step(start, {"w": torch.tensor([1.0])})
-    torch.testing.assert_close(unchanged["w"], torch.tensor([1.0]))  # m = v = 0: no step
-    w = adam.step(start, {"w": torch.tensor([3.0])})  # m = 0.2, v = 0.04
-    w1 = w["w"].clone()
-    w = adam.step(w, {"w": w1.clone()})  # delta = 0: m = 0.18, v = 0.0396
-    torch.testing.assert_close(w["w"], w1 + 0.1 * 0.18 / (0.0396**0.5 + 0.01))
-    torch.testing.assert_close(start["w"], torch.tensor([1.0]))
+    for opt in (FedAdam(0.1, (0.9, 0.99), 0.01), FedYogi(0.1, (0.9, 0.99), 0.01),
+                FedAdagrad(0.1, (0.9, 0.99), 0.01), FedAvgM(1.0, 0.9)):
+        start = one(1.0)
+        torch.testing.assert_close(opt.step(start, one(1.0))["w"], start["w"])  # m = 0
+        w1 = opt.step(start, one(3.0))["w"]
+        w2 = opt.step({"w": w1.clone()}, {"w": w1.clone()})["w"]
+        assert (w2 - w1).item() > 0, type(opt).__name__
+        torch.testing.assert_close(start["w"], one(1.0)["w"])
 
 
 def test_fedprox_gradient_is_mu_times_the_drift() -> None:

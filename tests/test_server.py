@@ -168,8 +168,8 @@ def test_fedprox_keeps_the_round_closer_to_the_global_model(build) -> None:
 
 def test_fedadam_over_two_rounds_by_hand(build) -> None:
     """Reddi et al. 2021 without bias correction, from the sample-weighted average ``a`` of the
-    round: delta = a - w; m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2;
-    w += lr m / (sqrt(v) + tau)."""
+    round: delta = a - w; m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2 from
+    v_{-1} = tau^2; w += lr m / (sqrt(v) + tau)."""
     lr, b1, b2, tau = 0.05, 0.8, 0.95, 0.002
     server, shared, clients = build("federation.aggregation=fedadam",
                                     f"federation.server_lr={lr}",
@@ -177,7 +177,7 @@ def test_fedadam_over_two_rounds_by_hand(build) -> None:
                                     f"federation.server_tau={tau}")
     w = clone(server.global_state)
     m = {k: torch.zeros_like(v) for k, v in w.items()}
-    v = {k: torch.zeros_like(t) for k, t in w.items()}
+    v = {k: torch.full_like(t, tau**2) for k, t in w.items()}
     for round_ in (1, 2):
         states = [trained_copy(server.config, shared, c, w, round_) for c in clients]
         average = combine(states, [8.0, 24.0, 56.0])

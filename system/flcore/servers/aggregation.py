@@ -1,4 +1,5 @@
-"""Aggregation of client adapters: weighted and unweighted averages, and FedAdam (FedOpt)."""
+"""Aggregation of client adapters: weighted and unweighted averages, and the server optimizers
+that treat the averaged update as a pseudo-gradient (FedAvgM and the FedOpt family)."""
 
 import torch
 
@@ -25,30 +26,84 @@ class RunningAverage:
         return {key: value / self.weight for key, value in self.total.items()}
 
 
-class FedAdam:
-    """Server-side Adam on the averaged client update (Reddi et al. 2021, FedOpt).
+class ServerOptimizer:
+    """A server step on the round's update ``delta = average - global`` (the negated
+    pseudo-gradient); its state is one buffer dict per moment, checkpointed as is."""
 
-    With ``delta = average - global``: ``m = b1 m + (1 - b1) delta``,
-    ``v = b2 v + (1 - b2) delta^2``, ``global += lr * m / (sqrt(v) + tau)``.
-    """
+    moments: tuple[str, ...] = ()
 
-    def __init__(self, lr: float, betas: tuple[float, float], tau: float) -> None:
-        self.lr, self.betas, self.tau = lr, betas, tau
-        self.m: StateDict = {}
-        self.v: StateDict = {}
+    def __init__(self) -> None:
+        self.state: dict[str, StateDict] = {name: {} for name in self.moments}
 
     def step(self, current: StateDict, average: StateDict) -> StateDict:
-        b1, b2 = self.betas
-        updated = {}
-        for key, weight in current.items():
-            delta = average[key] - weight
-            self.m[key] = b1 * self.m.get(key, torch.zeros_like(delta)) + (1 - b1) * delta
-            self.v[key] = b2 * self.v.get(key, torch.zeros_like(delta)) + (1 - b2) * delta**2
-            updated[key] = weight + self.lr * self.m[key] / (self.v[key].sqrt() + self.tau)
-        return updated
+        """The new global weights from the current ones and the clients' average."""
+        return {key: self.update(key, weight, average[key] - weight)
+                for key, weight in current.items()}
+
+    def update(self, key: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, StateDict]:
-        return {"m": self.m, "v": self.v}
+        return self.state
 
     def load_state_dict(self, state: dict[str, StateDict]) -> None:
-        self.m, self.v = dict(state["m"]), dict(state["v"])
+        self.state = {name: dict(state[name]) for name in self.moments}
+
+
+class FedAvgM(ServerOptimizer):
+    """Server momentum (Hsu et al. 2019): ``v = beta v + delta``, ``global += lr v``; with
+    ``beta = 0`` and ``lr = 1`` it is FedAvg."""
+
+    moments = ("v",)
+
+    def __init__(self, lr: float, momentum: float) -> None:
+        super().__init__()
+        self.lr, self.momentum = lr, momentum
+
+    def update(self, key: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        velocity = self.state["v"]
+        velocity[key] = self.momentum * velocity.get(key, torch.zeros_like(delta)) + delta
+        return weight + self.lr * velocity[key]
+
+
+class FedOpt(ServerOptimizer):
+    """Adaptive server optimizers (Reddi et al. 2021, Algorithm 2), without bias correction:
+    ``m = b1 m + (1 - b1) delta``, ``v`` by the rule of the subclass from ``v_{-1} = tau^2``,
+    ``global += lr m / (sqrt(v) + tau)``; ``tau`` bounds the adaptivity."""
+
+    moments = ("m", "v")
+
+    def __init__(self, lr: float, betas: tuple[float, float], tau: float) -> None:
+        super().__init__()
+        self.lr, self.betas, self.tau = lr, betas, tau
+
+    def second_moment(self, v: torch.Tensor, delta2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, key: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        m, v = self.state["m"], self.state["v"]
+        m[key] = self.betas[0] * m.get(key, torch.zeros_like(delta)) + (1 - self.betas[0]) * delta
+        v[key] = self.second_moment(v.get(key, torch.full_like(delta, self.tau**2)), delta**2)
+        return weight + self.lr * m[key] / (v[key].sqrt() + self.tau)
+
+
+class FedAdagrad(FedOpt):
+    """``v = v + delta^2``: the step shrinks as squared updates accumulate."""
+
+    def second_moment(self, v: torch.Tensor, delta2: torch.Tensor) -> torch.Tensor:
+        return v + delta2
+
+
+class FedAdam(FedOpt):
+    """``v = b2 v + (1 - b2) delta^2``."""
+
+    def second_moment(self, v: torch.Tensor, delta2: torch.Tensor) -> torch.Tensor:
+        return self.betas[1] * v + (1 - self.betas[1]) * delta2
+
+
+class FedYogi(FedOpt):
+    """``v = v - (1 - b2) delta^2 sign(v - delta^2)`` (Zaheer et al. 2018): ``v`` moves towards
+    ``delta^2`` by an additive step, so it grows as fast as Adam's but shrinks more slowly."""
+
+    def second_moment(self, v: torch.Tensor, delta2: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.betas[1]) * delta2 * torch.sign(v - delta2)
