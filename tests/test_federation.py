@@ -57,6 +57,8 @@ def test_fedavg_run_learns_and_logs_every_round(fast_run, tmp_path: Path) -> Non
     ("federation.aggregation=mean",),
     ("federation.aggregation=fedprox", "federation.fedprox_mu=0.1"),
     ("federation.aggregation=fedadam",),
+    ("federation.aggregation=fedyogi",),
+    ("federation.aggregation=fedadagrad",),
     ("adapter.loss=contrastive", "adapter.lr_schedule=cosine"),
     ("eval.label_space=dataset", "federation.clients_per_round=2"),
 ])
@@ -82,12 +84,14 @@ def test_local_and_centralized_reference_points(fast_run) -> None:
         central["final"], local["final"])
 
 
-def test_resume_gives_exactly_the_uninterrupted_results(fast_run, tmp_path: Path) -> None:
-    straight = fast_run("federation.rounds=4", "federation.aggregation=fedadam",
-                        folder="straight")
-    fast_run("federation.rounds=2", "federation.aggregation=fedadam", folder="resumed")
-    resumed = fast_run("federation.rounds=4", "federation.aggregation=fedadam", "resume=true",
-                       folder="resumed")
+@pytest.mark.parametrize("rule", ["fedadam", "fedavgm"])
+def test_resume_gives_exactly_the_uninterrupted_results(fast_run, tmp_path: Path,
+                                                        rule: str) -> None:
+    """With a server optimizer's moments in the checkpoint, resume is exact."""
+    aggregation = f"federation.aggregation={rule}"
+    straight = fast_run("federation.rounds=4", aggregation, folder="straight")
+    fast_run("federation.rounds=2", aggregation, folder="resumed")
+    resumed = fast_run("federation.rounds=4", aggregation, "resume=true", folder="resumed")
     assert resumed["final"] == straight["final"]
     assert resumed["rounds"][1:] == [
         {**r, "time/round_s": resumed["rounds"][i + 1]["time/round_s"]}

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, validate
+from flcore.servers.aggregation import FedAvgM, FedYogi, server_optimizer
 from flcore.servers.serverA2V import ServerA2V
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
@@ -166,33 +167,62 @@ def test_fedprox_keeps_the_round_closer_to_the_global_model(build) -> None:
     assert prox_drift < 0.5 * fedavg_drift, (prox_drift, fedavg_drift)
 
 
-def test_fedadam_over_two_rounds_by_hand(build) -> None:
-    """Reddi et al. 2021 without bias correction, from the sample-weighted average ``a`` of the
-    round: delta = a - w; m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2 from
-    v_{-1} = tau^2; w += lr m / (sqrt(v) + tau)."""
-    lr, b1, b2, tau = 0.05, 0.8, 0.95, 0.002
-    server, shared, clients = build("federation.aggregation=fedadam",
+def server_step(rule: str, w: torch.Tensor, delta: torch.Tensor, moments: dict[str, torch.Tensor],
+                lr: float, b1: float, b2: float, tau: float, momentum: float) -> torch.Tensor:
+    """One server step of ``rule`` on one tensor, as the papers write it: FedAvgM (Hsu et al.
+    2019) v = momentum v + delta, w += lr v; the FedOpt family (Reddi et al. 2021, Algorithm 2,
+    v_{-1} = tau^2, no bias correction) m = b1 m + (1-b1) delta, v by Adam's, Yogi's or
+    Adagrad's rule, w += lr m / (sqrt(v) + tau)."""
+    if rule == "fedavgm":
+        moments["v"] = momentum * moments.get("v", torch.zeros_like(w)) + delta
+        return w + lr * moments["v"]
+    m = b1 * moments.get("m", torch.zeros_like(w)) + (1 - b1) * delta
+    v, d2 = moments.get("v", torch.full_like(w, tau**2)), delta * delta
+    if rule == "fedadam":
+        v = b2 * v + (1 - b2) * d2
+    elif rule == "fedyogi":
+        v = v - (1 - b2) * d2 * torch.sign(v - d2)
+    else:
+        v = v + d2
+    moments["m"], moments["v"] = m, v
+    return w + lr * m / (torch.sqrt(v) + tau)
+
+
+@pytest.mark.parametrize("rule", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_over_two_rounds_by_hand(build, rule: str) -> None:
+    """From the sample-weighted average ``a`` of each round's client adapters, delta = a - w,
+    and the global adapter takes the rule's step."""
+    lr, b1, b2, tau, momentum = 0.05, 0.8, 0.95, 0.002, 0.7
+    server, shared, clients = build(f"federation.aggregation={rule}",
                                     f"federation.server_lr={lr}",
                                     f"federation.server_betas=[{b1},{b2}]",
-                                    f"federation.server_tau={tau}")
+                                    f"federation.server_tau={tau}",
+                                    f"federation.server_momentum={momentum}")
     w = clone(server.global_state)
-    m = {k: torch.zeros_like(v) for k, v in w.items()}
-    v = {k: torch.full_like(t, tau**2) for k, t in w.items()}
+    moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in w}
     for round_ in (1, 2):
         states = [trained_copy(server.config, shared, c, w, round_) for c in clients]
         average = combine(states, [8.0, 24.0, 56.0])
-        for k in w:
-            delta = average[k] - w[k]
-            m[k] = b1 * m[k] + (1 - b1) * delta
-            v[k] = b2 * v[k] + (1 - b2) * delta * delta
-            w[k] = w[k] + lr * m[k] / (torch.sqrt(v[k]) + tau)
+        w = {k: server_step(rule, w[k], average[k] - w[k], moments[k], lr, b1, b2, tau, momentum)
+             for k in w}
         server.train_round(round_, clients)
         assert_states_close(server.global_state, w)
         assert distance(server.global_state, average) > MEASURABLY
         # Round 2's clients start from the server's weights, equal to ours up to rounding only
-        # (Adam would amplify that rounding in parameters whose gradient is ~0, such as the
-        # attention's key bias); m and v stay ours.
+        # (an adaptive rule would amplify that rounding in parameters whose gradient is ~0, such
+        # as the attention's key bias); the moments stay ours.
         w = clone(server.global_state)
+
+
+def test_fedavgm_default_rate_is_one_minus_momentum(make_config: Callable[..., DictConfig]
+                                                    ) -> None:
+    """A null server_lr gives FedAvgM lr = 1 - momentum (effective rate 1) and FedOpt 0.01."""
+    avgm = server_optimizer(validate(make_config("federation.aggregation=fedavgm",
+                                                 "federation.server_momentum=0.8")).federation)
+    assert isinstance(avgm, FedAvgM) and avgm.lr == pytest.approx(0.2) and avgm.momentum == 0.8
+    yogi = server_optimizer(validate(make_config("federation.aggregation=fedyogi")).federation)
+    assert isinstance(yogi, FedYogi) and yogi.lr == 0.01 and yogi.tau == 0.001
+    assert server_optimizer(validate(make_config()).federation) is None
 
 
 GENERATORS = ("generator=per_class", "generator.training_epochs=3", "generator.hidden_dim=32",

@@ -82,6 +82,9 @@ class Aggregation(str, Enum):
     mean = "mean"
     fedprox = "fedprox"
     fedadam = "fedadam"
+    fedavgm = "fedavgm"
+    fedyogi = "fedyogi"
+    fedadagrad = "fedadagrad"
 
 
 class LrSchedule(str, Enum):

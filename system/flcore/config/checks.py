@@ -159,7 +159,10 @@ def _check_rounds(f: FederationConfig) -> None:
     _require(0 < f.client_fraction <= 1, "federation.client_fraction", f.client_fraction,
              "must be in (0, 1]")
     _require(f.fedprox_mu >= 0, "federation.fedprox_mu", f.fedprox_mu, "must be >= 0")
-    _require(f.server_lr > 0, "federation.server_lr", f.server_lr, "must be > 0")
+    _require(f.server_lr is None or f.server_lr > 0, "federation.server_lr", f.server_lr,
+             "must be > 0 (or null: the method's default)")
+    _require(0 <= f.server_momentum < 1, "federation.server_momentum", f.server_momentum,
+             "must be in [0, 1)")
     _require(len(f.server_betas) == 2 and all(0 <= b < 1 for b in f.server_betas),
              "federation.server_betas", f.server_betas, "must be two values in [0, 1)")
     _require(f.server_tau > 0, "federation.server_tau", f.server_tau, "must be > 0")

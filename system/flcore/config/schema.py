@@ -156,7 +156,8 @@ class FederationConfig:
     local_epochs: int = 2
     aggregation: Aggregation = Aggregation.fedavg
     fedprox_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float | None = None
+    server_momentum: float = 0.9
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     server_tau: float = 0.001
     eval_every: int = 1

@@ -4,6 +4,7 @@ that treat the averaged update as a pseudo-gradient (FedAvgM and the FedOpt fami
 import torch
 
 from flcore.clients.protocol import StateDict
+from flcore.config import Aggregation, FederationConfig
 
 
 class RunningAverage:
@@ -107,3 +108,23 @@ class FedYogi(FedOpt):
 
     def second_moment(self, v: torch.Tensor, delta2: torch.Tensor) -> torch.Tensor:
         return v - (1 - self.betas[1]) * delta2 * torch.sign(v - delta2)
+
+
+#: The server learning rate of each FedOpt method when ``federation.server_lr`` is null.
+FEDOPT_LR = 0.01
+_FEDOPT = {Aggregation.fedadam: FedAdam, Aggregation.fedyogi: FedYogi,
+           Aggregation.fedadagrad: FedAdagrad}
+
+
+def server_optimizer(config: FederationConfig) -> ServerOptimizer | None:
+    """The server step of ``federation.aggregation``, or None for plain averaging. A null
+    ``server_lr`` takes the method's default: ``1 - server_momentum`` for FedAvgM (an effective
+    rate of 1, Hsu et al. 2019), :data:`FEDOPT_LR` for the FedOpt family."""
+    if config.aggregation is Aggregation.fedavgm:
+        lr = 1 - config.server_momentum if config.server_lr is None else config.server_lr
+        return FedAvgM(lr, config.server_momentum)
+    if config.aggregation in _FEDOPT:
+        lr = FEDOPT_LR if config.server_lr is None else config.server_lr
+        betas = (config.server_betas[0], config.server_betas[1])
+        return _FEDOPT[config.aggregation](lr, betas, config.server_tau)
+    return None

@@ -14,7 +14,7 @@ import torch
 
 from flcore.clients.protocol import LocalUpdate, StateDict
 from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
-from flcore.servers.aggregation import FedAdam, RunningAverage
+from flcore.servers.aggregation import RunningAverage, server_optimizer
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.synthetic import SyntheticLearner, Teacher
 
@@ -69,14 +69,14 @@ class AdapterStrategy:
 
 class FedAvg(AdapterStrategy):
     """Average of the clients' adapters weighted by their training clips (``mean``: equal
-    weights), optionally FedProx's proximal term, or FedAdam on the averaged update."""
+    weights), optionally FedProx's proximal term, or a server optimizer (FedAvgM, FedAdam,
+    FedYogi, FedAdagrad) stepping on the averaged update."""
 
     def __init__(self, config: Config) -> None:
         f = config.federation
         self.weighted = f.aggregation is not Aggregation.mean
         self.fedprox = f.aggregation is Aggregation.fedprox
-        self.fedadam = (FedAdam(f.server_lr, (f.server_betas[0], f.server_betas[1]),
-                                f.server_tau) if f.aggregation is Aggregation.fedadam else None)
+        self.optimizer = server_optimizer(f)
         self.average = RunningAverage()
 
     def begin_round(self) -> None:
@@ -92,16 +92,17 @@ class FedAvg(AdapterStrategy):
         if self.average.weight == 0:
             return global_state
         average = self.average.result()
-        return (self.fedadam.step(global_state, average) if self.fedadam is not None
+        return (self.optimizer.step(global_state, average) if self.optimizer is not None
                 else average)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fedadam": self.fedadam.state_dict()} if self.fedadam is not None else {}
+        return ({"server_optimizer": self.optimizer.state_dict()} if self.optimizer is not None
+                else {})
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        if self.fedadam is not None:
-            self.fedadam.load_state_dict({part: {k: v.to(device) for k, v in values.items()}
-                                          for part, values in state["fedadam"].items()})
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict({part: {k: v.to(device) for k, v in values.items()}
+                                            for part, values in state["server_optimizer"].items()})
 
 
 class FedAvgThenSynthetic(FedAvg):
