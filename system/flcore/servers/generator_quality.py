@@ -17,7 +17,9 @@ from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.protocol import SharedTensors
 from flcore.config import Config
 from flcore.data.partition import scoring_split
+from flcore.errors import TrainingError
 from flcore.metrics.generative import (
+    NonFiniteRows,
     evaluate_diversity,
     evaluate_quality,
     generator_report,
@@ -78,7 +80,17 @@ def score_generators(clients: list[ClientA2V], synthetic: dict[int, tuple[torch.
                      shared: SharedTensors, config: Config, round_: int) -> GeneratorQuality:
     """Score every node's generators and shared samples, per class and pooled over the
     federation; ``gen/active_units`` and ``gen/kl`` are means over generators and
-    ``gen/spread_ratio`` the mean over classes."""
+    ``gen/spread_ratio`` the mean over classes. NaN or infinite samples or posteriors (the
+    metrics' NonFiniteRows) stop the run as a TrainingError."""
+    try:
+        return _score_generators(clients, synthetic, shared, config, round_)
+    except NonFiniteRows as err:
+        raise TrainingError(str(err)) from err
+
+
+def _score_generators(clients: list[ClientA2V], synthetic: dict[int, tuple[torch.Tensor,
+                                                                           torch.Tensor]],
+                      shared: SharedTensors, config: Config, round_: int) -> GeneratorQuality:
     quality = GeneratorQuality()
     real: dict[str, torch.Tensor] = {}
     generated: dict[str, torch.Tensor] = {}
