@@ -11,7 +11,7 @@ import torch
 from scipy.spatial.distance import pdist
 from torch.distributions import Normal, kl_divergence
 
-from flcore.errors import FedA2VError
+from flcore.errors import FedA2VError, TrainingError
 from flcore.metrics.generative import (
     NonFiniteRows,
     UndefinedMetric,
@@ -35,6 +35,7 @@ from flcore.metrics.generative import (
     spread_ratio,
     training_distances,
 )
+from flcore.servers import generator_quality
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -315,3 +316,13 @@ def test_the_generator_metrics_on_demand() -> None:
     assert diversity["std"] == pytest.approx(float(rows.std(0).mean()))
     distances = torch.cdist(rows, rows)
     assert diversity["pairwise_distance"] == pytest.approx(float(distances.sum() / (50 * 49)))
+
+
+def test_the_run_turns_non_finite_rows_into_a_training_error(monkeypatch) -> None:
+    """Generator scoring in a run stops it with a TrainingError carrying the metrics' line."""
+    def nan_rows(*args: object) -> None:
+        raise NonFiniteRows("node 4, generator dog: samples contain NaN")
+
+    monkeypatch.setattr(generator_quality, "_score_generators", nan_rows)
+    with pytest.raises(TrainingError, match="node 4, generator dog: samples contain NaN"):
+        generator_quality.score_generators([], {}, None, None, 1)  # type: ignore[arg-type]

@@ -18,8 +18,10 @@ from omegaconf import DictConfig
 from flcore.clients.clientA2V import ClientA2V
 from flcore.clients.protocol import SharedTensors
 from flcore.config import Config, validate
+from flcore.errors import CheckpointError
 from flcore.servers.aggregation import FedAvgM, FedYogi, server_optimizer
 from flcore.servers.serverA2V import ServerA2V
+from flcore.servers.strategies import FedAvg
 from flcore.tracking import Trackers
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
@@ -504,3 +506,12 @@ def test_training_rows_as_samples_score_the_train_rows_reference(build) -> None:
         assert scalars[f"gen/{metric}"] == pytest.approx(scalars[f"gen/train_rows/{metric}"])
     assert server.quality is not None
     assert {f"gen/train_rows/{m}" for m in REFERENCE_METRICS} <= server.quality.scalars.keys()
+
+
+def test_a_checkpoint_without_server_optimizer_moments_is_refused(
+        make_config: Callable[..., DictConfig]) -> None:
+    """FedAdam moments saved under an older key cannot resume FedYogi/FedAdam silently."""
+    strategy = FedAvg(validate(make_config("federation.aggregation=fedadam")))
+    with pytest.raises(CheckpointError, match="no server optimizer moments"):
+        strategy.load_state_dict({"fedadam": {"m": {}, "v": {}}}, torch.device("cpu"))
+    strategy.load_state_dict(strategy.state_dict(), torch.device("cpu"))

@@ -14,6 +14,7 @@ import torch
 
 from flcore.clients.protocol import LocalUpdate, StateDict
 from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
+from flcore.errors import CheckpointError
 from flcore.servers.aggregation import RunningAverage, server_optimizer
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.synthetic import SyntheticLearner, Teacher
@@ -100,6 +101,10 @@ class FedAvg(AdapterStrategy):
                 else {})
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if self.optimizer is not None and "server_optimizer" not in state:
+            raise CheckpointError("the checkpoint holds no server optimizer moments (written by "
+                                  "a FedA2V whose FedAdam kept them under another key): start "
+                                  "the run again without resume=true")
         if self.optimizer is not None:
             self.optimizer.load_state_dict({part: {k: v.to(device) for k, v in values.items()}
                                             for part, values in state["server_optimizer"].items()})
