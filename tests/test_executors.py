@@ -7,18 +7,25 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import HANG_GUARD_S, REPO
-from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.protocol import (
+    AdapterJob,
+    LocalUpdate,
+    RoundSpec,
+    SharedTensors,
+    SyntheticBatches,
+)
 from flcore.clients.training import training_seed
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError, TrainingError
 from flcore.executors.batched import Batched
 from flcore.executors.sequential import Sequential
-from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, is_body
 
 AUDIO, TEXT, CLASSES = 12, 8, 5
 
@@ -49,13 +56,25 @@ def federation(sizes: list[int], sequence: bool = False
     return shared, list(order.split(sizes))
 
 
+def strategy_terms(job: AdapterJob, steps: int, seed: int) -> AdapterJob:
+    """``job`` with a random linear term and random FedGen batches of ``steps`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    linear = {k: torch.randn(v.shape, generator=g) / 10 for k, v in job.start.items()}
+    features = torch.randn(steps, 3, 2, 10, generator=g)
+    return replace(job, linear=linear,
+                   synthetic=SyntheticBatches(features, torch.randint(0, CLASSES, (steps, 3),
+                                                                      generator=g)))
+
+
 def train_both(config: AdapterConfig, sizes: list[int], rounds: int = 2, mu: float = 0.1,
-               clients_per_batch: int = 64, sequence: bool = False
+               clients_per_batch: int = 64, sequence: bool = False, terms: bool = False,
+               trainable: frozenset[str] | None = None
                ) -> tuple[list[list[LocalUpdate]], list[list[LocalUpdate]], AudioAdapter,
                           SharedTensors]:
     """``rounds`` rounds of every client from one start (FedProx-anchored, optimizer state
     kept between rounds) by each executor; the updates of each round (with a sequence head
-    trained on class token sequences, with ``sequence``)."""
+    trained on class token sequences, with ``sequence``; with ``terms``, a linear term, FedGen
+    batches and the mean gradient; only the ``trainable`` parameters stepped)."""
     shared, rows = federation(sizes, sequence)
     torch.manual_seed(1)
     model = AudioAdapter(AUDIO, TEXT, config, SEQUENCE if sequence else None)
@@ -67,11 +86,17 @@ def train_both(config: AdapterConfig, sizes: list[int], rounds: int = 2, mu: flo
         states: list[dict | None] = [None] * len(sizes)
         rounds_out = []
         for round_ in range(1, rounds + 1):
-            jobs = [AdapterJob(i, r, start, states[i], training_seed(0, round_, i), f"node {i}")
+            jobs = [AdapterJob(i, r, start, states[i], training_seed(0, round_, i), f"node {i}",
+                               mu=mu * (i % 2 if terms else 1))
                     for i, r in enumerate(rows)]
-            spec = RoundSpec(config, 2, start, mu, keep_optimizer=True)
+            if terms:
+                jobs = [strategy_terms(job, 2 * -(-len(job.rows) // config.batch_size), i)
+                        for i, job in enumerate(jobs)]
+            spec = RoundSpec(config, 2, start, keep_optimizer=trainable is None,
+                             trainable=trainable, gradient_mean=terms,
+                             synthetic_weight=0.5 if terms else 0.0)
             updates = list(executor.train_adapters(jobs, spec))
-            states = [u.optimizer_state for u in updates]
+            states = [u.optimizer_state for u in updates] if trainable is None else states
             rounds_out.append(updates)
         results.append(rounds_out)
     return results[0], results[1], model, shared
@@ -111,6 +136,43 @@ def test_batched_equals_sequential_in_float64(float64, schedule: LrSchedule,
     if sequence:  # the head trained (its loss reached it) and dropout masked its attention
         assert not torch.allclose(first[1].state["sequence.queries"],
                                   first[2].state["sequence.queries"])
+
+
+def test_strategy_terms_agree_in_float64(float64) -> None:
+    """SCAFFOLD's and FedDyn's linear term, a proximal weight on every other client, FedGen's
+    batches through the head and the mean gradient: the batched executor's updates and mean
+    gradients equal the sequential's to rounding."""
+    config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.3, batch_size=8, lr=0.01,
+                           grad_clip=0.05)
+    sequential, batched, _, _ = train_both(config, SIZES, terms=True)
+    plain, _, _, _ = train_both(config, SIZES)
+    for seq_round, bat_round in zip(sequential, batched, strict=True):
+        for a, b in zip(seq_round, bat_round, strict=True):
+            assert b.loss == pytest.approx(a.loss, rel=1e-9)
+            for name in a.state:
+                torch.testing.assert_close(b.state[name], a.state[name], rtol=1e-8, atol=1e-9)
+                torch.testing.assert_close(b.gradient_mean[name], a.gradient_mean[name],
+                                           rtol=1e-8, atol=1e-10)
+    # The terms changed the training: without them every client ends elsewhere.
+    for a, b in zip(sequential[0], plain[0], strict=True):
+        assert not torch.allclose(a.state["attend.out_weight"], b.state["attend.out_weight"])
+
+
+def test_only_the_trainable_parameters_move(float64) -> None:
+    """FedRep's phases: with the head's parameters trainable the body stays exactly where it
+    started, and both executors agree on the head."""
+    config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.1, batch_size=8, lr=0.01)
+    torch.manual_seed(1)  # the start train_both draws
+    start = AudioAdapter(AUDIO, TEXT, config).state_dict()
+    head = frozenset(n for n in start if not is_body(n))
+    sequential, batched, _, _ = train_both(config, SIZES, rounds=1, trainable=head)
+    for a, b in zip(sequential[0], batched[0], strict=True):
+        for name, value in start.items():
+            if is_body(name):
+                assert torch.equal(a.state[name], value) and torch.equal(b.state[name], value)
+            else:
+                assert not torch.equal(a.state[name], value), name
+                torch.testing.assert_close(b.state[name], a.state[name], rtol=1e-8, atol=1e-9)
 
 
 def test_batches_of_clients_give_the_same_updates(float64) -> None:

@@ -68,7 +68,7 @@ def parts(config: Config, shared: SharedTensors) -> tuple[AdapterLoss, AudioAdap
 
 
 def make_jobs(model: AudioAdapter, round_: int, optimizer_states: list | None = None,
-              starts: list | None = None) -> list[AdapterJob]:
+              starts: list | None = None, mu: float = 0.0) -> list[AdapterJob]:
     """One job per node; by default all start from ``model`` (one shared state) without
     optimizer state."""
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -76,7 +76,7 @@ def make_jobs(model: AudioAdapter, round_: int, optimizer_states: list | None = 
     states = optimizer_states or [None] * len(SIZES)
     return [AdapterJob(node, torch.arange(offsets[node], offsets[node + 1]),
                        starts[node] if starts else start, states[node], 1000 * round_ + node,
-                       f"node {node}, round {round_}")
+                       f"node {node}, round {round_}", mu=mu)
             for node in range(len(SIZES))]
 
 
@@ -117,16 +117,16 @@ def test_tasks_match_the_sequential_executor(config) -> None:
     executor = RayExecutor(cfg, shared, loss, model)
     reference = Sequential(shared, loss, parts(cfg, shared)[1])
     anchor = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = RoundSpec(cfg.adapter, epochs=2, anchor=anchor, mu=0.01, keep_optimizer=True)
+    spec = RoundSpec(cfg.adapter, epochs=2, anchor=anchor, keep_optimizer=True)
     try:
-        first = list(executor.train_adapters(make_jobs(model, 1), spec))
-        want = list(reference.train_adapters(make_jobs(model, 1), spec))
+        first = list(executor.train_adapters(make_jobs(model, 1, mu=0.01), spec))
+        want = list(reference.train_adapters(make_jobs(model, 1, mu=0.01), spec))
         assert_same(cfg, shared, first, want)
         carried = [u.optimizer_state for u in want]
         carried[3] = None
         starts = [u.state for u in want]
-        second = list(executor.train_adapters(make_jobs(model, 2, carried, starts), spec))
-        want = list(reference.train_adapters(make_jobs(model, 2, carried, starts), spec))
+        second = list(executor.train_adapters(make_jobs(model, 2, carried, starts, 0.01), spec))
+        want = list(reference.train_adapters(make_jobs(model, 2, carried, starts, 0.01), spec))
         assert_same(cfg, shared, second, want)
     finally:
         executor.close()

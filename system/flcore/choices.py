@@ -85,6 +85,12 @@ class Aggregation(str, Enum):
     fedavgm = "fedavgm"
     fedyogi = "fedyogi"
     fedadagrad = "fedadagrad"
+    scaffold = "scaffold"
+    feddyn = "feddyn"
+    fedper = "fedper"
+    fedrep = "fedrep"
+    ditto = "ditto"
+    fedgen = "fedgen"
 
 
 class LrSchedule(str, Enum):

@@ -20,6 +20,9 @@ class Purpose(IntEnum):
     server_adapter_training = 6  # the server's adapter trainings; ``generator``: which one
     server_curation = 7  # balancing the synthetic pool
     server_distillation = 8  # distilling client adapters into the global adapter
+    personal_training = 9  # a node's personal adapter (Ditto): minibatches and dropout masks
+    fedgen_batches = 10  # the generated batches FedGen hands one client for a round
+    fedgen_training = 11  # the server's FedGen generator: labels and noise
 
 
 def stream_seed(seed: int, *, round_: int, node: int, generator: int, purpose: Purpose) -> int:

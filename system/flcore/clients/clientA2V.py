@@ -1,13 +1,13 @@
 """The A2V client: trains the audio adapter on its private embeddings and evaluates it."""
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from flcore.clients.clientbase import ClientBase
 from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors, StateDict
-from flcore.clients.training import fit, proximal_term, training_seed
+from flcore.clients.training import fit, linear_term, proximal_term, training_seed
 from flcore.config import AdapterConfig, GeneratorConfig, Granularity, ShareMode, TrainingData
 from flcore.metrics.classification import classification_metrics, zero_shot_scores
 from flcore.streams import Purpose, stream, stream_seed
@@ -61,23 +61,39 @@ def evaluate(model: AudioAdapter, shared: SharedTensors, idx: torch.Tensor) -> d
 
 def train_adapter(model: AudioAdapter, shared: SharedTensors, loss: AdapterLoss, job: AdapterJob,
                   spec: RoundSpec) -> LocalUpdate:
-    """One client's local training (:func:`fit`) of ``model`` from ``job.start``: the
-    sequential executor's unit of work and the reference the others are tested against."""
+    """One client's local training (:func:`fit`) of ``model`` from ``job.start``, with the
+    strategy's terms: the sequential executor's unit of work and the reference the others are
+    tested against."""
+    synthetic = job.synthetic
 
-    def step_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  key: torch.Tensor) -> torch.Tensor:
+    def step_loss(net: AudioAdapter, x: torch.Tensor, y: torch.Tensor, key: torch.Tensor,
+                  step: int) -> torch.Tensor:
         pooled, sequence = net.outputs(x, key)
         value = loss(pooled, y, sequence)
-        if spec.proximal:
-            value = value + proximal_term(net, spec.anchor, spec.mu)
+        if spec.proximal(job):
+            value = value + proximal_term(net, spec.anchor, job.mu)
+        if job.linear is not None:
+            value = value + linear_term(net, job.linear)
+        if synthetic is not None and spec.synthetic_weight > 0:
+            value = value + spec.synthetic_weight * loss(
+                net.head_embed(synthetic.features[step]), synthetic.labels[step])
         return value
 
     model.load_state_dict(job.start)
+    gradients = ({n: torch.zeros_like(p) for n, p in model.named_parameters()
+                  if spec.trainable is None or n in spec.trainable}
+                 if spec.gradient_mean else None)
     last, optimizer = fit(model, step_loss, shared.tokens[job.rows], shared.labels[job.rows],
-                          spec.config, spec.epochs, job.seed, job.who, job.optimizer_state)
+                          spec.config, spec.epochs, job.seed, job.who, job.optimizer_state,
+                          trainable=spec.trainable, gradient_sum=gradients)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mean = None
+    if gradients is not None:
+        steps = spec.epochs * math.ceil(len(job.rows) / spec.config.batch_size)
+        mean = {n: g / steps - (0 if job.linear is None else job.linear[n])
+                for n, g in gradients.items()}
     return LocalUpdate(job.node, state, len(job.rows), last,
-                       optimizer if spec.keep_optimizer else None)
+                       optimizer if spec.keep_optimizer else None, mean)
 
 
 def condition_width(shared: SharedTensors, config: GeneratorConfig,
@@ -120,9 +136,9 @@ class ClientA2V(ClientBase):
         job = AdapterJob(self.node, self.train_idx, model.state_dict(),
                          self.optimizer_state if keep_optimizer else None,
                          training_seed(seed, round_, self.node),
-                         f"node {self.node}, round {round_}")
+                         f"node {self.node}, round {round_}", mu=mu)
         update = train_adapter(model, shared, loss, job,
-                               RoundSpec(config, epochs, anchor, mu, keep_optimizer))
+                               RoundSpec(config, epochs, anchor, keep_optimizer))
         if keep_optimizer:
             self.optimizer_state = update.optimizer_state
         return update

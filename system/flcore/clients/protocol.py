@@ -28,13 +28,25 @@ class SharedTensors:
 
 @dataclass
 class LocalUpdate:
-    """What a client sends back after local training."""
+    """What a client sends back after local training; ``gradient_mean`` (when the round's spec
+    asks for it) is the mean over its local steps of the gradients of its own loss, without
+    the strategy's linear term (SCAFFOLD's new control variate)."""
 
     node: int
     state: StateDict
     num_samples: int
     loss: float
     optimizer_state: dict | None = None
+    gradient_mean: StateDict | None = None
+
+
+@dataclass(frozen=True)
+class SyntheticBatches:
+    """FedGen's generated batches for one client, one per local step: features in the
+    adapter body's output space ``[steps, B, tokens, hidden]`` and their classes ``[steps, B]``."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -47,18 +59,30 @@ class AdapterJob:
     optimizer_state: dict | None
     seed: int
     who: str
+    #: Weight of the proximal term towards the round's anchor (FedProx, FedDyn, Ditto).
+    mu: float = 0.0
+    #: ``<w, linear>`` is added to the local loss (SCAFFOLD's ``c - c_i``, FedDyn's ``-g_i``).
+    linear: StateDict | None = None
+    #: FedGen's generated batches, whose adapter-head loss regularises local training.
+    synthetic: SyntheticBatches | None = None
+    #: Whether this trains the node's personal adapter (Ditto) rather than its shared update.
+    personal: bool = False
 
 
 @dataclass(frozen=True)
 class RoundSpec:
-    """What a round's jobs share: the adapter settings, local epochs and FedProx's anchor."""
+    """What a round's jobs share: the adapter settings, local epochs, the anchor of proximal
+    terms, which parameters train (None: all), whether to report the mean gradient and the
+    weight of FedGen's regulariser."""
 
     config: AdapterConfig
     epochs: int
     anchor: StateDict | None = None
-    mu: float = 0.0
     keep_optimizer: bool = False
+    trainable: frozenset[str] | None = None
+    gradient_mean: bool = False
+    synthetic_weight: float = 0.0
 
-    @property
-    def proximal(self) -> bool:
-        return self.anchor is not None and self.mu > 0
+    def proximal(self, job: AdapterJob) -> bool:
+        """Whether ``job``'s loss has a proximal term."""
+        return self.anchor is not None and job.mu > 0

@@ -1,9 +1,10 @@
 """The local training loop every executor reproduces: seeded minibatches and dropout masks,
-AdamW, FedProx's proximal term, per-epoch NaN checks without a host round trip per step."""
+AdamW, the strategies' extra terms (proximal, linear, FedGen's), per-epoch NaN checks without a
+host round trip per step."""
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -46,7 +47,15 @@ def proximal_term(model: nn.Module, anchor: StateDict, mu: float) -> torch.Tenso
     return mu / 2 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
 
 
-StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def linear_term(model: nn.Module, linear: StateDict) -> torch.Tensor:
+    """``<w, linear>`` over the model's parameters: its gradient adds ``linear`` to every
+    step's gradient (SCAFFOLD's correction, FedDyn's linear penalty)."""
+    return sum((p * linear[name]).sum() for name, p in model.named_parameters())
+
+
+#: ``step_loss(model, x, y, key, step)``: one minibatch's loss; ``key`` seeds dropout, ``step``
+#: is the 0-based optimizer step (which FedGen's generated batch to use).
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def minibatch_orders(n: int, epochs: int, seed: int) -> torch.Tensor:
@@ -78,15 +87,19 @@ def check_finite(first: torch.Tensor, who: str, epoch: int) -> None:
 
 def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: torch.Tensor,
         config: AdapterConfig, epochs: int, seed: int, who: str,
-        optimizer_state: dict | None = None, progress: str | None = None) -> tuple[float, dict]:
+        optimizer_state: dict | None = None, progress: str | None = None,
+        trainable: Collection[str] | None = None,
+        gradient_sum: StateDict | None = None) -> tuple[float, dict]:
     """Train ``model`` in place with AdamW on seeded minibatches of ``features``; return the last
     epoch's mean loss and the optimizer state. ``seed`` fixes the minibatch order and dropout
-    masks (``step_loss(model, x, y, key)`` passes ``key`` on to the adapter). Raises
-    TrainingError naming ``who`` and the epoch on a NaN or infinite loss. ``progress`` names a
-    per-epoch bar (on a terminal)."""
+    masks (``step_loss`` passes ``key`` on to the adapter). Only the parameters named in
+    ``trainable`` (default: all) are stepped and clipped; ``gradient_sum``, when given, gathers
+    the sum of every step's unclipped gradients. Raises TrainingError naming ``who`` and the
+    epoch on a NaN or infinite loss. ``progress`` names a per-epoch bar (on a terminal)."""
     device = features.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if trainable is None or n in trainable]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if optimizer_state is not None:
         # A copy: torch's loaded optimizer would advance the caller's step counters in place.
         optimizer.load_state_dict(copy.deepcopy(optimizer_state))
@@ -108,12 +121,16 @@ def fit(model: nn.Module, step_loss: StepLoss, features: torch.Tensor, labels: t
             batch = orders[epoch, start : start + config.batch_size]
             step = epoch * per_epoch + b
             with autocast(device, config.precision):
-                loss = step_loss(model, features[batch], labels[batch], keys[step : step + 1])
+                loss = step_loss(model, features[batch], labels[batch], keys[step : step + 1],
+                                 step)
             first = flag_nonfinite(loss, first)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
+            if gradient_sum is not None:
+                for name, p in named:
+                    gradient_sum[name] += p.grad
             if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             if schedule is not None:
                 schedule.step()

@@ -8,6 +8,7 @@ from typing import Any
 
 from flcore.choices import (
     AdapterTraining,
+    Aggregation,
     Algorithm,
     DatasetName,
     DecoderVariance,
@@ -166,6 +167,18 @@ def _check_rounds(f: FederationConfig) -> None:
     _require(len(f.server_betas) == 2 and all(0 <= b < 1 for b in f.server_betas),
              "federation.server_betas", f.server_betas, "must be two values in [0, 1)")
     _require(f.server_tau > 0, "federation.server_tau", f.server_tau, "must be > 0")
+    _require(f.feddyn_alpha > 0, "federation.feddyn_alpha", f.feddyn_alpha, "must be > 0")
+    _require(f.fedrep_head_epochs >= 1, "federation.fedrep_head_epochs", f.fedrep_head_epochs,
+             "must be >= 1")
+    _require(f.ditto_lambda >= 0, "federation.ditto_lambda", f.ditto_lambda, "must be >= 0")
+    g = f.fedgen
+    _require(g.alpha >= 0, "federation.fedgen.alpha", g.alpha, "must be >= 0 (0 = off)")
+    for key in ("noise_dim", "hidden_dim", "tokens", "batch_size", "server_steps"):
+        _require(getattr(g, key) >= 1, f"federation.fedgen.{key}", getattr(g, key),
+                 "must be >= 1")
+    _require(g.lr > 0, "federation.fedgen.lr", g.lr, "must be > 0")
+    _require(g.diversity_weight >= 0, "federation.fedgen.diversity_weight", g.diversity_weight,
+             "must be >= 0")
 
 
 def check_adapter(a: AdapterConfig) -> None:
@@ -315,6 +328,13 @@ def check_checkpoint(c: CheckpointConfig) -> None:
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
 
 
+#: Aggregations that are algorithms of their own, with client state or personal parts, and
+#: do not combine with the server's use of synthetic samples.
+CLIENT_ALGORITHMS = frozenset({Aggregation.scaffold, Aggregation.feddyn,
+                               Aggregation.fedper, Aggregation.fedrep, Aggregation.ditto,
+                               Aggregation.fedgen})
+
+
 def check_server(config: Config) -> None:
     """``server.*``, and the generators and algorithm its adapter training needs."""
     s = config.server
@@ -326,6 +346,11 @@ def check_server(config: Config) -> None:
                  "needs synthetic samples: set generator.enabled=true")
         _require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
                  s.adapter_training, "applies to federation.algorithm=federated only")
+        aggregation = config.federation.aggregation
+        _require(aggregation not in CLIENT_ALGORITHMS, "federation.aggregation", aggregation,
+                 f"is an algorithm of its own and cannot be combined with "
+                 f"server.adapter_training={s.adapter_training.value}; set "
+                 "server.adapter_training=fedavg (or generator=none)")
 
 
 def check_generator_use(config: Config) -> None:

@@ -144,6 +144,21 @@ class PartitionConfig:
 
 
 @dataclass
+class FedGenConfig:
+    """FedGen's server generator (Zhu et al. 2021): noise and a class to lifted adapter tokens,
+    learned from the round's client heads and broadcast to regularise local training."""
+
+    alpha: float = 1.0
+    noise_dim: int = 32
+    hidden_dim: int = 256
+    tokens: int = 4
+    batch_size: int = 32
+    server_steps: int = 100
+    lr: float = 0.001
+    diversity_weight: float = 1.0
+
+
+@dataclass
 class FederationConfig:
     """Who holds what (explicit node lists or a generated partition) and how rounds run."""
 
@@ -160,6 +175,10 @@ class FederationConfig:
     server_momentum: float = 0.9
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     server_tau: float = 0.001
+    feddyn_alpha: float = 0.01
+    fedrep_head_epochs: int = 2
+    ditto_lambda: float = 0.1
+    fedgen: FedGenConfig = field(default_factory=FedGenConfig)
     eval_every: int = 1
 
 

@@ -102,14 +102,18 @@ def pack_jobs(jobs: Sequence[AdapterJob]) -> dict:
             "who": [j.who for j in jobs], "sizes": [len(j.rows) for j in jobs],
             "rows": torch.cat([j.rows.cpu() for j in jobs]),
             "start": _stack_states([j.start for j in jobs]),
-            "optimizer": _stack_optimizers([j.optimizer_state for j in jobs])}
+            "optimizer": _stack_optimizers([j.optimizer_state for j in jobs]),
+            "mu": [j.mu for j in jobs], "personal": [j.personal for j in jobs],
+            "linear": [j.linear for j in jobs], "synthetic": [j.synthetic for j in jobs]}
 
 
 def unpack_jobs(packed: dict, device: torch.device) -> list[AdapterJob]:
     packed = _to(packed, device)
     rows = packed["rows"].split(packed["sizes"])
     return [AdapterJob(node, rows[c], _unstack_state(packed["start"], c, clone=False),
-                       _unstack_optimizer(packed["optimizer"], c, clone=False), seed, who)
+                       _unstack_optimizer(packed["optimizer"], c, clone=False), seed, who,
+                       packed["mu"][c], packed["linear"][c], packed["synthetic"][c],
+                       packed["personal"][c])
             for c, (node, seed, who) in enumerate(zip(packed["nodes"], packed["seeds"],
                                                       packed["who"], strict=True))]
 
@@ -119,7 +123,8 @@ def pack_updates(updates: list[LocalUpdate]) -> dict:
             "losses": [u.loss for u in updates],
             "state": {n: torch.stack([u.state[n].detach() for u in updates]).cpu()
                       for n in updates[0].state},
-            "optimizer": _stack_optimizers([u.optimizer_state for u in updates])}
+            "optimizer": _stack_optimizers([u.optimizer_state for u in updates]),
+            "gradient_mean": [_to(u.gradient_mean, "cpu") for u in updates]}
 
 
 def unpack_updates(packed: dict, device: torch.device) -> list[LocalUpdate]:
@@ -127,7 +132,8 @@ def unpack_updates(packed: dict, device: torch.device) -> list[LocalUpdate]:
     tensors, not the whole task's)."""
     state = {"stacked": _to(packed["state"], device)}
     return [LocalUpdate(node, _unstack_state(state, c, clone=True), size, loss,
-                        _unstack_optimizer(packed["optimizer"], c, clone=True))
+                        _unstack_optimizer(packed["optimizer"], c, clone=True),
+                        _to(packed["gradient_mean"][c], device))
             for c, (node, size, loss) in enumerate(zip(packed["nodes"], packed["sizes"],
                                                        packed["losses"], strict=True))]
 

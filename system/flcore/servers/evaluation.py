@@ -92,6 +92,17 @@ class Evaluator:
             metrics["synthetic/acc"] = evaluate(self.model, self.shared, test)["acc"]
         return metrics
 
+    def node_scores(self, states: dict[ClientA2V, StateDict]) -> dict[str, float]:
+        """``node{i}/acc`` of each node's own adapter on its own test clips and their mean
+        ``local/acc_mean`` (personalised federated learning's measure)."""
+        node_acc = {}
+        for client, state in states.items():
+            if len(client.test_idx):
+                self.model.load_state_dict(state)
+                node_acc[f"node{client.node}/acc"] = evaluate(self.model, self.shared,
+                                                             client.test_idx)["acc"]
+        return {**node_acc, "local/acc_mean": float(np.mean(list(node_acc.values())))}
+
     def final_report(self, state: StateDict, class_names: list[str]
                      ) -> tuple[dict[str, float], np.ndarray]:
         """Per-class accuracy and the confusion matrix of ``state`` on the merged test splits."""

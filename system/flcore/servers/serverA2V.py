@@ -5,6 +5,7 @@ renderer."""
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,13 @@ from flcore.clients.training import build_adapter, build_adapter_loss, training_
 from flcore.config import Algorithm, Config, TrainingData
 from flcore.executors import build_executor
 from flcore.progress import phase
+from flcore.servers.choose import build_strategy
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.generator_rounds import GeneratorRounds
 from flcore.servers.rendering import render_sets
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.states import clone_state, offload
-from flcore.servers.strategies import build_strategy
 from flcore.servers.synthetic import SyntheticLearner
 from flcore.tracking import Trackers
 from flcore.trainmodel.bank_training import EpochLog
@@ -55,7 +56,7 @@ class ServerA2V(ServerBase):
         self.synthetic = SyntheticLearner(config, shared, clients, self.model, self.loss,
                                           self.evaluator, self.global_state)
         self.strategy = build_strategy(config, self.synthetic, self.evaluator)
-        if self.strategy.stateful:
+        if self.strategy.stateful or self.strategy.personal:
             for client in clients:
                 client.model_state = clone_state(self.global_state)
         self.quality: GeneratorQuality | None = None
@@ -71,7 +72,10 @@ class ServerA2V(ServerBase):
         if strategy.trains_clients:
             keep = (generator_round and self.config.generator.training_data
                     is TrainingData.adapter_output) or (rendering and self.config.images.nodes)
-            for client, update in self.train_adapters(round_, selected):
+            for client, job, update in self.train_adapters(round_, selected):
+                if job.personal:
+                    strategy.accept_personal(client, update)
+                    continue
                 strategy.accept(client, update)
                 losses.append(update.loss)
                 if keep:
@@ -124,24 +128,32 @@ class ServerA2V(ServerBase):
         return metrics
 
     def train_adapters(self, round_: int, selected: list[ClientA2V]
-                       ) -> Iterator[tuple[ClientA2V, LocalUpdate]]:
-        """The selected clients' local training by the executor, each from the start the
-        strategy gives it; a stateful client keeps its optimizer state (on the CPU when the run
-        is on a GPU, so idle clients hold no device memory)."""
+                       ) -> Iterator[tuple[ClientA2V, AdapterJob, LocalUpdate]]:
+        """The selected clients' local training by the executor: each client's jobs from the
+        strategy (the start it gives, its terms, any personal job), in the strategy's phases;
+        a stateful client keeps its optimizer state (on the CPU when the run is on a GPU, so
+        idle clients hold no device memory)."""
         f, strategy = self.config.federation, self.strategy
-        jobs = [AdapterJob(c.node, c.train_idx, strategy.start(c, self.global_state),
-                           c.optimizer_state if strategy.stateful else None,
-                           training_seed(self.config.seed, round_, c.node),
-                           f"node {c.node}, round {round_}") for c in selected]
+        by_node = {c.node: c for c in selected}
+        jobs = [job for c in selected for job in strategy.jobs(
+            c, AdapterJob(c.node, c.train_idx, strategy.start(c, self.global_state),
+                          c.optimizer_state if strategy.stateful else None,
+                          training_seed(self.config.seed, round_, c.node),
+                          f"node {c.node}, round {round_}"), self.global_state, round_)]
         spec = RoundSpec(self.config.adapter, f.local_epochs, strategy.anchor(self.global_state),
-                         f.fedprox_mu, strategy.stateful)
-        updates = self.executor.train_adapters(jobs, spec)
-        for client, update in phase(zip(selected, updates, strict=True),
-                                    f"round {round_} clients", "client", len(selected)):
+                         strategy.stateful)
+        *first, last = strategy.phases(spec, self.global_state)
+        for earlier in first:
+            done = self.executor.train_adapters(jobs, earlier)
+            jobs = [replace(job, start=u.state) for job, u in zip(jobs, done, strict=True)]
+        updates = self.executor.train_adapters(jobs, last)
+        for job, update in phase(zip(jobs, updates, strict=True), f"round {round_} clients",
+                                 "client", len(jobs)):
+            client = by_node[job.node]
             if strategy.stateful:
                 update.state = offload(update.state)
                 client.optimizer_state = offload(update.optimizer_state)
-            yield client, update
+            yield client, job, update
 
     def evaluate_all(self) -> dict[str, float]:
         """The round's zero-shot evaluation (:meth:`Evaluator.scores`). Every node is scored,
@@ -151,7 +163,11 @@ class ServerA2V(ServerBase):
         per_node = self.algorithm is not Algorithm.centralized
         states = ([c.model_state for c in self.clients] if self.strategy.stateful and per_node
                   else [self.global_state])
-        return self.evaluator.scores(states, per_node, self.synthetic.tstr_to_score())
+        metrics = self.evaluator.scores(states, per_node, self.synthetic.tstr_to_score())
+        if self.strategy.personal:
+            metrics.update(self.evaluator.node_scores(
+                {c: self.strategy.personal_state(c, self.global_state) for c in self.clients}))
+        return metrics
 
     def final_report(self, class_names: list[str]) -> tuple[dict[str, float], np.ndarray] | None:
         """Per-class accuracy and the confusion matrix of the global adapter on the merged test
@@ -166,10 +182,11 @@ class ServerA2V(ServerBase):
         state: dict[str, Any] = {"global": self.global_state}
         if optimizers:
             state["strategy"] = self.strategy.state_dict()
-        if self.strategy.stateful:
+        if self.strategy.stateful or self.strategy.personal:
             state["clients"] = {str(c.node): {"model": c.model_state,
                                               **({"optimizer": c.optimizer_state}
-                                                 if optimizers else {})}
+                                                 if optimizers and self.strategy.stateful
+                                                 else {})}
                                 for c in self.clients}
         if self.generator_rounds.enabled:
             state.update(self.generator_rounds.state_dict(optimizers))
@@ -181,7 +198,7 @@ class ServerA2V(ServerBase):
         adapter, the nodes' own (stateful strategies) and the synthetic samples received."""
         device = self.shared.tokens.device
         self.global_state = {k: v.to(device) for k, v in state["global"].items()}
-        if self.strategy.stateful:
+        if self.strategy.stateful or self.strategy.personal:
             for client in self.clients:
                 client.model_state = {k: v.to(device) for k, v in
                                       state["clients"][str(client.node)]["model"].items()}
@@ -195,11 +212,11 @@ class ServerA2V(ServerBase):
 
         self.global_state = to(state["global"])
         self.strategy.load_state_dict(state["strategy"], device)
-        if self.strategy.stateful:
+        if self.strategy.stateful or self.strategy.personal:
             for client in self.clients:
                 saved = state["clients"][str(client.node)]
                 client.model_state = to(saved["model"])
-                client.optimizer_state = saved["optimizer"]
+                client.optimizer_state = saved.get("optimizer")
         if self.generator_rounds.enabled:
             self.generator_rounds.load_state_dict(state)
             self.synthetic.load_state_dict(state)

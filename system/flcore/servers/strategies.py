@@ -8,11 +8,12 @@ the evaluator) it gets at construction.
 """
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flcore.clients.protocol import LocalUpdate, StateDict
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, StateDict
 from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
 from flcore.errors import CheckpointError
 from flcore.servers.aggregation import RunningAverage, server_optimizer
@@ -36,6 +37,9 @@ class AdapterStrategy:
     #: Whether the global adapter is itself trained on synthetic samples only (then it is the
     #: adapter behind ``synthetic/acc``).
     global_is_synthetic_only = False
+    #: Whether each node keeps a personal adapter (:meth:`personal_state`), scored on its own
+    #: test clips as ``node{i}/acc`` while ``global/*`` scores the global one.
+    personal = False
 
     def begin_round(self) -> None:
         """Reset what a round accumulates."""
@@ -45,11 +49,29 @@ class AdapterStrategy:
         return global_state
 
     def anchor(self, global_state: StateDict) -> StateDict | None:
-        """FedProx's anchor (the round's global weights), or None."""
+        """The anchor of the jobs' proximal terms (the round's global weights), or None."""
         return None
+
+    def jobs(self, client: "ClientA2V", job: AdapterJob, global_state: StateDict,
+             round_: int) -> list[AdapterJob]:
+        """``client``'s jobs this round, given its plain one: that job with the strategy's
+        terms (proximal weight, linear term, generated batches), and any personal job."""
+        return [job]
+
+    def phases(self, spec: RoundSpec, global_state: StateDict) -> list[RoundSpec]:
+        """The round's local training as phases run one after another, each from where the
+        previous left every job (FedRep: head, then body)."""
+        return [spec]
 
     def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         """Take one client's update."""
+
+    def accept_personal(self, client: "ClientA2V", update: LocalUpdate) -> None:
+        """Take the update of one client's personal job."""
+
+    def personal_state(self, client: "ClientA2V", global_state: StateDict) -> StateDict:
+        """The adapter node ``client`` uses itself (:attr:`personal` strategies)."""
+        raise NotImplementedError
 
     def conclude(self, global_state: StateDict) -> StateDict:
         """After every selected client trained: the new global state."""
@@ -77,6 +99,7 @@ class FedAvg(AdapterStrategy):
         f = config.federation
         self.weighted = f.aggregation is not Aggregation.mean
         self.fedprox = f.aggregation is Aggregation.fedprox
+        self.mu = f.fedprox_mu
         self.optimizer = server_optimizer(f)
         self.average = RunningAverage()
 
@@ -85,6 +108,10 @@ class FedAvg(AdapterStrategy):
 
     def anchor(self, global_state: StateDict) -> StateDict | None:
         return global_state if self.fedprox else None
+
+    def jobs(self, client: "ClientA2V", job: AdapterJob, global_state: StateDict,
+             round_: int) -> list[AdapterJob]:
+        return [replace(job, mu=self.mu)] if self.fedprox else [job]
 
     def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         self.average.add(update.state, float(update.num_samples) if self.weighted else 1.0)
@@ -238,23 +265,6 @@ class Centralized(Local):
 
     def conclude(self, global_state: StateDict) -> StateDict:
         return self.latest if self.latest is not None else global_state
-
-
-def build_strategy(config: Config, learner: SyntheticLearner,
-                   evaluator: Evaluator) -> AdapterStrategy:
-    """The strategy of ``federation.algorithm`` and ``server.adapter_training``."""
-    if config.federation.algorithm is Algorithm.local:
-        return Local()
-    if config.federation.algorithm is Algorithm.centralized:
-        return Centralized()
-    mode = config.server.adapter_training
-    if mode is AdapterTraining.synthetic:
-        return SyntheticOnly(learner)
-    if mode is AdapterTraining.kd:
-        return Distillation(learner)
-    if mode is AdapterTraining.fedavg_synthetic:
-        return FedAvgThenSynthetic(config, learner, evaluator)
-    return FedAvg(config)
 
 
 def unguarded_warnings(config: Config, val_clips: int) -> list[str]:

@@ -149,7 +149,7 @@ class SyntheticLearner:
         (seeded by training ``which`` of the round); with ``anchor``, plus the proximal pull
         ``mu / 2 * ||w - anchor||^2``."""
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
-                      key: torch.Tensor) -> torch.Tensor:
+                      key: torch.Tensor, step: int) -> torch.Tensor:
             pooled, sequence = net.outputs(xb, key)
             value = self.loss(pooled, yb, sequence)
             if anchor is not None and mu > 0:
@@ -220,7 +220,7 @@ class SyntheticLearner:
         a, loss = self.config.adapter, self.loss
 
         def step_loss(net: torch.nn.Module, xb: torch.Tensor, rows: torch.Tensor,
-                      key: torch.Tensor) -> torch.Tensor:
+                      key: torch.Tensor, step: int) -> torch.Tensor:
             out, sequence = net.outputs(xb, key)
             target = targets[rows]
             cosine = 1 - torch.nn.functional.cosine_similarity(out, target, dim=-1).mean()

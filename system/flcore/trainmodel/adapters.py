@@ -121,6 +121,22 @@ def adapter_outputs(params: Params, tokens: torch.Tensor, num_heads: int, dropou
 
 #: Name prefix of the sequence head's parameters.
 SEQUENCE = "sequence."
+#: Name prefixes of the body: the per-token MLP every head reads. The rest (the attention
+#: pooling into the text space and the sequence head) is the head, which decides where each
+#: class lands in the text space: FedPer's and FedRep's personal part, FedGen's predictor.
+BODY = ("norm.", "lift.")
+
+
+def is_body(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the adapter's body (the per-token MLP)."""
+    return name.startswith(BODY)
+
+
+def head_embed(params: Params, hidden: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The pooled text-space vectors ``[C, B, D]`` the head makes of lifted tokens
+    ``hidden [C, B, tokens, hidden_dim]`` (no dropout): FedGen's predictor on generated
+    features."""
+    return _pool(params, "", hidden, num_heads, 0.0, None, 1).mean(2)
 
 
 def _attention_pool(owner: nn.Module, hidden_dim: int, width: int, queries: int) -> None:
@@ -189,6 +205,10 @@ class AudioAdapter(nn.Module):
     def embed(self, tokens: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         """One vector per clip ``[B, text_dim]``: the mean of the latents."""
         return self.forward(tokens, key).mean(1)
+
+    def head_embed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:func:`head_embed` of lifted tokens ``[B, tokens, hidden_dim]``: ``[B, text_dim]``."""
+        return head_embed(self._params(), hidden.unsqueeze(0), self.num_heads).squeeze(0)
 
     def outputs(self, tokens: torch.Tensor, key: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
