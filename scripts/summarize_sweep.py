@@ -1,9 +1,11 @@
 """Summarize a sweep as a study: one arm per setting of the swept keys, seeds as replicates.
 
-    python scripts/summarize_sweep.py outputs/<name>/multiruns/<stamp> [--out DIR]
+    python scripts/summarize_sweep.py outputs/<name>/multiruns/<stamp> [MORE ...] [--out DIR]
         [--metrics global/acc synthetic/acc ...] [--baseline KEY=VALUE ...] [--target 0.95]
 
-Reads every job folder's ``results.json`` (rounds from ``metrics.csv`` where it has none).
+Reads every job folder's ``results.json`` (rounds from ``metrics.csv`` where it has none). Several
+multirun folders are read as one study (arms that differ in more than one key, such as the
+baselines table of docs/experiments.md); their jobs are then named ``<folder>/<n>``.
 Per arm: n, mean, sample std (ddof=1) and the 95% Student t interval over seeds of each metric,
 best-val accuracy, rounds to a target accuracy and the area under the accuracy-per-round curve.
 With ``--baseline``, each other arm's paired difference per seed against the baseline arm, its
@@ -258,8 +260,10 @@ def failure_lines(jobs: Sequence[Job], keys: list[str]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="outputs/<name>/multiruns/<stamp>")
-    parser.add_argument("--out", type=Path, help="output folder (default: the sweep folder)")
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", metavar="sweep_dir",
+                        help="outputs/<name>/multiruns/<stamp> (several: read as one study)")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default: the sweep folder; needed with several)")
     parser.add_argument("--metrics", nargs="+", metavar="KEY",
                         help="final metrics to report (default: the key metrics and gen/*)")
     parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
@@ -272,15 +276,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    sweep_dir: Path = args.sweep_dir
-    hint = "pass one multirun folder, such as outputs/<name>/multiruns/<stamp>"
-    if not sweep_dir.is_dir():
-        raise SystemExit(f"error: {sweep_dir}: not a folder; {hint}")
+    sweep_dirs: list[Path] = args.sweep_dirs
+    sweep_dir = " ".join(map(str, sweep_dirs))
+    hint = "pass a multirun folder, such as outputs/<name>/multiruns/<stamp>"
+    for folder in sweep_dirs:
+        if not folder.is_dir():
+            raise SystemExit(f"error: {folder}: not a folder; {hint}")
+    if len(sweep_dirs) > 1 and args.out is None:
+        raise SystemExit("error: --out: give the folder for the summary of several sweeps")
     if not (math.isfinite(args.target) and args.target > 0):
         raise SystemExit(f"error: --target {args.target:g}: must be a number above 0")
-    jobs = load_jobs(sweep_dir)
-    if not jobs:
-        raise SystemExit(f"error: {sweep_dir}: no job folders (0/, 1/, ...); {hint}")
+    jobs = []
+    for folder in sweep_dirs:
+        found = load_jobs(folder)
+        if not found:
+            raise SystemExit(f"error: {folder}: no job folders (0/, 1/, ...); {hint}")
+        if len(sweep_dirs) > 1:
+            for job in found:
+                job.name = f"{folder.name}/{job.name}"
+        jobs += found
     done = [job for job in jobs if job.status == "completed"]
     if not done:
         raise SystemExit(f"error: {sweep_dir}: none of its {len(jobs)} jobs completed "
@@ -291,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = swept_keys(jobs)
     columns = columns_of(jobs, keys)
     try:
-        out = require_writable_dir(args.out or sweep_dir, "--out")
+        out = require_writable_dir(args.out or sweep_dirs[0], "--out")
         arms = group_arms(jobs, columns)
         baseline = parse_baseline(args.baseline, arms, columns) if args.baseline else None
     except FedA2VError as err:
@@ -333,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{len(plot_paths)} plot{'' if len(plot_paths) == 1 else 's'} in {out / 'plots'}")
 
 
-def markdown(sweep_dir: Path, jobs: Sequence[Job], head: list[str], table: list[str],
+def markdown(sweep_dir: str, jobs: Sequence[Job], head: list[str], table: list[str],
              paired_lines: list[str], failures: list[str], plot_paths: list[Path],
              out: Path) -> str:
     """summary.md: the counts, the printed view, the paired table, failures and plots."""

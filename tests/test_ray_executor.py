@@ -19,7 +19,13 @@ from conftest import HANG_GUARD_S
 
 ray = pytest.importorskip("ray")
 
-from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors  # noqa: E402
+from flcore.clients.protocol import (  # noqa: E402
+    AdapterJob,
+    LocalUpdate,
+    RoundSpec,
+    SharedTensors,
+    SyntheticBatches,
+)
 from flcore.clients.training import build_adapter, build_adapter_loss  # noqa: E402
 from flcore.config import Config, validate  # noqa: E402
 from flcore.errors import ConfigError, ResourceError, TrainingError  # noqa: E402
@@ -292,3 +298,23 @@ def test_a_lost_worker_names_its_nodes_and_round(config, tmp_path: Path,
     message = str(err.value)
     assert message.startswith("nodes 0, 1, round 2: the Ray task") and "\n" not in message
     assert "lost its worker once" in message and "executor.max_retries (now 0)" in message
+
+
+def test_strategy_terms_travel_to_workers_and_back() -> None:
+    """A job's proximal weight, linear term, FedGen batches and personal flag, and an update's
+    mean gradient, survive packing for the object store."""
+    start = {"w": torch.arange(6.0).view(2, 3)}
+    batches = SyntheticBatches(torch.randn(2, 3, 1, 4), torch.tensor([[0, 1, 2], [2, 1, 0]]))
+    jobs = [AdapterJob(0, torch.arange(3), start, None, 11, "node 0", mu=0.5,
+                       linear={"w": -start["w"]}, synthetic=batches, personal=True),
+            AdapterJob(1, torch.arange(3, 5), start, None, 12, "node 1")]
+    back = ray_executor.unpack_jobs(ray_executor.pack_jobs(jobs), torch.device("cpu"))
+    assert (back[0].mu, back[0].personal, back[1].mu, back[1].personal) == (0.5, True, 0.0, False)
+    assert torch.equal(back[0].linear["w"], -start["w"]) and back[1].linear is None
+    assert torch.equal(back[0].synthetic.features, batches.features)
+    assert torch.equal(back[0].synthetic.labels, batches.labels) and back[1].synthetic is None
+    updates = [LocalUpdate(0, start, 3, 0.1, None, {"w": start["w"] / 2}),
+               LocalUpdate(1, start, 2, 0.2)]
+    got = ray_executor.unpack_updates(ray_executor.pack_updates(updates), torch.device("cpu"))
+    assert torch.equal(got[0].gradient_mean["w"], start["w"] / 2)
+    assert got[1].gradient_mean is None

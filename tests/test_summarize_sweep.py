@@ -249,6 +249,28 @@ def test_intervals_paired_differences_and_convergence_by_hand(tmp_path: Path) ->
     assert "## Against the baseline" in markdown and "| per_class | synthetic/acc | 3 |" in markdown
 
 
+def test_several_sweeps_are_one_study(tmp_path: Path) -> None:
+    """The study by hand split over two multirun folders (one per arm, as when arms differ in
+    more than one key) gives the single folder's tables; the summary needs --out."""
+    write_study(tmp_path / "whole")
+    for number, (generator, seed) in enumerate(CURVES):
+        write_job(tmp_path / generator, number, [f"generator={generator}", f"seed={seed}"],
+                  seed=seed, curve=CURVES[generator, seed],
+                  **{"synthetic/acc": SYNTHETIC[generator, seed]})
+    whole = summarize(str(tmp_path / "whole"), "--baseline", "generator=none")
+    split = summarize(str(tmp_path / "none"), str(tmp_path / "per_class"), "--baseline",
+                      "generator=none", "--out", str(tmp_path / "study"))
+    assert whole.returncode == split.returncode == 0, split.stderr
+    assert table(split.stdout) == table(whole.stdout)
+    paired = split.stdout.split("Paired against")[1]
+    assert table(paired) == table(whole.stdout.split("Paired against")[1])
+    assert (tmp_path / "study" / "summary.md").read_text().startswith(
+        f"# Sweep summary: {tmp_path / 'none'} {tmp_path / 'per_class'}")
+    refused = summarize(str(tmp_path / "none"), str(tmp_path / "per_class"))
+    assert refused.returncode == 1
+    assert refused.stderr == "error: --out: give the folder for the summary of several sweeps\n"
+
+
 def test_each_arm_is_its_own_reference_without_a_baseline(tmp_path: Path) -> None:
     write_study(tmp_path / "sweep")
     out = summarize(str(tmp_path / "sweep"))
