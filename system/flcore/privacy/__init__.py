@@ -1,0 +1,2 @@
+"""Differential privacy: the DP-SGD step (:mod:`.dpsgd`) and its accounting
+(:mod:`.accounting`)."""

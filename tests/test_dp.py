@@ -1,0 +1,91 @@
+"""The DP-SGD step against Opacus' GradSampleModule and DPOptimizer, per-sample gradients of a
+stack against each model alone, and the accounting against Google's dp_accounting."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+opacus = pytest.importorskip("opacus")
+dp_accounting = pytest.importorskip("dp_accounting")
+
+from flcore.privacy import accounting  # noqa: E402
+from flcore.privacy.dpsgd import private_gradients  # noqa: E402
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Per-sample gradients by torch.func (independent of Opacus' hooks)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def test_the_step_equals_opacus_dp_optimizer() -> None:
+    """One DP-SGD step of an MLP on 8 rows: Opacus' gradients (clip 0.5, noise 1.3, expected
+    batch 8, its noise drawn from a seeded generator) equal ours from the same draws."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+    model = mlp()
+    private = opacus.GradSampleModule(mlp())
+    optimizer = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(private.parameters(), lr=0.1), noise_multiplier=1.3, max_grad_norm=0.5,
+        expected_batch_size=8, generator=torch.Generator().manual_seed(7))
+    nn.functional.cross_entropy(private(x), y).backward()
+    optimizer.pre_step()  # clip, add noise, scale: the gradients SGD then steps with
+    want = [p.grad for p in private.parameters()]
+    grads = per_sample_grads(model, x, y)
+    got = private_gradients([grads[k].unsqueeze(0) for k in grads], torch.ones(1, 8), 0.5, 1.3,
+                            torch.tensor([8.0]), [torch.Generator().manual_seed(7)])
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours[0], theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_unsampled_rows_do_not_count_and_noise_is_per_model() -> None:
+    """A row outside the Poisson sample adds nothing; a model's noise is the same whatever is
+    stacked beside it."""
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(2, 4, 3, generator=g)]
+    sampled = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    both = private_gradients(grads, sampled, 1.0, 0.7, torch.tensor([3.0, 1.0]),
+                             [torch.Generator().manual_seed(s) for s in (5, 6)])
+    alone = private_gradients([grads[0][1:, :1]], torch.ones(1, 1), 1.0, 0.7,
+                              torch.tensor([1.0]), [torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(both[0][1], alone[0][0])
+
+
+@pytest.mark.parametrize(("sigma", "rate", "steps"), [(1.0, 0.01, 1000), (1.1, 0.1, 120),
+                                                      (2.0, 0.25, 40)])
+def test_rdp_epsilon_equals_dp_accounting(sigma: float, rate: float, steps: int) -> None:
+    """The same Poisson-sampled Gaussian composition through Google's RDP accountant, on
+    Opacus' orders, gives the same epsilon to 1% (their conversions of RDP to (epsilon, delta)
+    and their series for fractional orders differ in the last digits)."""
+    delta = 1e-5
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    google = dp_accounting.rdp.RdpAccountant(orders).compose(event).get_epsilon(delta)
+    assert accounting.epsilon(sigma, rate, steps, delta) == pytest.approx(google, rel=1e-2)
+
+
+def test_prv_and_rdp_agree_and_the_target_is_met() -> None:
+    """The PRV accountant is tighter than RDP (never looser, within its error), and the noise
+    found for a target epsilon spends at most that epsilon."""
+    rdp = accounting.epsilon(1.0, 0.05, 500, 1e-5, "rdp")
+    prv = accounting.epsilon(1.0, 0.05, 500, 1e-5, "prv")
+    assert prv <= rdp * 1.01
+    sigma = accounting.noise_for(4.0, 0.05, 500, 1e-5)
+    assert 3.9 <= accounting.epsilon(sigma, 0.05, 500, 1e-5) <= 4.0
+    history = accounting.History()
+    history.add(sigma, 0.05, 200)
+    history.add(sigma, 0.05, 300)
+    assert history.entries == [(sigma, 0.05, 500)]
+    assert history.epsilon(1e-5) == pytest.approx(accounting.epsilon(sigma, 0.05, 500, 1e-5))
