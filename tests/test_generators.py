@@ -32,7 +32,7 @@ from flcore.trainmodel.bank_training import (
     train_generators,
 )
 from flcore.trainmodel.banks import fit_together
-from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec, _slice
+from flcore.trainmodel.generators import GeneratorBank, GeneratorSpec, slice_generator
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import (
     BetaScheduler,
@@ -526,7 +526,7 @@ def test_the_learned_variance_travels_with_the_decoder(monkeypatch: pytest.Monke
                            .mean((1, 2)) for _ in range(64)]).mean(0)
     end = bank.model.dec_logvar.detach().flatten()
     assert ((end - mse.log()).abs() < (start - mse.log()).abs()).all(), (start, end, mse.log())
-    one = _slice(bank.model, 1)
+    one = slice_generator(bank.model, 1)
     assert one.dec_logvar.data_ptr() == bank.model.dec_logvar[1:2].data_ptr()
     package = bank.decoder_package()
     received = GeneratorBank.from_decoder(package, config, torch.device("cpu"))

@@ -23,6 +23,7 @@ class Purpose(IntEnum):
     personal_training = 9  # a node's personal adapter (Ditto): minibatches and dropout masks
     fedgen_batches = 10  # the generated batches FedGen hands one client for a round
     fedgen_training = 11  # the server's FedGen generator: labels and noise
+    privacy_audit = 12  # a node's members and non-members in a membership-inference audit
 
 
 def stream_seed(seed: int, *, round_: int, node: int, generator: int, purpose: Purpose) -> int:

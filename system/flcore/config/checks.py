@@ -321,6 +321,8 @@ def check_eval(e: EvalConfig) -> None:
     _require(e.mmd_permutations >= 0, "eval.mmd_permutations", e.mmd_permutations,
              "must be >= 0 (0 = no p-value)")
     _require(e.max_rows >= 2, "eval.max_rows", e.max_rows, "must be >= 2")
+    _require(e.privacy_every >= 0, "eval.privacy_every", e.privacy_every,
+             "must be >= 0 (0 = no membership-inference audit)")
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:

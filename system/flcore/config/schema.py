@@ -212,6 +212,7 @@ class EvalConfig:
     prdc_k: int = 5
     mmd_permutations: int = 0
     max_rows: int = 1000
+    privacy_every: int = 0
 
 
 @dataclass

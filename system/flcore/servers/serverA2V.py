@@ -22,6 +22,7 @@ from flcore.servers.choose import build_strategy
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.generator_rounds import GeneratorRounds
+from flcore.servers.privacy_audit import PrivacyAuditor
 from flcore.servers.rendering import render_sets
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.states import clone_state, offload
@@ -60,6 +61,10 @@ class ServerA2V(ServerBase):
             for client in clients:
                 client.model_state = clone_state(self.global_state)
         self.quality: GeneratorQuality | None = None
+        self.auditor = (PrivacyAuditor(config, shared, clients, self.model, self.loss)
+                        if config.eval.privacy_every else None)
+        #: The update each node sent last, kept for the audits' ``adapter_node`` attack.
+        self.sent: dict[int, StateDict] = {}
 
     def train_round(self, round_: int, selected: list[ClientA2V]) -> dict[str, float]:
         strategy, generators = self.strategy, self.generator_rounds
@@ -80,6 +85,8 @@ class ServerA2V(ServerBase):
                 losses.append(update.loss)
                 if keep:
                     trained[client.node] = update.state
+                if self.auditor is not None and not (strategy.stateful or strategy.personal):
+                    self.sent[client.node] = offload(update.state)
         if generator_round:
             generator_logs = generators.train(
                 selected, round_,
@@ -103,6 +110,8 @@ class ServerA2V(ServerBase):
             metrics.update(self.quality.scalars)
         if self.is_eval_round(round_):
             metrics.update(self.evaluate_all())
+        if self.is_audit_round(round_):
+            metrics.update(self.audit(round_))
         if rendering and self.config.images.nodes:
             self.node_states = {n: offload(state) for n, state in trained.items()}
         return metrics
@@ -155,6 +164,25 @@ class ServerA2V(ServerBase):
                 client.optimizer_state = offload(update.optimizer_state)
             yield client, job, update
 
+    def is_audit_round(self, round_: int) -> bool:
+        """Every ``eval.privacy_every`` rounds and the last (never with 0)."""
+        every = self.config.eval.privacy_every
+        return bool(every) and (round_ % every == 0 or round_ == self.config.federation.rounds)
+
+    def audit(self, round_: int) -> dict[str, float]:
+        """The membership-inference audits (:class:`PrivacyAuditor`) of the global adapter,
+        each node's own adapter, the samples it shared and its generators."""
+        assert self.auditor is not None
+        device = self.shared.tokens.device
+        if self.strategy.stateful or self.strategy.personal:
+            own = {c.node: (c.model_state if self.strategy.stateful
+                            else self.strategy.personal_state(c, self.global_state))
+                   for c in self.clients if c.model_state is not None}
+        else:
+            own = self.sent
+        own = {n: {k: v.to(device) for k, v in s.items()} for n, s in own.items()}
+        return self.auditor.run(round_, self.global_state, own, self.synthetic.received)
+
     def evaluate_all(self) -> dict[str, float]:
         """The round's zero-shot evaluation (:meth:`Evaluator.scores`). Every node is scored,
         sampled this round or not, with the adapter it holds now: the global one, or under
@@ -191,6 +219,8 @@ class ServerA2V(ServerBase):
         if self.generator_rounds.enabled:
             state.update(self.generator_rounds.state_dict(optimizers))
             state.update(self.synthetic.state_dict(optimizers))
+        if self.sent:
+            state["sent"] = {str(n): s for n, s in self.sent.items()}
         return state
 
     def load_adapters(self, state: dict[str, Any]) -> None:
@@ -220,3 +250,4 @@ class ServerA2V(ServerBase):
         if self.generator_rounds.enabled:
             self.generator_rounds.load_state_dict(state)
             self.synthetic.load_state_dict(state)
+        self.sent = {int(n): dict(s) for n, s in state.get("sent", {}).items()}

@@ -152,7 +152,7 @@ class GeneratorBank:
             classes = [c for c in covered if per_class.get(c, 0) > 0]
             if name in self.dropped or not classes:
                 continue
-            one = _slice(self.model, g)
+            one = slice_generator(self.model, g)
             if len(classes) == 1 or prompts is not None:
                 for c in classes:
                     cond = None if prompts is None else prompts[c].expand(1, per_class[c], -1)
@@ -215,7 +215,7 @@ class SyntheticShare:
     decoder: dict | None = None
 
 
-def _slice(model: VAEGenerator, g: int) -> VAEGenerator:
+def slice_generator(model: VAEGenerator, g: int) -> VAEGenerator:
     """Generator ``g`` of a bank as a one-generator module sharing its weights."""
     one = VAEGenerator(1, model.features, model.enc.weight.shape[-1], model.latent, model.cond,
                        model.dec_logvar is not None)
