@@ -1,6 +1,9 @@
 """The DP-SGD step against Opacus' GradSampleModule and DPOptimizer, per-sample gradients of a
 stack against each model alone, and the accounting against Google's dp_accounting."""
 
+import re
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +12,17 @@ from torch.func import functional_call, grad, vmap
 opacus = pytest.importorskip("opacus")
 dp_accounting = pytest.importorskip("dp_accounting")
 
+from conftest import QUICK, interrupt_in_round  # noqa: E402
+from flcore.clients.protocol import AdapterJob, PrivacySpec, RoundSpec  # noqa: E402
+from flcore.clients.training import training_seed  # noqa: E402
+from flcore.config import AdapterConfig, validate  # noqa: E402
+from flcore.errors import ConfigError, RunInterrupted  # noqa: E402
+from flcore.executors.batched import Batched  # noqa: E402
+from flcore.executors.sequential import Sequential  # noqa: E402
 from flcore.privacy import accounting  # noqa: E402
 from flcore.privacy.dpsgd import private_gradients  # noqa: E402
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter  # noqa: E402
+from test_executors import AUDIO, TEXT, federation  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -89,3 +101,80 @@ def test_prv_and_rdp_agree_and_the_target_is_met() -> None:
     history.add(sigma, 0.05, 300)
     assert history.entries == [(sigma, 0.05, 500)]
     assert history.epsilon(1e-5) == pytest.approx(accounting.epsilon(sigma, 0.05, 500, 1e-5))
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_sequential_and_batched_dp_sgd_agree(float64) -> None:
+    """Four unequal clients, dropout, two epochs: each client's Poisson samples and noise are
+    its own, so one at a time and stacked give the same adapters to rounding."""
+    config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.3, batch_size=8, lr=0.01)
+    shared, rows = federation([5, 13, 32, 21])
+    torch.manual_seed(1)
+    model = AudioAdapter(AUDIO, TEXT, config)
+    loss = AdapterLoss(config, shared.prompts, shared.label_space)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    jobs = [AdapterJob(i, r, start, None, training_seed(0, 1, i), f"node {i}")
+            for i, r in enumerate(rows)]
+    spec = RoundSpec(config, 2, privacy=PrivacySpec(max_grad_norm=1.0, noise_multiplier=0.5))
+    alone = list(Sequential(shared, loss, model).train_adapters(jobs, spec))
+    stacked = list(Batched(shared, loss, model, 64).train_adapters(jobs, spec))
+    for a, b in zip(alone, stacked, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-9)
+        for name in a.state:
+            torch.testing.assert_close(b.state[name], a.state[name], rtol=1e-9, atol=1e-12)
+            assert not torch.equal(a.state[name], start[name]) or name == "attend.query_bias"
+
+
+def test_a_dp_run_spends_within_its_target_and_resumes_exactly(
+        run_config: Callable[..., dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``privacy=dp privacy.target_epsilon=4``: every node's epsilon is logged each round and
+    ends at most 4 (and near it: the noise is the smallest that meets the target); a run
+    stopped by Ctrl-C in round 2 and resumed ends exactly where the straight one does, and
+    one resumed with more rounds than its noise was planned for is refused."""
+    args = (*QUICK, "generator=none", "privacy=dp", "privacy.target_epsilon=4",
+            "federation.rounds=2", "federation.local_epochs=1", "checkpoint.every=1")
+    straight = run_config(*args, folder="straight")
+    final = straight["final"]
+    nodes = [k for k in final if k.startswith("privacy/epsilon/node")]
+    assert len(nodes) == final["partition/num_nodes"]
+    assert 3.9 <= final["privacy/epsilon"] <= 4.0
+    assert all(final[k] <= 4.0 for k in nodes)
+    first = straight["rounds"][1]["privacy/epsilon"]
+    assert 0 < first < final["privacy/epsilon"]  # spent round by round
+    with monkeypatch.context() as patch:
+        interrupt_in_round(patch, 2)
+        with pytest.raises(RunInterrupted):
+            run_config(*args, folder="resumed")
+    resumed = run_config(*args, "resume=true", folder="resumed")
+    assert resumed["final"] == final
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon=4: node \d would spend"):
+        run_config(*args[:-3], "federation.rounds=4", "federation.local_epochs=1",
+                   "checkpoint.every=1", "resume=true", folder="resumed")
+
+
+def test_a_plan_beyond_the_target_stops_before_training(run_config: Callable,
+                                                        tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon=1: node \d would spend"):
+        run_config(*QUICK, "generator=none", "privacy=dp", "privacy.target_epsilon=1",
+                   "privacy.noise_multiplier=0.3")
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("privacy=dp",), "privacy=dp: covers the adapters only so far"),
+    (("privacy=dp", "generator=none", "federation.aggregation=scaffold"),
+     "federation.aggregation=scaffold: has local loss terms"),
+    (("privacy=dp", "generator=none", "privacy.target_epsilon=null"),
+     "privacy.noise_multiplier=None: set it or privacy.target_epsilon"),
+    (("privacy.max_grad_norm=0",), "privacy.max_grad_norm=0.0: must be > 0")])
+def test_bad_privacy_settings_are_one_line(make_config: Callable, overrides: tuple,
+                                           message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(make_config(*overrides))

@@ -70,6 +70,14 @@ class AdapterJob:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """DP-SGD of a round's local training: per-sample clipping norm and noise multiplier."""
+
+    max_grad_norm: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
 class RoundSpec:
     """What a round's jobs share: the adapter settings, local epochs, the anchor of proximal
     terms, which parameters train (None: all), whether to report the mean gradient and the
@@ -82,6 +90,7 @@ class RoundSpec:
     trainable: frozenset[str] | None = None
     gradient_mean: bool = False
     synthetic_weight: float = 0.0
+    privacy: PrivacySpec | None = None
 
     def proximal(self, job: AdapterJob) -> bool:
         """Whether ``job``'s loss has a proximal term."""

@@ -337,6 +337,35 @@ CLIENT_ALGORITHMS = frozenset({Aggregation.scaffold, Aggregation.feddyn,
                                Aggregation.fedgen})
 
 
+#: Aggregations whose local loss has terms DP-SGD does not account for yet.
+_NOT_PRIVATE = frozenset({Aggregation.fedprox, Aggregation.scaffold, Aggregation.feddyn,
+                          Aggregation.fedrep, Aggregation.ditto, Aggregation.fedgen})
+
+
+def check_privacy(config: Config) -> None:
+    """``privacy.*``, and what DP-SGD covers so far: the adapters of plain local training."""
+    p = config.privacy
+    _require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0")
+    _require(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
+             p.noise_multiplier, "must be > 0 (or null: derived from privacy.target_epsilon)")
+    _require(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon",
+             p.target_epsilon, "must be > 0 (or null)")
+    _require(p.delta is None or 0 < p.delta < 1, "privacy.delta", p.delta,
+             "must be in (0, 1) (or null: a tenth of 1 / a node's training clips)")
+    _require(p.accountant in ("rdp", "prv"), "privacy.accountant", p.accountant,
+             "must be rdp or prv")
+    if not p.enabled:
+        return
+    _require(p.noise_multiplier is not None or p.target_epsilon is not None,
+             "privacy.noise_multiplier", None, "set it or privacy.target_epsilon")
+    _require(not config.generator.enabled, "privacy", "dp",
+             "covers the adapters only so far (the generators' DP-SGD is not built yet): set "
+             "generator=none")
+    _require(config.federation.aggregation not in _NOT_PRIVATE, "federation.aggregation",
+             config.federation.aggregation, "has local loss terms DP-SGD does not cover yet; "
+             "use fedavg, mean or a server optimizer with privacy=dp")
+
+
 def check_server(config: Config) -> None:
     """``server.*``, and the generators and algorithm its adapter training needs."""
     s = config.server

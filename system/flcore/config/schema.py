@@ -350,6 +350,21 @@ class ImagesConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Sample-level DP-SGD of each node's adapter training (``privacy=dp``; docs/privacy.md):
+    Poisson-sampled minibatches, per-sample clipping to ``max_grad_norm``, Gaussian noise of
+    ``noise_multiplier`` (or the one that spends ``target_epsilon`` over the planned steps),
+    accounted at ``delta`` (null: a tenth of 1 / the node's training clips)."""
+
+    enabled: bool = False
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = "rdp"
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -372,4 +387,5 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -82,6 +82,7 @@ def validate(cfg: DictConfig) -> Config:
     checks.check_adapter(config.adapter)
     checks.check_executor(config.executor)
     checks.check_eval(config.eval)
+    checks.check_privacy(config)
     checks.check_checkpoint(config.checkpoint)
     checks.check_generator(config.generator)
     if config.generator.load_from is not None:

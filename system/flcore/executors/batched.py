@@ -27,6 +27,7 @@ from flcore.clients.training import check_finite, cosine_lr, minibatch_orders
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError
 from flcore.executors.base import Executor
+from flcore.privacy.training import train_private
 from flcore.runtime import autocast
 from flcore.trainmodel.adapters import (
     AdapterLoss,
@@ -153,7 +154,11 @@ class Batched(Executor):
         return self.groups
 
     def train_together(self, jobs: Sequence[AdapterJob], spec: RoundSpec) -> list[LocalUpdate]:
-        """Local training of ``jobs`` as one stacked model; their updates in job order."""
+        """Local training of ``jobs`` as one stacked model (DP-SGD under ``spec.privacy``);
+        their updates in job order."""
+        if spec.privacy is not None:
+            return train_private(self.names, self.model.num_heads, self.model.dropout,
+                                 self.loss, self.shared, jobs, spec)
         config, device = spec.config, self.shared.tokens.device
         trained = [n for n in self.names if spec.trainable is None or n in spec.trainable]
         params = {n: torch.stack([job.start[n] for job in jobs]).to(device)

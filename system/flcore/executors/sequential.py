@@ -5,6 +5,7 @@ from collections.abc import Iterator, Sequence
 from flcore.clients.clientA2V import train_adapter
 from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.executors.base import Executor
+from flcore.privacy.training import train_private
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 
 
@@ -17,5 +18,10 @@ class Sequential(Executor):
 
     def train_adapters(self, jobs: Sequence[AdapterJob], spec: RoundSpec
                        ) -> Iterator[LocalUpdate]:
+        names = [name for name, _ in self.model.named_parameters()]
         for job in jobs:
-            yield train_adapter(self.model, self.shared, self.loss, job, spec)
+            if spec.privacy is not None:
+                yield from train_private(names, self.model.num_heads, self.model.dropout,
+                                         self.loss, self.shared, [job], spec)
+            else:
+                yield train_adapter(self.model, self.shared, self.loss, job, spec)

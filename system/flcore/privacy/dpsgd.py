@@ -26,17 +26,20 @@ def clipped_sum(grads: Sequence[torch.Tensor], sampled: torch.Tensor,
 
 def private_gradients(grads: Sequence[torch.Tensor], sampled: torch.Tensor, max_norm: float,
                       noise_multiplier: float, expected_batch: torch.Tensor,
-                      generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
+                      generators: Sequence[torch.Generator | None]) -> list[torch.Tensor]:
     """The DP-SGD gradients ``[K, ...]`` of per-sample gradients ``[K, B, ...]``: the clipped
     sum plus noise, over ``expected_batch [K]``. Model ``k``'s noise is drawn from
     ``generators[k]``, parameter by parameter in order, so a model's noise does not depend on
-    the models stacked beside it."""
+    the models stacked beside it; a model without a generator (one that does not step) draws
+    none."""
     summed = clipped_sum(grads, sampled, max_norm)
     std = noise_multiplier * max_norm
     out = []
     for total in summed:
-        noise = torch.stack([torch.normal(0.0, std, total.shape[1:], generator=g,
-                                          device=g.device, dtype=total.dtype)
+        noise = torch.stack([torch.zeros(total.shape[1:], dtype=total.dtype, device=total.device)
+                             if g is None
+                             else torch.normal(0.0, std, total.shape[1:], generator=g,
+                                               device=g.device, dtype=total.dtype)
                              for g in generators])
         shape = (-1,) + (1,) * (total.dim() - 1)
         out.append((total + noise.to(total.device)) / expected_batch.view(shape).to(total.dtype))

@@ -13,10 +13,18 @@ import numpy as np
 import torch
 
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors, StateDict
+from flcore.clients.protocol import (
+    AdapterJob,
+    LocalUpdate,
+    PrivacySpec,
+    RoundSpec,
+    SharedTensors,
+    StateDict,
+)
 from flcore.clients.training import build_adapter, build_adapter_loss, training_seed
 from flcore.config import Algorithm, Config, TrainingData
 from flcore.executors import build_executor
+from flcore.privacy.accounting import plan
 from flcore.progress import phase
 from flcore.servers.choose import build_strategy
 from flcore.servers.evaluation import Evaluator
@@ -61,6 +69,11 @@ class ServerA2V(ServerBase):
             for client in clients:
                 client.model_state = clone_state(self.global_state)
         self.quality: GeneratorQuality | None = None
+        p = config.privacy
+        self.ledger = (plan({c.node: len(c.train_idx) for c in clients},
+                            config.adapter.batch_size, config.federation.local_epochs,
+                            config.federation.rounds, p.noise_multiplier, p.target_epsilon,
+                            p.delta, p.accountant) if p.enabled else None)
         self.auditor = (PrivacyAuditor(config, shared, clients, self.model, self.loss)
                         if config.eval.privacy_every else None)
         #: The update each node sent last, kept for the audits' ``adapter_node`` attack.
@@ -82,6 +95,8 @@ class ServerA2V(ServerBase):
                     strategy.accept_personal(client, update)
                     continue
                 strategy.accept(client, update)
+                if self.ledger is not None:
+                    self.ledger.spend(client.node)
                 losses.append(update.loss)
                 if keep:
                     trained[client.node] = update.state
@@ -94,6 +109,9 @@ class ServerA2V(ServerBase):
                 self.synthetic)
         self.global_state = strategy.conclude(self.global_state)
         metrics = {"train/clients": float(len(selected))}
+        if self.ledger is not None:
+            self.ledger.rounds_done = round_
+            metrics.update(self.ledger.metrics())
         if losses:
             metrics["train/loss_mean"] = float(np.mean(losses))
         if generator_logs:
@@ -149,8 +167,10 @@ class ServerA2V(ServerBase):
                           c.optimizer_state if strategy.stateful else None,
                           training_seed(self.config.seed, round_, c.node),
                           f"node {c.node}, round {round_}"), self.global_state, round_)]
+        privacy = (None if self.ledger is None else
+                   PrivacySpec(self.config.privacy.max_grad_norm, self.ledger.noise_multiplier))
         spec = RoundSpec(self.config.adapter, f.local_epochs, strategy.anchor(self.global_state),
-                         strategy.stateful)
+                         strategy.stateful, privacy=privacy)
         *first, last = strategy.phases(spec, self.global_state)
         for earlier in first:
             done = self.executor.train_adapters(jobs, earlier)
@@ -219,6 +239,8 @@ class ServerA2V(ServerBase):
         if self.generator_rounds.enabled:
             state.update(self.generator_rounds.state_dict(optimizers))
             state.update(self.synthetic.state_dict(optimizers))
+        if self.ledger is not None:
+            state["privacy"] = self.ledger.state_dict()
         if self.sent:
             state["sent"] = {str(n): s for n, s in self.sent.items()}
         return state
@@ -251,3 +273,7 @@ class ServerA2V(ServerBase):
             self.generator_rounds.load_state_dict(state)
             self.synthetic.load_state_dict(state)
         self.sent = {int(n): dict(s) for n, s in state.get("sent", {}).items()}
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state["privacy"])
+            self.ledger.check(self.config.federation.rounds - self.ledger.rounds_done,
+                              self.config.privacy.target_epsilon)
