@@ -354,7 +354,7 @@ LISTINGS = {"logger/csv", "logger/wandb"}
 #: option stays itself whatever the default becomes.
 NAMING_KEYS = {"audio_encoder": "name", "dataset": "name", "executor": "name",
                "federation": "partition.kind", "generator": "granularity", "images": "pipeline",
-               "text_encoder": "name"}
+               "privacy": "enabled", "text_encoder": "name"}
 #: Keys the option's user must fill in, shown as null.
 PLACEHOLDERS = {"dataset/esc50": {"root"}, "dataset/folder": {"root", "csv"}}
 

@@ -12,6 +12,7 @@ sample (the step's key mixed with the sample's slot).
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.func import grad, vmap
@@ -43,6 +44,49 @@ def _streams(job: AdapterJob, device: torch.device) -> tuple[torch.Generator, to
             torch.Generator(device).manual_seed(noise))
 
 
+@dataclass
+class Clients:
+    """What DP-SGD keeps per client of a stack: its rows, steps an epoch, sampling rate,
+    expected batch, streams and dropout seed."""
+
+    jobs: Sequence[AdapterJob]
+    batch_size: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        sizes = [len(job.rows) for job in self.jobs]
+        self.per_epoch = [math.ceil(n / self.batch_size) for n in sizes]
+        self.rates = [sample_rate(n, self.batch_size) for n in sizes]
+        self.expected = torch.tensor([r * n for r, n in zip(self.rates, sizes, strict=True)],
+                                     device=self.device)
+        self.streams = [_streams(job, self.device) for job in self.jobs]
+        self.seeds = torch.tensor([job.seed & 0xFFFFFFFF for job in self.jobs])
+
+    def active(self, slot: int) -> list[bool]:
+        """Which clients have a step at ``slot`` of an epoch."""
+        return [slot < p for p in self.per_epoch]
+
+    def draw(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's Poisson samples, padded: rows ``[C, width]`` and whether each is one
+        ``[C, width]`` (none for a client without a step at ``slot``)."""
+        picks = [job.rows[poisson_sample(len(job.rows), rate, stream[0]).to(job.rows.device)]
+                 if on else job.rows[:0]
+                 for job, rate, stream, on in zip(self.jobs, self.rates, self.streams,
+                                                  self.active(slot), strict=True)]
+        width = max(1, max(len(p) for p in picks))
+        rows = torch.zeros(len(picks), width, dtype=torch.long, device=self.device)
+        sampled = torch.zeros(len(picks), width, device=self.device)
+        for c, pick in enumerate(picks):
+            rows[c, : len(pick)] = pick.to(self.device)
+            sampled[c, : len(pick)] = 1
+        return rows, sampled
+
+    def keys(self, step: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-sample dropout keys ``[C, width]``: the step's key mixed with the slot."""
+        base = step_keys(self.seeds, step).view(-1, 1)
+        return mix32(base ^ mix32(torch.arange(width).view(1, -1))).to(self.device)
+
+
 def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: AdapterLoss,
                   shared: SharedTensors, jobs: Sequence[AdapterJob], spec: RoundSpec
                   ) -> list[LocalUpdate]:
@@ -52,65 +96,47 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
     config, device = spec.config, shared.tokens.device
     trained = [n for n in names if spec.trainable is None or n in spec.trainable]
     params = {n: torch.stack([job.start[n] for job in jobs]).to(device) for n in names}
+    frozen = {n: params[n] for n in names if n not in trained}
     optimizer = StackedAdam([params[n] for n in trained], weight_decay=config.weight_decay)
-    sizes = [len(job.rows) for job in jobs]
-    per_epoch = [math.ceil(n / config.batch_size) for n in sizes]
-    rates = [sample_rate(n, config.batch_size) for n in sizes]
-    expected = torch.tensor([r * n for r, n in zip(rates, sizes, strict=True)], device=device)
-    streams = [_streams(job, device) for job in jobs]
-    seeds = torch.tensor([job.seed & 0xFFFFFFFF for job in jobs])
+    clients = Clients(jobs, config.batch_size, device)
+    total = torch.tensor([float(spec.epochs * p) for p in clients.per_epoch])
 
-    def one_sample(theirs: dict[str, torch.Tensor], rest: dict[str, torch.Tensor],
-                   tokens: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None
-                   ) -> torch.Tensor:
-        latents, sequence = adapter_outputs({**rest, **theirs}, tokens.unsqueeze(1), num_heads,
-                                            dropout, keys)
+    def one_sample(theirs: dict[str, torch.Tensor], tokens: torch.Tensor, labels: torch.Tensor,
+                   keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        latents, sequence = adapter_outputs({**frozen, **theirs}, tokens.unsqueeze(1),
+                                            num_heads, dropout, keys)
         per = loss.per_sample(latents.mean(2), labels.unsqueeze(1), sequence)
         return per.sum(), per.detach()
 
-    per_sample = vmap(grad(one_sample, has_aux=True), in_dims=(None, None, 1, 1, 1))
+    per_sample = vmap(grad(one_sample, has_aux=True), in_dims=(None, 1, 1, 1))
     epoch_loss = [math.nan] * len(jobs)
     for epoch in range(spec.epochs):
         totals = torch.zeros(len(jobs), device=device)
         counts = torch.zeros(len(jobs), device=device)
-        first = torch.zeros(len(jobs), device=device)
-        for slot in range(max(per_epoch)):
-            active = torch.tensor([slot < p for p in per_epoch], device=device)
-            picks = [job.rows[poisson_sample(len(job.rows), rate, stream[0]).to(job.rows.device)]
-                     if slot < p else job.rows[:0]
-                     for job, rate, stream, p in zip(jobs, rates, streams, per_epoch,
-                                                     strict=True)]
-            width = max(1, max(len(p) for p in picks))
-            rows = torch.zeros(len(jobs), width, dtype=torch.long, device=device)
-            sampled = torch.zeros(len(jobs), width, device=device)
-            for c, pick in enumerate(picks):
-                rows[c, : len(pick)] = pick.to(device)
-                sampled[c, : len(pick)] = 1
-            step = torch.tensor([epoch * p + slot for p in per_epoch])
-            keys = None
-            if dropout:
-                base = step_keys(seeds, step).view(-1, 1)
-                keys = mix32(base ^ mix32(torch.arange(width).view(1, -1))).to(device)
-            rest = {n: params[n] for n in names if n not in trained}
-            grads, per = per_sample({n: params[n] for n in trained}, rest, shared.tokens[rows],
+        finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
+        for slot in range(max(clients.per_epoch)):
+            active = clients.active(slot)
+            rows, sampled = clients.draw(slot)
+            step = torch.tensor([epoch * p + slot for p in clients.per_epoch])
+            keys = clients.keys(step, rows.shape[1]) if dropout else None
+            grads, per = per_sample({n: params[n] for n in trained}, shared.tokens[rows],
                                     shared.labels[rows], keys)
-            per = per.squeeze(-1).T  # [C, width]
+            per = per.squeeze(-1).T * sampled  # [C, width]
             noisy = private_gradients([grads[n].movedim(0, 1) for n in trained], sampled,
-                                      spec.privacy.max_grad_norm,
-                                      spec.privacy.noise_multiplier, expected,
-                                      [s[1] if slot < p else None
-                                       for s, p in zip(streams, per_epoch, strict=True)])
-            total = torch.tensor([float(spec.epochs * p) for p in per_epoch])
+                                      spec.privacy.max_grad_norm, spec.privacy.noise_multiplier,
+                                      clients.expected,
+                                      [s[1] if on else None
+                                       for s, on in zip(clients.streams, active, strict=True)])
             lr = (cosine_lr(config.lr, step.double(), total)
                   if config.lr_schedule is LrSchedule.cosine
                   else torch.full((len(jobs),), config.lr, dtype=torch.float64))
-            optimizer.step(active, noisy, lr.to(device, params[names[0]].dtype))
-            totals += (per * sampled).sum(1)
+            optimizer.step(torch.tensor(active, device=device), noisy,
+                           lr.to(device, params[names[0]].dtype))
+            totals += per.sum(1)
             counts += sampled.sum(1)
-            bad = ~torch.isfinite(per * sampled).all(1) & torch.isfinite(first)
-            first = torch.where(bad, torch.full_like(first, math.nan), first)
+            finite &= torch.isfinite(per).all(1)
         for c, job in enumerate(jobs):
-            check_finite(first[c], job.who, epoch + 1)
+            check_finite(torch.where(finite[c], 0.0, math.nan), job.who, epoch + 1)
         epoch_loss = (totals / counts.clamp(min=1)).tolist()
     return [LocalUpdate(job.node, {n: params[n][c].detach().clone() for n in names},
                         len(job.rows), epoch_loss[c]) for c, job in enumerate(jobs)]

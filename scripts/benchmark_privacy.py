@@ -1,0 +1,58 @@
+"""The run-time cost of DP-SGD (``privacy=dp``) against the same run without it.
+
+    python scripts/benchmark_privacy.py [--rounds 3] [--executor batched] [OVERRIDE ...]
+
+Runs ``python main.py generator=none federation.rounds=ROUNDS executor=EXECUTOR OVERRIDE ...``
+twice in subprocesses, with ``privacy=none`` and with ``privacy=dp`` (a fixed noise multiplier,
+so the accountant's search is not timed), on the same warm embedding cache, and prints each
+run's mean round time (``time/round_s`` of ``results.json``, rounds 2 on: the first warms up)
+and their ratio, with the load average: the machine may be shared, so quote the ratio of one
+run with its load.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def round_seconds(overrides: list[str], folder: Path) -> float:
+    """Mean ``time/round_s`` after the first round of ``python main.py OVERRIDES``."""
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), *overrides,
+                           f"hydra.run.dir={folder}"], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "WANDB_MODE": "disabled"}, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: python main.py {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
+    rounds = json.loads((folder / "results.json").read_text())["rounds"]
+    times = [r["time/round_s"] for r in rounds if r.get("round", 0) >= 2 and "time/round_s" in r]
+    return sum(times) / len(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--executor", default="batched", choices=["batched", "sequential"])
+    parser.add_argument("overrides", nargs="*", help="overrides for both runs")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        raise SystemExit("error: --rounds: give at least 2 (the first round is not timed)")
+    common = ["generator=none", "logger=[csv]", "checkpoint.every=0",
+              f"federation.rounds={args.rounds}", f"executor={args.executor}", *args.overrides]
+    before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = round_seconds([*common, "privacy=none"], Path(tmp) / "plain")
+        private = round_seconds([*common, "privacy=dp", "privacy.noise_multiplier=1.0",
+                                 "privacy.target_epsilon=null"], Path(tmp) / "dp")
+    print(f"| run ({args.executor}) | seconds a round |\n|---|---|\n| privacy=none | "
+          f"{plain:.2f} |\n| privacy=dp | {private:.2f} |")
+    print(f"DP-SGD costs {private / plain:.1f}x the non-private round "
+          f"(load average {before:.1f} before, {os.getloadavg()[0]:.1f} after)")
+
+
+if __name__ == "__main__":
+    main()
