@@ -4,7 +4,7 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,12 @@ def interrupt_in_round(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
         return train_round(self, number, selected)
 
     monkeypatch.setattr(ServerA2V, "train_round", stopped)
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """Torch's default dtype float64 for the test (for comparisons to rounding)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

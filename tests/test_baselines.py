@@ -5,7 +5,7 @@ the bundled data: sequential equals batched, and personal adapters beat the glob
 their own nodes' clips."""
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
@@ -187,14 +187,6 @@ def one_step_setup() -> tuple[SharedTensors, AdapterLoss, AudioAdapter, AdapterC
 
 EXECUTORS = {"sequential": lambda s, loss, m: Sequential(s, loss, m),
              "batched": lambda s, loss, m: Batched(s, loss, m, 8)}
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)

@@ -2,7 +2,7 @@
 stack against each model alone, and the accounting against Google's dp_accounting."""
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -101,14 +101,6 @@ def test_prv_and_rdp_agree_and_the_target_is_met() -> None:
     history.add(sigma, 0.05, 300)
     assert history.entries == [(sigma, 0.05, 500)]
     assert history.epsilon(1e-5) == pytest.approx(accounting.epsilon(sigma, 0.05, 500, 1e-5))
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def test_sequential_and_batched_dp_sgd_agree(float64) -> None:

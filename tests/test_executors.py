@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -28,14 +28,6 @@ from flcore.executors.sequential import Sequential
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, is_body
 
 AUDIO, TEXT, CLASSES = 12, 8, 5
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 SEQUENCE = (3, 6)  # tokens and width of the class sequences of a sequence head

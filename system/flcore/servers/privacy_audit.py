@@ -19,7 +19,7 @@ The attacks, each reported as ``privacy/mia/<attack>/{auc, tpr@1%fpr, tpr@0.1%fp
   2020), what the server holding the shared decoder can do.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from flcore.metrics.membership import attack_report, balance
 from flcore.streams import Purpose, stream_seed
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter
 from flcore.trainmodel.generators import GeneratorBank, generator_rows, slice_generator
+from flcore.trainmodel.vae import VAEGenerator
 
 Scores = Callable[[ClientA2V, torch.Tensor], torch.Tensor | None]
 
@@ -63,40 +64,42 @@ def _generator_of(bank: GeneratorBank, c: int) -> int | None:
                  if c in classes and bank.spec.names[g] not in bank.dropped), None)
 
 
+def _per_class(bank: GeneratorBank, rows: torch.Tensor, labels: torch.Tensor,
+               prompts: torch.Tensor
+               ) -> Iterator[tuple[torch.Tensor, VAEGenerator, torch.Tensor,
+                               torch.Tensor | None]]:
+    """For each class the bank has a generator of: which rows are of it, that generator, the
+    rows ``[1, n, features]`` and their condition (None for an unconditional generator)."""
+    for c in labels.unique().tolist():
+        g = _generator_of(bank, c)
+        if g is None:
+            continue
+        one, mine = slice_generator(bank.model, g), labels == c
+        x = rows[mine].unsqueeze(0)
+        yield mine, one, x, prompts[c].expand(1, x.shape[1], -1) if one.cond else None
+
+
 @torch.no_grad()
 def reconstruction_scores(bank: GeneratorBank, rows: torch.Tensor, labels: torch.Tensor,
                           prompts: torch.Tensor) -> torch.Tensor:
     """Minus each row's squared reconstruction error through its class's VAE: encoder mean,
     then decoder mean (0 for a class the bank has no generator of)."""
     scores = torch.zeros(len(rows), dtype=torch.float64, device=rows.device)
-    for c in labels.unique().tolist():
-        g = _generator_of(bank, c)
-        if g is None:
-            continue
-        one, mine = slice_generator(bank.model, g), labels == c
-        x = rows[mine].unsqueeze(0)
-        cond = prompts[c].expand(1, len(x[0]), -1) if one.cond else None
+    for mine, one, x, cond in _per_class(bank, rows, labels, prompts):
         mu, _ = one.encode(x, cond)
         scores[mine] = -(one.decode(mu, cond) - x).square().sum(-1)[0].double()
     return scores
 
 
 def latent_search_scores(bank: GeneratorBank, rows: torch.Tensor, labels: torch.Tensor,
-                         prompts: torch.Tensor, steps: int = 100, seed: int = 0
-                         ) -> torch.Tensor:
+                         prompts: torch.Tensor, steps: int = 100) -> torch.Tensor:
     """Minus each row's smallest squared error ``||dec(z) - x||^2`` over latents ``z``
     optimised by Adam from the prior's mean, through the decoder alone."""
     scores = torch.zeros(len(rows), dtype=torch.float64, device=rows.device)
-    for c in labels.unique().tolist():
-        g = _generator_of(bank, c)
-        if g is None:
-            continue
-        one, mine = slice_generator(bank.model, g), labels == c
+    for mine, one, x, cond in _per_class(bank, rows, labels, prompts):
         for p in one.parameters():
             p.requires_grad_(False)
-        x = rows[mine].unsqueeze(0)
-        cond = prompts[c].expand(1, len(x[0]), -1) if one.cond else None
-        z = torch.zeros(1, len(x[0]), one.latent, device=x.device, requires_grad=True)
+        z = torch.zeros(1, x.shape[1], one.latent, device=x.device, requires_grad=True)
         optimizer = torch.optim.Adam([z], lr=0.05)
         for _ in range(steps):
             error = (one.decode(z, cond) - x).square().sum(-1)
