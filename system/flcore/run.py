@@ -178,7 +178,7 @@ def label_space(config: Config, partition: Partition) -> list[int]:
 HEADLINE = ("global/acc", "global/balanced_acc", "global/macro_f1", "val/acc", "local/acc_mean",
             "synthetic/acc", "synthetic/accepted_rounds", "synthetic/acceptance_rate", "gen/fd",
             "gen/spread_ratio", "gen/active_units", "gen/kl", "global/sequence_acc", "images/acc",
-            "privacy/epsilon")
+            "privacy/epsilon", "privacy/client_epsilon")
 
 
 def job_overrides(cfg: DictConfig) -> list[str]:

@@ -25,6 +25,7 @@ class Purpose(IntEnum):
     fedgen_training = 11  # the server's FedGen generator: labels and noise
     privacy_audit = 12  # a node's members and non-members in a membership-inference audit
     dp_sgd = 13  # a client's DP-SGD: Poisson sampling (generator 0) and noise (generator 1)
+    client_dp = 14  # the noise of a round's client-level DP-FedAvg aggregate
 
 
 def stream_seed(seed: int, *, round_: int, node: int, generator: int, purpose: Purpose) -> int:

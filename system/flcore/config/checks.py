@@ -354,6 +354,17 @@ def check_privacy(config: Config) -> None:
              "must be in (0, 1) (or null: a tenth of 1 / a node's training clips)")
     _require(p.accountant in ("rdp", "prv"), "privacy.accountant", p.accountant,
              "must be rdp or prv")
+    _require(p.client_clip > 0, "privacy.client_clip", p.client_clip, "must be > 0")
+    _require(p.client_noise_multiplier >= 0, "privacy.client_noise_multiplier",
+             p.client_noise_multiplier, "must be >= 0")
+    if p.client_level:
+        _require(config.federation.algorithm is Algorithm.federated
+                 and config.server.adapter_training is AdapterTraining.fedavg
+                 and config.federation.aggregation not in CLIENT_ALGORITHMS,
+                 "privacy.client_level", True, "applies to federated averaging of the adapters "
+                 "only: federation.algorithm=federated, server.adapter_training=fedavg (or "
+                 "generator=none) and an aggregation of fedavg, mean, fedprox or a server "
+                 "optimizer")
     if not p.enabled:
         return
     _require(p.noise_multiplier is not None or p.target_epsilon is not None,

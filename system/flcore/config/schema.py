@@ -362,6 +362,9 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     delta: float | None = None
     accountant: str = "rdp"
+    client_level: bool = False
+    client_clip: float = 1.0
+    client_noise_multiplier: float = 1.0
 
 
 @dataclass

@@ -108,7 +108,7 @@ class ServerA2V(ServerBase):
                 lambda c: trained.get(c.node) or strategy.start(c, self.global_state),
                 self.synthetic)
         self.global_state = strategy.conclude(self.global_state)
-        metrics = {"train/clients": float(len(selected))}
+        metrics = {"train/clients": float(len(selected)), **strategy.round_metrics()}
         if self.ledger is not None:
             self.ledger.rounds_done = round_
             metrics.update(self.ledger.metrics())

@@ -35,7 +35,7 @@ def clients_per_round(config: Config, num_clients: int) -> int:
 SUMMARY_KEYS = (("global/acc", "global acc"), ("val/acc", "val acc"),
                 ("synthetic/acc", "synthetic acc"), ("generator/kl_loss", "KL"),
                 ("gen/active_units", "active units"), ("images/acc", "images acc"),
-                ("privacy/epsilon", "epsilon"))
+                ("privacy/epsilon", "epsilon"), ("privacy/client_epsilon", "client epsilon"))
 
 
 def round_summary(round_: int, rounds: int, metrics: dict[str, float]) -> str:

@@ -17,6 +17,7 @@ from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, StateDic
 from flcore.config import AdapterTraining, Aggregation, Algorithm, Config, SplitKind
 from flcore.errors import CheckpointError
 from flcore.servers.aggregation import RunningAverage, server_optimizer
+from flcore.servers.client_dp import ClientLevelDP
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.synthetic import SyntheticLearner, Teacher
 
@@ -73,6 +74,10 @@ class AdapterStrategy:
         """The adapter node ``client`` uses itself (:attr:`personal` strategies)."""
         raise NotImplementedError
 
+    def round_metrics(self) -> dict[str, float]:
+        """What the strategy logs after concluding a round."""
+        return {}
+
     def conclude(self, global_state: StateDict) -> StateDict:
         """After every selected client trained: the new global state."""
         return global_state
@@ -93,20 +98,26 @@ class AdapterStrategy:
 class FedAvg(AdapterStrategy):
     """Average of the clients' adapters weighted by their training clips (``mean``: equal
     weights), optionally FedProx's proximal term, or a server optimizer (FedAvgM, FedAdam,
-    FedYogi, FedAdagrad) stepping on the averaged update."""
+    FedYogi, FedAdagrad) stepping on the averaged update; with ``client_dp``, the average is
+    client-level DP-FedAvg's noised mean of clipped updates instead."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, client_dp: ClientLevelDP | None = None) -> None:
         f = config.federation
         self.weighted = f.aggregation is not Aggregation.mean
         self.fedprox = f.aggregation is Aggregation.fedprox
         self.mu = f.fedprox_mu
         self.optimizer = server_optimizer(f)
         self.average = RunningAverage()
+        self.client_dp = client_dp
+        self.round_global: StateDict | None = None
 
     def begin_round(self) -> None:
         self.average = RunningAverage()
+        if self.client_dp is not None:
+            self.client_dp.begin_round()
 
     def anchor(self, global_state: StateDict) -> StateDict | None:
+        self.round_global = global_state
         return global_state if self.fedprox else None
 
     def jobs(self, client: "ClientA2V", job: AdapterJob, global_state: StateDict,
@@ -115,19 +126,31 @@ class FedAvg(AdapterStrategy):
 
     def accept(self, client: "ClientA2V", update: LocalUpdate) -> None:
         self.average.add(update.state, float(update.num_samples) if self.weighted else 1.0)
+        if self.client_dp is not None:
+            assert self.round_global is not None
+            self.client_dp.add(update.state, self.round_global)
 
     def conclude(self, global_state: StateDict) -> StateDict:
         if self.average.weight == 0:
             return global_state
-        average = self.average.result()
+        average = (self.average.result() if self.client_dp is None
+                   else self.client_dp.conclude(global_state))
         return (self.optimizer.step(global_state, average) if self.optimizer is not None
                 else average)
 
+    def round_metrics(self) -> dict[str, float]:
+        return {} if self.client_dp is None else self.client_dp.metrics()
+
     def state_dict(self) -> dict[str, Any]:
-        return ({"server_optimizer": self.optimizer.state_dict()} if self.optimizer is not None
-                else {})
+        state: dict[str, Any] = ({"server_optimizer": self.optimizer.state_dict()}
+                                 if self.optimizer is not None else {})
+        if self.client_dp is not None:
+            state["client_dp"] = self.client_dp.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if self.client_dp is not None:
+            self.client_dp.load_state_dict(state["client_dp"])
         if self.optimizer is not None and "server_optimizer" not in state:
             raise CheckpointError("the checkpoint holds no server optimizer moments (written by "
                                   "a FedA2V whose FedAdam kept them under another key): start "
