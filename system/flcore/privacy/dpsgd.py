@@ -13,7 +13,8 @@ import torch
 def per_sample_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[K, B]``: each sample's gradient norm over every parameter of its model, for
     per-sample gradients ``[K, B, ...]``."""
-    return torch.stack([g.flatten(2).square().sum(2) for g in grads]).sum(0).sqrt()
+    return torch.stack([torch.linalg.vector_norm(g.flatten(2), dim=2) for g in grads]
+                       ).square().sum(0).sqrt()
 
 
 def clipped_sum(grads: Sequence[torch.Tensor], sampled: torch.Tensor,
