@@ -8,7 +8,7 @@ from typing import Any, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flcore.config import checks
+from flcore.config import algorithm_checks, checks
 from flcore.config.schema import Config
 from flcore.errors import ConfigError
 
@@ -79,16 +79,17 @@ def validate(cfg: DictConfig) -> Config:
     config.embeddings.cache_dir = str(Path(config.embeddings.cache_dir).expanduser())
     checks.check_embeddings(config.embeddings)
     checks.check_federation(config.federation)
+    algorithm_checks.check_rounds(config.federation)
     checks.check_adapter(config.adapter)
     checks.check_executor(config.executor)
     checks.check_eval(config.eval)
-    checks.check_privacy(config)
+    algorithm_checks.check_privacy(config)
     checks.check_checkpoint(config.checkpoint)
     checks.check_generator(config.generator)
     if config.generator.load_from is not None:
         config.generator.load_from = str(Path(config.generator.load_from).expanduser())
         checks.check_load_from(config.generator.load_from)
-    checks.check_server(config)
+    algorithm_checks.check_server(config)
     checks.check_generator_use(config)
     checks.check_images(config)
     return config

@@ -1,0 +1,104 @@
+"""How the federation learns: rounds, the aggregation rule and its algorithms' keys, the
+server's adapter training and privacy, each check refusing with one line
+(:func:`~flcore.config.rules.require`)."""
+
+from flcore.choices import AdapterTraining, Aggregation, Algorithm
+from flcore.config.rules import require
+from flcore.config.schema import Config, FederationConfig
+
+
+def check_rounds(f: FederationConfig) -> None:
+    """How rounds run and the keys of each aggregation rule and algorithm."""
+    require(f.rounds >= 1, "federation.rounds", f.rounds, "must be >= 1")
+    require(f.local_epochs >= 1, "federation.local_epochs", f.local_epochs, "must be >= 1")
+    require(f.eval_every >= 1, "federation.eval_every", f.eval_every, "must be >= 1")
+    if f.clients_per_round is not None:
+        require(f.clients_per_round >= 1, "federation.clients_per_round", f.clients_per_round,
+                 "must be >= 1 (or null to use federation.client_fraction)")
+    require(0 < f.client_fraction <= 1, "federation.client_fraction", f.client_fraction,
+             "must be in (0, 1]")
+    require(f.fedprox_mu >= 0, "federation.fedprox_mu", f.fedprox_mu, "must be >= 0")
+    require(f.server_lr is None or f.server_lr > 0, "federation.server_lr", f.server_lr,
+             "must be > 0 (or null: the method's default)")
+    require(0 <= f.server_momentum < 1, "federation.server_momentum", f.server_momentum,
+             "must be in [0, 1)")
+    require(len(f.server_betas) == 2 and all(0 <= b < 1 for b in f.server_betas),
+             "federation.server_betas", f.server_betas, "must be two values in [0, 1)")
+    require(f.server_tau > 0, "federation.server_tau", f.server_tau, "must be > 0")
+    require(f.feddyn_alpha > 0, "federation.feddyn_alpha", f.feddyn_alpha, "must be > 0")
+    require(f.fedrep_head_epochs >= 1, "federation.fedrep_head_epochs", f.fedrep_head_epochs,
+             "must be >= 1")
+    require(f.ditto_lambda >= 0, "federation.ditto_lambda", f.ditto_lambda, "must be >= 0")
+    g = f.fedgen
+    require(g.alpha >= 0, "federation.fedgen.alpha", g.alpha, "must be >= 0 (0 = off)")
+    for key in ("noise_dim", "hidden_dim", "tokens", "batch_size", "server_steps"):
+        require(getattr(g, key) >= 1, f"federation.fedgen.{key}", getattr(g, key),
+                 "must be >= 1")
+    require(g.lr > 0, "federation.fedgen.lr", g.lr, "must be > 0")
+    require(g.diversity_weight >= 0, "federation.fedgen.diversity_weight", g.diversity_weight,
+             "must be >= 0")
+
+
+#: Aggregations that are algorithms of their own, with client state or personal parts, and
+#: do not combine with the server's use of synthetic samples.
+CLIENT_ALGORITHMS = frozenset({Aggregation.scaffold, Aggregation.feddyn,
+                               Aggregation.fedper, Aggregation.fedrep, Aggregation.ditto,
+                               Aggregation.fedgen})
+
+
+#: Aggregations whose local loss has terms DP-SGD does not account for yet.
+_NOT_PRIVATE = frozenset({Aggregation.fedprox, Aggregation.scaffold, Aggregation.feddyn,
+                          Aggregation.fedrep, Aggregation.ditto, Aggregation.fedgen})
+
+
+def check_privacy(config: Config) -> None:
+    """``privacy.*``, and what DP-SGD covers so far: the adapters of plain local training."""
+    p = config.privacy
+    require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0")
+    require(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
+             p.noise_multiplier, "must be > 0 (or null: derived from privacy.target_epsilon)")
+    require(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon",
+             p.target_epsilon, "must be > 0 (or null)")
+    require(p.delta is None or 0 < p.delta < 1, "privacy.delta", p.delta,
+             "must be in (0, 1) (or null: a tenth of 1 / a node's training clips)")
+    require(p.accountant in ("rdp", "prv"), "privacy.accountant", p.accountant,
+             "must be rdp or prv")
+    require(p.client_clip > 0, "privacy.client_clip", p.client_clip, "must be > 0")
+    require(p.client_noise_multiplier >= 0, "privacy.client_noise_multiplier",
+             p.client_noise_multiplier, "must be >= 0")
+    if p.client_level:
+        require(config.federation.algorithm is Algorithm.federated
+                 and config.server.adapter_training is AdapterTraining.fedavg
+                 and config.federation.aggregation not in CLIENT_ALGORITHMS,
+                 "privacy.client_level", True, "applies to federated averaging of the adapters "
+                 "only: federation.algorithm=federated, server.adapter_training=fedavg (or "
+                 "generator=none) and an aggregation of fedavg, mean, fedprox or a server "
+                 "optimizer")
+    if not p.enabled:
+        return
+    require(p.noise_multiplier is not None or p.target_epsilon is not None,
+             "privacy.noise_multiplier", None, "set it or privacy.target_epsilon")
+    require(not config.generator.enabled, "privacy", "dp",
+             "covers the adapters only so far (the generators' DP-SGD is not built yet): set "
+             "generator=none")
+    require(config.federation.aggregation not in _NOT_PRIVATE, "federation.aggregation",
+             config.federation.aggregation, "has local loss terms DP-SGD does not cover yet; "
+             "use fedavg, mean or a server optimizer with privacy=dp")
+
+
+def check_server(config: Config) -> None:
+    """``server.*``, and the generators and algorithm its adapter training needs."""
+    s = config.server
+    require(s.synthetic_epochs >= 1, "server.synthetic_epochs", s.synthetic_epochs,
+             "must be >= 1")
+    require(s.synthetic_mu >= 0, "server.synthetic_mu", s.synthetic_mu, "must be >= 0 (0 = off)")
+    if s.adapter_training is not AdapterTraining.fedavg:
+        require(config.generator.enabled, "server.adapter_training", s.adapter_training,
+                 "needs synthetic samples: set generator.enabled=true")
+        require(config.federation.algorithm is Algorithm.federated, "server.adapter_training",
+                 s.adapter_training, "applies to federation.algorithm=federated only")
+        aggregation = config.federation.aggregation
+        require(aggregation not in CLIENT_ALGORITHMS, "federation.aggregation", aggregation,
+                 f"is an algorithm of its own and cannot be combined with "
+                 f"server.adapter_training={s.adapter_training.value}; set "
+                 "server.adapter_training=fedavg (or generator=none)")
