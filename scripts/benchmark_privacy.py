@@ -2,12 +2,13 @@
 
     python scripts/benchmark_privacy.py [--rounds 3] [--executor batched] [OVERRIDE ...]
 
-Runs ``python main.py generator=none federation.rounds=ROUNDS executor=EXECUTOR OVERRIDE ...``
-twice in subprocesses, with ``privacy=none`` and with ``privacy=dp`` (a fixed noise multiplier,
-so the accountant's search is not timed), on the same warm embedding cache, and prints each
-run's mean round time (``time/round_s`` of ``results.json``, rounds 2 on: the first warms up)
-and their ratio, with the load average: the machine may be shared, so quote the ratio of one
-run with its load.
+For two runs, adapters alone (``generator=none``) and adapters with the default per-class
+generators (their decoder variance learned in both arms, as ``privacy=dp`` needs), runs
+``python main.py federation.rounds=ROUNDS executor=EXECUTOR OVERRIDE ...`` in subprocesses with
+``privacy=none`` and with ``privacy=dp`` (a fixed noise multiplier, so the accountant's search
+is not timed), on the same warm embedding cache, and prints each run's mean round time
+(``time/round_s`` of ``results.json``, rounds 2 on: the first warms up) and their ratio, with
+the load average: the machine may be shared, so quote the ratios of one run with its load.
 """
 
 import argparse
@@ -41,17 +42,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 2:
         raise SystemExit("error: --rounds: give at least 2 (the first round is not timed)")
-    common = ["generator=none", "logger=[csv]", "checkpoint.every=0",
-              f"federation.rounds={args.rounds}", f"executor={args.executor}", *args.overrides]
+    common = ["logger=[csv]", "checkpoint.every=0", f"federation.rounds={args.rounds}",
+              f"executor={args.executor}", *args.overrides]
+    arms = {"adapters": ["generator=none"],
+            "adapters + generators": ["generator.decoder_variance=learned"]}
+    private = ["privacy=dp", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null"]
     before = os.getloadavg()[0]
+    print(f"| run ({args.executor}) | privacy=none s/round | privacy=dp s/round | ratio |\n"
+          "|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        plain = round_seconds([*common, "privacy=none"], Path(tmp) / "plain")
-        private = round_seconds([*common, "privacy=dp", "privacy.noise_multiplier=1.0",
-                                 "privacy.target_epsilon=null"], Path(tmp) / "dp")
-    print(f"| run ({args.executor}) | seconds a round |\n|---|---|\n| privacy=none | "
-          f"{plain:.2f} |\n| privacy=dp | {private:.2f} |")
-    print(f"DP-SGD costs {private / plain:.1f}x the non-private round "
-          f"(load average {before:.1f} before, {os.getloadavg()[0]:.1f} after)")
+        for i, (arm, extra) in enumerate(arms.items()):
+            plain = round_seconds([*common, *extra, "privacy=none"], Path(tmp) / f"plain{i}")
+            dp = round_seconds([*common, *extra, *private], Path(tmp) / f"dp{i}")
+            print(f"| {arm} | {plain:.2f} | {dp:.2f} | {dp / plain:.1f}x |", flush=True)
+    print(f"(load average {before:.1f} before, {os.getloadavg()[0]:.1f} after)")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,15 @@ def test_a_plan_beyond_the_target_stops_before_training(run_config: Callable,
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("privacy=dp",), "privacy=dp: covers the adapters only so far"),
+    (("privacy=dp", "generator.decoder_variance=optimal"),
+     "generator.decoder_variance=optimal: sets each minibatch's variance"),
+    (("privacy=dp", "generator.model=gaussian"), "generator.model=gaussian: is fitted in"),
+    (("privacy=dp", "generator=unified", "generator.conditional=false"),
+     "generator.conditional=False: labels the draws"),
+    (("privacy=dp", "generator.likelihood=mse"), "generator.sample_noise=True: draws the noise"),
+    (("privacy=dp", "generator.precision=bf16"), "generator.precision=bf16: must be fp32"),
+    (("privacy=dp", "privacy.generator_max_grad_norm=0"),
+     "privacy.generator_max_grad_norm=0.0: must be > 0"),
     (("privacy=dp", "generator=none", "federation.aggregation=scaffold"),
      "federation.aggregation=scaffold: has local loss terms"),
     (("privacy=dp", "generator=none", "privacy.target_epsilon=null"),

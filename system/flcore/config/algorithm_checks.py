@@ -2,7 +2,16 @@
 server's adapter training and privacy, each check refusing with one line
 (:func:`~flcore.config.rules.require`)."""
 
-from flcore.choices import AdapterTraining, Aggregation, Algorithm
+from flcore.choices import (
+    AdapterTraining,
+    Aggregation,
+    Algorithm,
+    DecoderVariance,
+    GeneratorModel,
+    Granularity,
+    Likelihood,
+    Precision,
+)
 from flcore.config.rules import require
 from flcore.config.schema import Config, FederationConfig
 
@@ -52,7 +61,8 @@ _NOT_PRIVATE = frozenset({Aggregation.fedprox, Aggregation.scaffold, Aggregation
 
 
 def check_privacy(config: Config) -> None:
-    """``privacy.*``, and what DP-SGD covers so far: the adapters of plain local training."""
+    """``privacy.*``, and what DP-SGD covers so far: the adapters of plain local training and
+    the VAE generators."""
     p = config.privacy
     require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0")
     require(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
@@ -63,6 +73,8 @@ def check_privacy(config: Config) -> None:
              "must be in (0, 1) (or null: a tenth of 1 / a node's training clips)")
     require(p.accountant in ("rdp", "prv"), "privacy.accountant", p.accountant,
              "must be rdp or prv")
+    require(p.generator_max_grad_norm > 0, "privacy.generator_max_grad_norm",
+             p.generator_max_grad_norm, "must be > 0")
     require(p.client_clip > 0, "privacy.client_clip", p.client_clip, "must be > 0")
     require(p.client_noise_multiplier >= 0, "privacy.client_noise_multiplier",
              p.client_noise_multiplier, "must be >= 0")
@@ -78,9 +90,8 @@ def check_privacy(config: Config) -> None:
         return
     require(p.noise_multiplier is not None or p.target_epsilon is not None,
              "privacy.noise_multiplier", None, "set it or privacy.target_epsilon")
-    require(not config.generator.enabled, "privacy", "dp",
-             "covers the adapters only so far (the generators' DP-SGD is not built yet): set "
-             "generator=none")
+    if config.generator.enabled:
+        check_private_generators(config)
     require(config.federation.aggregation not in _NOT_PRIVATE, "federation.aggregation",
              config.federation.aggregation, "has local loss terms DP-SGD does not cover yet; "
              "use fedavg, mean or a server optimizer with privacy=dp")
@@ -102,3 +113,26 @@ def check_server(config: Config) -> None:
                  f"is an algorithm of its own and cannot be combined with "
                  f"server.adapter_training={s.adapter_training.value}; set "
                  "server.adapter_training=fedavg (or generator=none)")
+
+
+def check_private_generators(config: Config) -> None:
+    """What DP-SGD of the generators needs: a VAE whose loss treats each row alone and whose
+    shares read nothing off the rows but through the trained weights."""
+    g = config.generator
+    require(g.model is GeneratorModel.vae, "generator.model", g.model,
+             "is fitted in closed form to the rows, which DP-SGD does not cover; use "
+             "generator.model=vae with privacy=dp")
+    if g.likelihood is Likelihood.gaussian:
+        require(g.decoder_variance is DecoderVariance.learned, "generator.decoder_variance",
+                 g.decoder_variance, "sets each minibatch's variance from its rows' error, "
+                 "which couples the rows DP-SGD clips one by one; use "
+                 "generator.decoder_variance=learned with privacy=dp (privacy=dp sets it)")
+    else:
+        require(not g.sample_noise, "generator.sample_noise", True, "draws the noise of "
+                 "likelihood=mse at the rows' error, read off the data; set "
+                 "generator.sample_noise=false with privacy=dp")
+    require(g.conditional or g.granularity is Granularity.per_class, "generator.conditional",
+             False, "labels the draws of a generator of several classes by their real rows' "
+             "centroids, which DP-SGD does not cover; set generator.conditional=true")
+    require(g.precision is Precision.fp32, "generator.precision", g.precision,
+             "must be fp32 with privacy=dp")

@@ -351,13 +351,15 @@ class ImagesConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Sample-level DP-SGD of each node's adapter training (``privacy=dp``; docs/privacy.md):
-    Poisson-sampled minibatches, per-sample clipping to ``max_grad_norm``, Gaussian noise of
+    """Sample-level DP-SGD of each node's adapter and generators (``privacy=dp``;
+    docs/privacy.md): Poisson-sampled minibatches, per-sample clipping to ``max_grad_norm``
+    (``generator_max_grad_norm`` for the generators), Gaussian noise of
     ``noise_multiplier`` (or the one that spends ``target_epsilon`` over the planned steps),
     accounted at ``delta`` (null: a tenth of 1 / the node's training clips)."""
 
     enabled: bool = False
     max_grad_norm: float = 1.0
+    generator_max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float | None = None

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.protocol import (
+    AdapterJob,
+    LocalUpdate,
+    PrivacySpec,
+    RoundSpec,
+    SharedTensors,
+)
 from flcore.progress import phase, stage
 from flcore.trainmodel.bank_training import EpochLog
 from flcore.trainmodel.banks import Bank, fit_together
@@ -39,18 +45,25 @@ class Executor(ABC):
         """Train each job's adapter; yield the updates in job order."""
 
     def train_generators(self, banks: Sequence[Bank], jobs: Sequence["GeneratorJob"],
-                         loss: VAELoss | None) -> list[list[EpochLog]]:
-        """Train each node's generator bank on its job; each bank's epoch logs, in order: one
-        bank after another, or with :attr:`stack_generators` every node's as one stacked bank
-        per shape (:func:`~flcore.trainmodel.banks.fit_together`), in this process."""
+                         loss: VAELoss | None, privacy: PrivacySpec | None = None
+                         ) -> list[list[EpochLog]]:
+        """Train each node's generator bank on its job (with ``privacy``, by DP-SGD); each
+        bank's epoch logs, in order: one bank after another, or with :attr:`stack_generators`
+        every node's as one stacked bank per shape
+        (:func:`~flcore.trainmodel.banks.fit_together`), in this process."""
+        def fit(group: Sequence[Bank], group_jobs: Sequence["GeneratorJob"]
+                ) -> list[list[EpochLog]]:
+            return fit_together(group, [j.x for j in group_jobs], [j.labels for j in group_jobs],
+                                [j.prompts for j in group_jobs], loss,
+                                [j.rngs for j in group_jobs], [j.where for j in group_jobs],
+                                privacy=privacy)
+
         if not self.stack_generators:
-            return [bank.fit(job.x, job.labels, job.prompts, loss, job.rngs, where=job.where)
+            return [fit([bank], [job])[0]
                     for bank, job in phase(zip(banks, jobs, strict=True), "generators", "node",
                                            len(banks))]
         with stage(f"generators ({len(banks)} nodes stacked)") as bar:
-            logs = fit_together(banks, [j.x for j in jobs], [j.labels for j in jobs],
-                                [j.prompts for j in jobs], loss, [j.rngs for j in jobs],
-                                [j.where for j in jobs])
+            logs = fit(banks, jobs)
             bar.update()
         return logs
 

@@ -29,11 +29,19 @@ def private_gradients(grads: Sequence[torch.Tensor], sampled: torch.Tensor, max_
                       noise_multiplier: float, expected_batch: torch.Tensor,
                       generators: Sequence[torch.Generator | None]) -> list[torch.Tensor]:
     """The DP-SGD gradients ``[K, ...]`` of per-sample gradients ``[K, B, ...]``: the clipped
-    sum plus noise, over ``expected_batch [K]``. Model ``k``'s noise is drawn from
+    sum (:func:`clipped_sum`) made private by :func:`noisy_mean`."""
+    return noisy_mean(clipped_sum(grads, sampled, max_norm), max_norm, noise_multiplier,
+                      expected_batch, generators)
+
+
+def noisy_mean(summed: Sequence[torch.Tensor], max_norm: float, noise_multiplier: float,
+               expected_batch: torch.Tensor, generators: Sequence[torch.Generator | None]
+               ) -> list[torch.Tensor]:
+    """Clipped sums ``[K, ...]`` plus Gaussian noise of standard deviation ``noise_multiplier *
+    max_norm``, over ``expected_batch [K]``. Model ``k``'s noise is drawn from
     ``generators[k]``, parameter by parameter in order, so a model's noise does not depend on
     the models stacked beside it; a model without a generator (one that does not step) draws
     none."""
-    summed = clipped_sum(grads, sampled, max_norm)
     std = noise_multiplier * max_norm
     out = []
     for total in summed:

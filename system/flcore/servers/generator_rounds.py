@@ -12,7 +12,7 @@ import torch
 
 from flcore import checkpoint
 from flcore.clients.clientA2V import ClientA2V
-from flcore.clients.protocol import SharedTensors, StateDict
+from flcore.clients.protocol import PrivacySpec, SharedTensors, StateDict
 from flcore.config import Config, TrainingData
 from flcore.errors import ConfigError
 from flcore.executors.base import Executor
@@ -68,6 +68,11 @@ class GeneratorRounds:
         """Whether the clients train generators in ``round_``."""
         return self.enabled and round_ % self.config.generator.train_every == 0
 
+    def training_rounds(self, last: int) -> int:
+        """How many of the run's last ``last`` rounds train generators."""
+        every, rounds = self.config.generator.train_every, self.config.federation.rounds
+        return rounds // every - (rounds - last) // every if self.enabled else 0
+
     def is_scoring_round(self, round_: int) -> bool:
         """``gen/*`` rounds: every ``eval.generator_every`` and the last, for generators of audio
         embeddings (text-space samples have no held-out real rows to compare with)."""
@@ -78,9 +83,11 @@ class GeneratorRounds:
 
     def train(self, selected: list[ClientA2V], round_: int,
               adapter_of: Callable[[ClientA2V], StateDict],
-              learner: SyntheticLearner) -> dict[int, list[EpochLog]]:
+              learner: SyntheticLearner, privacy: PrivacySpec | None = None
+              ) -> dict[int, list[EpochLog]]:
         """Train the selected clients' generators (on their audio embeddings, or on the outputs
-        of their adapter ``adapter_of(client)``), pass their shares to ``learner``; the logs."""
+        of their adapter ``adapter_of(client)``; with ``privacy`` by DP-SGD), pass their shares
+        to ``learner``; the logs."""
         tic = time.perf_counter()
         g = self.config.generator
         jobs = []
@@ -92,7 +99,8 @@ class GeneratorRounds:
             jobs.append(client.generator_job(self.shared, g, round_, self.config.seed, adapter))
         banks = [client.generators for client in selected]
         epochs = self.executor.train_generators(
-            banks, jobs, vae_loss(g, rounds=self.config.federation.rounds, round_=round_))
+            banks, jobs, vae_loss(g, rounds=self.config.federation.rounds, round_=round_),
+            privacy)
         logs: dict[int, list[EpochLog]] = {}
         for client, job, client_epochs in zip(selected, jobs, epochs, strict=True):
             if client_epochs:

@@ -24,13 +24,13 @@ from flcore.clients.protocol import (
 from flcore.clients.training import build_adapter, build_adapter_loss, training_seed
 from flcore.config import Algorithm, Config, TrainingData
 from flcore.executors import build_executor
-from flcore.privacy.accounting import plan
 from flcore.progress import phase
 from flcore.servers.choose import build_strategy
 from flcore.servers.evaluation import Evaluator
 from flcore.servers.generator_quality import GeneratorQuality, score_generators
 from flcore.servers.generator_rounds import GeneratorRounds
 from flcore.servers.privacy_audit import PrivacyAuditor
+from flcore.servers.privacy_plan import privacy_ledger
 from flcore.servers.rendering import render_sets
 from flcore.servers.serverbase import ServerBase
 from flcore.servers.states import clone_state, offload
@@ -69,11 +69,8 @@ class ServerA2V(ServerBase):
             for client in clients:
                 client.model_state = clone_state(self.global_state)
         self.quality: GeneratorQuality | None = None
-        p = config.privacy
-        self.ledger = (plan({c.node: len(c.train_idx) for c in clients},
-                            config.adapter.batch_size, config.federation.local_epochs,
-                            config.federation.rounds, p.noise_multiplier, p.target_epsilon,
-                            p.delta, p.accountant) if p.enabled else None)
+        self.ledger = (privacy_ledger(config, shared, clients, self.strategy.trains_clients)
+                       if config.privacy.enabled else None)
         self.auditor = (PrivacyAuditor(config, shared, clients, self.model, self.loss)
                         if config.eval.privacy_every else None)
         #: The update each node sent last, kept for the audits' ``adapter_node`` attack.
@@ -106,7 +103,10 @@ class ServerA2V(ServerBase):
             generator_logs = generators.train(
                 selected, round_,
                 lambda c: trained.get(c.node) or strategy.start(c, self.global_state),
-                self.synthetic)
+                self.synthetic, self.generator_privacy())
+            if self.ledger is not None:
+                for client in selected:
+                    self.ledger.spend_generators(client.node)
         self.global_state = strategy.conclude(self.global_state)
         metrics = {"train/clients": float(len(selected)), **strategy.round_metrics()}
         if self.ledger is not None:
@@ -153,6 +153,13 @@ class ServerA2V(ServerBase):
         metrics = self.renderer.run(round_, self.model, sets)
         self.model.load_state_dict(self.global_state)
         return metrics
+
+    def generator_privacy(self) -> PrivacySpec | None:
+        """DP-SGD of the generators (``privacy=dp``): their clipping norm, the run's noise."""
+        if self.ledger is None:
+            return None
+        return PrivacySpec(self.config.privacy.generator_max_grad_norm,
+                           self.ledger.noise_multiplier)
 
     def train_adapters(self, round_: int, selected: list[ClientA2V]
                        ) -> Iterator[tuple[ClientA2V, AdapterJob, LocalUpdate]]:
@@ -275,5 +282,6 @@ class ServerA2V(ServerBase):
         self.sent = {int(n): dict(s) for n, s in state.get("sent", {}).items()}
         if self.ledger is not None:
             self.ledger.load_state_dict(state["privacy"])
-            self.ledger.check(self.config.federation.rounds - self.ledger.rounds_done,
-                              self.config.privacy.target_epsilon)
+            left = self.config.federation.rounds - self.ledger.rounds_done
+            self.ledger.check(left, self.config.privacy.target_epsilon,
+                              self.generator_rounds.training_rounds(left))

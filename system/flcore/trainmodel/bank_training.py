@@ -13,8 +13,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from flcore.clients.protocol import PrivacySpec
 from flcore.config import GeneratorConfig, OnNan, Precision
 from flcore.errors import TrainingError
+from flcore.privacy.generator_training import private_epoch
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
 from flcore.trainmodel.vae import VAEGenerator, VAELoss
 
@@ -105,66 +107,84 @@ def start_learned_variance(dec_logvar: torch.Tensor, steps: torch.Tensor, data: 
 def _train_stacked(model: VAEGenerator, optimizer: StackedAdam, loss_fn: VAELoss,
                    data: GeneratorData, epochs: int, batch_size: int, grad_clip: float,
                    rngs: list[torch.Generator], noise_std: float, labels: list[str],
-                   on_nan: OnNan, precision: Precision) -> list[_Epoch]:
+                   on_nan: OnNan, precision: Precision,
+                   privacy: PrivacySpec | None = None) -> list[_Epoch]:
     """The training loop of :func:`train_generators`, from the loss's schedule epoch
-    ``loss_fn.beta.first_epoch`` on, with ``labels[k]`` naming generator k in errors.
-
-    No host round trip inside the step loop: minibatch sizes come from the host-side
-    ``data.counts`` (read once an epoch), masks, step counts and the non-finite flags stay on
-    the device; the flags are read once, at the end of each epoch."""
-    k, n_max, _ = data.x.shape
+    ``loss_fn.beta.first_epoch`` on, with ``labels[k]`` naming generator k in errors; with
+    ``privacy``, DP-SGD (:func:`~flcore.privacy.generator_training.private_epoch`), whose
+    learned variance starts at sigma = 1 rather than at the rows' variance (a start read off
+    the data would leak it)."""
     offset = loss_fn.beta.first_epoch
-    device = data.x.device
-    params = list(model.parameters())
-    bf16 = precision is Precision.bf16
-    if model.dec_logvar is not None:
+    if model.dec_logvar is not None and privacy is None:
         start_learned_variance(model.dec_logvar, optimizer.steps, data, loss_fn.variance_floor)
     out = []
     for epoch in range(epochs):
         counts = [int(c) for c in data.counts.tolist()]
-        perms = torch.full((k, n_max), -1, dtype=torch.long, device=device)
-        for g, n in enumerate(counts):
-            perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
-        sums = torch.zeros(7, k, device=device)
-        seen = torch.zeros(k, device=device)
-        flags = NonFiniteFlags(k, device)
-        for step, start in enumerate(range(0, max(max(counts, default=0), 1), batch_size)):
-            index = perms[:, start : start + batch_size]
-            mask = (index >= 0) & ~flags.bad[:, None]
-            safe = index.clamp(min=0)
-            x = torch.gather(data.x, 1, safe[..., None].expand(-1, -1, data.x.shape[-1]))
-            cond = (None if data.cond is None else
-                    torch.gather(data.cond, 1, safe[..., None].expand(-1, -1,
-                                                                        data.cond.shape[-1])))
-            valid = [min(max(n - start, 0), batch_size) for n in counts]
-            noise = _draw(rngs, valid, (model.latent,), index.shape[1], device)
-            if noise_std > 0:
-                jitter = _draw(rngs, valid, tuple(x.shape[2:]), index.shape[1], device)
-                x = x + noise_std * jitter
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                recon, mu, logvar = model(x, noise, cond)
-            if bf16:
-                recon, mu, logvar = recon.float(), mu.float(), logvar.float()
-            terms = loss_fn(recon, x, mu, logvar, epoch + offset, mask, model.dec_logvar)
-            active = mask.any(1)
-            active = active & ~flags.update(terms.total, active, step)
-            mask = mask & active[:, None]
-            for p in params:
-                p.grad = None
-            torch.where(active, terms.total, 0.0).sum().backward()
-            if grad_clip > 0:
-                clip_per_model([p.grad for p in params], grad_clip)
-            optimizer.step(active)
-            batch = mask.sum(1).to(sums.dtype)
-            sums += torch.nan_to_num(torch.stack([
-                terms.total, terms.recon, terms.kl, terms.similarity, terms.mse, terms.sigma2,
-                terms.effective_beta]).detach()) * batch
-            seen += batch
+        flags = NonFiniteFlags(data.x.shape[0], data.x.device)
+        if privacy is None:
+            sums, seen = _epoch(model, optimizer, loss_fn, data, counts, epoch + offset,
+                                batch_size, grad_clip, rngs, noise_std, flags, precision)
+        else:
+            sums, seen = private_epoch(model, optimizer, loss_fn, data.x, data.cond, counts,
+                                       epoch + offset, batch_size, rngs, noise_std, privacy,
+                                       flags, _draw)
         means = sums / seen.clamp(min=1)
         means[5] = torch.where(seen > 0, means[5].log(), torch.nan)
         out.append(_Epoch(epoch, means, counts))
         _report_non_finite(flags, epoch + offset, labels, on_nan, data)
     return out
+
+
+def _epoch(model: VAEGenerator, optimizer: StackedAdam, loss_fn: VAELoss, data: GeneratorData,
+           counts: list[int], epoch: int, batch_size: int, grad_clip: float,
+           rngs: list[torch.Generator], noise_std: float, flags: NonFiniteFlags,
+           precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of shuffled minibatches at schedule epoch ``epoch``: the loss terms summed
+    over each generator's rows ``[7, K]`` and its rows seen ``[K]``.
+
+    No host round trip inside the step loop: minibatch sizes come from the host-side
+    ``counts``; masks, step counts and the non-finite flags stay on the device."""
+    k, n_max, _ = data.x.shape
+    device = data.x.device
+    params = list(model.parameters())
+    bf16 = precision is Precision.bf16
+    perms = torch.full((k, n_max), -1, dtype=torch.long, device=device)
+    for g, n in enumerate(counts):
+        perms[g, :n] = torch.randperm(n, generator=rngs[g], device=device)
+    sums = torch.zeros(7, k, device=device)
+    seen = torch.zeros(k, device=device)
+    for step, start in enumerate(range(0, max(max(counts, default=0), 1), batch_size)):
+        index = perms[:, start : start + batch_size]
+        mask = (index >= 0) & ~flags.bad[:, None]
+        safe = index.clamp(min=0)
+        x = torch.gather(data.x, 1, safe[..., None].expand(-1, -1, data.x.shape[-1]))
+        cond = (None if data.cond is None else
+                torch.gather(data.cond, 1, safe[..., None].expand(-1, -1, data.cond.shape[-1])))
+        valid = [min(max(n - start, 0), batch_size) for n in counts]
+        noise = _draw(rngs, valid, (model.latent,), index.shape[1], device)
+        if noise_std > 0:
+            jitter = _draw(rngs, valid, tuple(x.shape[2:]), index.shape[1], device)
+            x = x + noise_std * jitter
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            recon, mu, logvar = model(x, noise, cond)
+        if bf16:
+            recon, mu, logvar = recon.float(), mu.float(), logvar.float()
+        terms = loss_fn(recon, x, mu, logvar, epoch, mask, model.dec_logvar)
+        active = mask.any(1)
+        active = active & ~flags.update(terms.total, active, step)
+        mask = mask & active[:, None]
+        for p in params:
+            p.grad = None
+        torch.where(active, terms.total, 0.0).sum().backward()
+        if grad_clip > 0:
+            clip_per_model([p.grad for p in params], grad_clip)
+        optimizer.step(active)
+        batch = mask.sum(1).to(sums.dtype)
+        sums += torch.nan_to_num(torch.stack([
+            terms.total, terms.recon, terms.kl, terms.similarity, terms.mse, terms.sigma2,
+            terms.effective_beta]).detach()) * batch
+        seen += batch
+    return sums, seen
 
 
 def _report_non_finite(flags: NonFiniteFlags, epoch: int, labels: list[str], on_nan: OnNan,
@@ -297,7 +317,8 @@ def _concat_data(parts: list[GeneratorData]) -> GeneratorData:
 def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                 labels: Sequence[torch.Tensor], prompts: Sequence[torch.Tensor | None],
                 loss: VAELoss, rngs: Sequence[list[torch.Generator]], wheres: Sequence[str],
-                max_generators: int | None = None) -> list[list[EpochLog]]:
+                max_generators: int | None = None, privacy: PrivacySpec | None = None
+                ) -> list[list[EpochLog]]:
     """Train the VAE banks of several nodes as one stacked model: ``bank.fit(xs[i],
     labels[i], prompts[i], loss, rngs[i], wheres[i])`` for every bank, to float tolerance.
 
@@ -309,7 +330,8 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
     (:func:`~flcore.trainmodel.vae.beta_schedule`). Returns each bank's epoch logs as
     :meth:`GeneratorBank.fit` would. A non-finite loss raises TrainingError naming the
     bank's ``wheres[i]``, the generator and the epoch (or drops it: ``generator.on_nan``).
-    Banks must share shapes, device and training settings (:func:`check_trainable_together`)."""
+    Banks must share shapes, device and training settings (:func:`check_trainable_together`).
+    With ``privacy``, every generator trains with DP-SGD."""
     n = len(banks)
     if not n:
         return []
@@ -348,7 +370,7 @@ def train_banks(banks: Sequence[GeneratorBank], xs: Sequence[torch.Tensor],
                         for i, a, b in chunk for g in range(a, b)]
         epochs_run = _train_stacked(model, optimizer, loss, data, c.training_epochs,
                                     c.batch_size, c.grad_clip, chunk_rngs, c.augmentation_noise,
-                                    chunk_labels, c.on_nan, c.precision)
+                                    chunk_labels, c.on_nan, c.precision, privacy)
         if not whole:
             _unstack(banks, chunk, model, optimizer)
         lo = 0

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from flcore.clients.protocol import PrivacySpec
 from flcore.config import GeneratorConfig, GeneratorModel
 from flcore.trainmodel.bank_training import EpochLog, train_banks
 from flcore.trainmodel.gaussian import GaussianBank, NoiseBank
@@ -45,16 +46,16 @@ def bank_features(state: dict) -> int:
 def fit_together(banks: Sequence[Bank], xs: Sequence[torch.Tensor],
                  labels: Sequence[torch.Tensor], prompts: Sequence[torch.Tensor | None],
                  loss: VAELoss | None, rngs: Sequence[list[torch.Generator]],
-                 wheres: Sequence[str], max_generators: int | None = None
-                 ) -> list[list[EpochLog]]:
+                 wheres: Sequence[str], max_generators: int | None = None,
+                 privacy: PrivacySpec | None = None) -> list[list[EpochLog]]:
     """``[bank.fit(xs[i], labels[i], prompts[i], loss, rngs[i], wheres[i]) for each bank]``, with
     the VAE banks of one shape (features, hidden, latent, cond, learned variance) trained as one
     stacked model (:func:`~flcore.trainmodel.bank_training.train_banks`: the same weights,
     optimizer states and logs as one by one, to float tolerance; at most ``max_generators``
     generators at a time, ``None`` for all). Banks of different shapes (a node whose
     granularity override makes its generators conditional) train as separate stacks; Gaussian
-    banks are fitted one by one (closed form). Returns each bank's epoch logs, in the order of
-    ``banks``."""
+    banks are fitted one by one (closed form). ``privacy``: DP-SGD of the VAE banks. Returns
+    each bank's epoch logs, in the order of ``banks``."""
     if not len(xs) == len(labels) == len(prompts) == len(rngs) == len(wheres) == len(banks):
         raise ValueError(f"fit_together: {len(banks)} banks need as many xs, labels, prompts, "
                          "rngs and wheres")
@@ -69,7 +70,7 @@ def fit_together(banks: Sequence[Bank], xs: Sequence[torch.Tensor],
         trained = train_banks([banks[i] for i in members], [xs[i] for i in members],
                               [labels[i] for i in members], [prompts[i] for i in members], loss,
                               [rngs[i] for i in members], [wheres[i] for i in members],
-                              max_generators)
+                              max_generators, privacy)
         for i, bank_logs in zip(members, trained, strict=True):
             logs[i] = bank_logs
     return logs
