@@ -193,34 +193,49 @@ def main() -> None:
     if args.nodes:
         benchmark_nodes(args, device)
         return
+    times, losses, features = class_loop(device, args.classes, args.samples, args.epochs,
+                                         args.batch, not args.skip_upstream)
+    print(f"{args.classes} generators x {args.samples} samples of {features}, {args.epochs} "
+          f"epochs, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}")
+    base = times["(a) batched"]
+    for name in times:
+        print(f"{name:<26} {times[name]:8.2f} s  {times[name] / base:7.2f}x of (a)  "
+              f"final loss {losses[name]:.5f}")
+
+
+def class_loop(device: torch.device | str, classes: int, samples: int, epochs: int, batch: int,
+               upstream: bool = False) -> tuple[dict[str, float], dict[str, float], int]:
+    """Seconds and final mean loss of (a), (b) and, with ``upstream``, (c) for ``classes``
+    default-size generators of ``samples`` rows each (after one warm-up epoch of (a)); and the
+    row width."""
+    device = torch.device(device)
     config = GeneratorConfig()
     torch.manual_seed(0)
     features = 4 * 1024
-    x = torch.rand(args.classes, args.samples, features, device=device) * 2
-    data = GeneratorData(x, torch.full((args.classes,), args.samples))
-    init = VAEGenerator(args.classes, features, config.hidden_dim, config.latent_dim,
+    x = torch.rand(classes, samples, features, device=device) * 2
+    data = GeneratorData(x, torch.full((classes,), samples))
+    init = VAEGenerator(classes, features, config.hidden_dim, config.latent_dim,
                         learned_variance=learned(config)).to(device).state_dict()
     init = {k: v.clone() for k, v in init.items()}
-
-    methods = {"(a) batched": lambda: batched(init, data, config, args.epochs, args.batch,
-                                              device),
-               "(b) loop over classes": lambda: loop(init, data, config, args.epochs,
-                                                     args.batch, device)}
-    if not args.skip_upstream:
-        methods["(c) one sample at a time"] = lambda: loop(init, data, config, args.epochs, 1,
+    methods = {"(a) batched": lambda: batched(init, data, config, epochs, batch, device),
+               "(b) loop over classes": lambda: loop(init, data, config, epochs, batch, device)}
+    if upstream:
+        methods["(c) one sample at a time"] = lambda: loop(init, data, config, epochs, 1,
                                                            device)
-    batched(init, data, config, 1, args.batch, device)
+    batched(init, data, config, 1, batch, device)
     times, losses = {}, {}
     for name, method in methods.items():
         tic = time.perf_counter()
         losses[name] = method()
         times[name] = time.perf_counter() - tic
-    print(f"{args.classes} generators x {args.samples} samples of {features}, {args.epochs} "
-          f"epochs, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}")
-    base = times["(a) batched"]
-    for name in methods:
-        print(f"{name:<26} {times[name]:8.2f} s  {times[name] / base:7.2f}x of (a)  "
-              f"final loss {losses[name]:.5f}")
+    return times, losses, features
+
+
+def class_loop_seconds(device: str, classes: int, samples: int, epochs: int,
+                       batch: int) -> tuple[float, float]:
+    """Seconds of (a) batched and (b) the class loop (:func:`class_loop`)."""
+    times, _, _ = class_loop(device, classes, samples, epochs, batch)
+    return times["(a) batched"], times["(b) loop over classes"]
 
 
 if __name__ == "__main__":

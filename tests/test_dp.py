@@ -21,8 +21,9 @@ from flcore.executors.batched import Batched  # noqa: E402
 from flcore.executors.sequential import Sequential  # noqa: E402
 from flcore.privacy import accounting  # noqa: E402
 from flcore.privacy.dpsgd import private_gradients  # noqa: E402
-from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter  # noqa: E402
-from test_executors import AUDIO, TEXT, federation  # noqa: E402
+from flcore.privacy.training import clipped_sums  # noqa: E402
+from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs  # noqa: E402
+from test_executors import AUDIO, SEQUENCE, TEXT, federation  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -101,6 +102,47 @@ def test_prv_and_rdp_agree_and_the_target_is_met() -> None:
     history.add(sigma, 0.05, 300)
     assert history.entries == [(sigma, 0.05, 500)]
     assert history.epsilon(1e-5) == pytest.approx(accounting.epsilon(sigma, 0.05, 500, 1e-5))
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "mse_cosine"])
+def test_ghost_clipping_equals_clipped_per_sample_gradients(float64, kind: str) -> None:
+    """Two clients' adapters with a sequence head and dropout, unequal Poisson samples: the
+    clipped sums from the taped norms and the reweighted backward equal the sums of per-sample
+    gradients from torch.func (each sample alone through its own client's adapter), each
+    clipped to norm 0.05 over the whole adapter, and so do the per-sample norms."""
+    config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.3, loss=kind)
+    shared, rows = federation([5, 5], sequence=True)
+    torch.manual_seed(2)
+    models = [AudioAdapter(AUDIO, TEXT, config, sequence_shape=SEQUENCE) for _ in range(2)]
+    for model in models:
+        model.set_sequence_base(shared.sequence)
+    loss = AdapterLoss(config, shared.prompts, shared.label_space, shared.sequence)
+    names = [n for n, _ in models[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              .requires_grad_(True) for n in names}
+    index = torch.stack(rows)
+    sampled = torch.tensor([[1.0, 1, 0, 1, 1], [0, 1, 1, 0, 0]])
+    keys = torch.arange(10).view(2, 5) * 7919 + 13
+    got, _ = clipped_sums(params, names, shared.tokens[index], shared.labels[index], sampled,
+                          keys, loss, config.num_heads, config.dropout, 0.05)
+    for c in range(2):
+        mine = {n: p[c : c + 1].detach() for n, p in params.items()}
+
+        def one(p: dict, tokens: torch.Tensor, label: torch.Tensor, key: torch.Tensor
+                ) -> torch.Tensor:
+            latents, sequence = adapter_outputs(p, tokens.view(1, 1, *tokens.shape),
+                                                config.num_heads, config.dropout, key.view(1))
+            return loss.per_sample(latents.mean(2), label.view(1, 1), sequence).sum()
+
+        per = vmap(grad(one), in_dims=(None, 0, 0, 0))(mine, shared.tokens[index[c]],
+                                                        shared.labels[index[c]], keys[c])
+        norms = torch.stack([per[n].flatten(1).norm(dim=1) for n in names]).norm(dim=0)
+        scale = (0.05 / (norms + 1e-6)).clamp(max=1.0) * sampled[c]
+        assert (norms > 0.05).any()  # clipping bites
+        for name, ours in zip(names, got, strict=True):
+            want = torch.einsum("b,b...->...", scale, per[name])
+            torch.testing.assert_close(ours[c], want.view_as(ours[c]), rtol=1e-9, atol=1e-12,
+                                       msg=name)
 
 
 def test_sequential_and_batched_dp_sgd_agree(float64) -> None:

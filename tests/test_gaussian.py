@@ -220,7 +220,7 @@ def test_bad_covariance_or_rank_is_refused_in_one_line(covariance: str, rank: in
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_cuda_bank_fits_and_samples_as_a_cpu_bank() -> None:
     x, y = class_rows()
     counts = {3: 50, 5: 50, 7: 5}

@@ -53,8 +53,7 @@ def test_a_cpu_stream_uses_the_whole_key_not_32_bits_of_a_seed() -> None:
     assert not torch.allclose(torch.randn(3, generator=rng), torch.randn(3, generator=plain))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_stream_lives_on_the_requested_device(device: str) -> None:
     rng = stream(0, round_=1, node=0, generator=0, purpose=Purpose.generator_training,
                  device=device)

@@ -1,13 +1,17 @@
 """Local adapter training with DP-SGD, for one client or a stack of them (``privacy=dp``).
 
 Each client's steps are its non-private schedule's (``ceil(n / batch_size)`` a epoch), but each
-step's minibatch is Poisson-sampled: every row independently with rate ``batch_size / n``. The
-per-sample gradients of the whole stack come from one ``torch.func`` pass (``vmap`` over the
-samples of ``grad`` of the stacked adapter's loss), so DP keeps the batched executor's speed;
-:func:`~flcore.privacy.dpsgd.private_gradients` clips, sums and noises them per client, and the
-stacked AdamW steps with the result. A client's sampling and noise come from streams of its
-job's seed, so it trains alike whichever clients share its stack. Dropout masks are drawn per
-sample (the step's key mixed with the sample's slot).
+step's minibatch is Poisson-sampled: every row independently with rate ``batch_size / n``.
+Every sample's gradient norm comes without building per-sample gradients (ghost clipping, Li et
+al. 2022): the forward pass records each affine map (:class:`~flcore.trainmodel.adapters.Taped`),
+one backward pass gives the gradient at each map's output for every sample at once, and a
+sample's norm follows from those and the map's inputs (:func:`sample_norms`: for a linear map
+over a sequence, ``sum_ts (a_t . a_s)(g_t . g_s)``). A second backward pass of the losses
+weighted by each sample's clipping factor gives the clipped sum directly;
+:func:`~flcore.privacy.dpsgd.noisy_mean` noises it per client, and the stacked AdamW steps with
+the result. A client's sampling and noise come from streams of its job's seed, so it trains
+alike whichever clients share its stack. Dropout masks are drawn per sample (the step's key
+mixed with the sample's slot).
 """
 
 import math
@@ -15,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, vmap
 
 from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
 from flcore.clients.training import check_finite, cosine_lr
 from flcore.config import LrSchedule
-from flcore.privacy.dpsgd import poisson_sample, private_gradients
+from flcore.privacy.dpsgd import noisy_mean, poisson_sample
 from flcore.streams import Purpose, stream_seed
-from flcore.trainmodel.adapters import AdapterLoss, adapter_outputs, mix32, step_keys
+from flcore.trainmodel.adapters import AdapterLoss, Tape, adapter_outputs, mix32, step_keys
 from flcore.trainmodel.optim import StackedAdam
 
 
@@ -87,6 +90,45 @@ class Clients:
         return mix32(base ^ mix32(torch.arange(width).view(1, -1))).to(self.device)
 
 
+def sample_norms(tape: Tape, at: dict[str, torch.Tensor], trained: set[str]) -> torch.Tensor:
+    """Each sample's gradient norm ``[C, B]`` over the ``trained`` parameters, from the taped
+    maps and the per-sample gradients ``at`` their outputs ``[C, B, T, out]``."""
+    squared = torch.zeros(at[next(iter(at))].shape[:2], device=at[next(iter(at))].device)
+    for key, e in tape.items():
+        g = at[key]
+        if e.bias in trained:
+            squared += (g.square().sum((2, 3)) if e.kind == "shift"
+                        else g.sum(2).square().sum(-1))
+        if e.weight in trained:
+            assert e.input is not None
+            if e.kind == "scale":
+                squared += (e.input * g).sum(2).square().sum(-1)
+            else:
+                a = e.input if e.input.dim() == g.dim() else e.input.unsqueeze(1)
+                squared += ((a @ a.transpose(-1, -2)) * (g @ g.transpose(-1, -2))).sum((2, 3))
+        if e.source in trained:
+            assert e.weight_value is not None
+            squared += (g @ e.weight_value.unsqueeze(1)).square().sum((2, 3))
+    return squared.sqrt()
+
+
+def clipped_sums(params: dict[str, torch.Tensor], trained: Sequence[str], tokens: torch.Tensor,
+                 labels: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor | None,
+                 loss: AdapterLoss, num_heads: int, dropout: float, max_norm: float
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each client's sum ``[C, ...]`` (for each ``trained`` parameter, which must require
+    grad) over its ``sampled [C, B]`` rows of ``tokens [C, B, L, Da]`` of their loss gradients,
+    each clipped to norm ``max_norm``; and every sampled row's loss ``[C, B]`` (0 elsewhere)."""
+    tape: Tape = {}
+    latents, sequence = adapter_outputs(params, tokens, num_heads, dropout, keys, tape)
+    per = torch.where(sampled.bool(), loss.per_sample(latents.mean(2), labels, sequence), 0.0)
+    at = torch.autograd.grad(per.sum(), [e.output for e in tape.values()], retain_graph=True)
+    norms = sample_norms(tape, dict(zip(tape, at, strict=True)), set(trained))
+    scale = ((max_norm / (norms + 1e-6)).clamp(max=1.0) * sampled).detach()
+    summed = torch.autograd.grad((scale * per).sum(), [params[n] for n in trained])
+    return list(summed), per.detach()
+
+
 def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: AdapterLoss,
                   shared: SharedTensors, jobs: Sequence[AdapterJob], spec: RoundSpec
                   ) -> list[LocalUpdate]:
@@ -94,21 +136,14 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
     order, their ``loss`` the mean loss of the last epoch's sampled rows."""
     assert spec.privacy is not None
     config, device = spec.config, shared.tokens.device
+    max_norm = spec.privacy.max_grad_norm
     trained = [n for n in names if spec.trainable is None or n in spec.trainable]
     params = {n: torch.stack([job.start[n] for job in jobs]).to(device) for n in names}
-    frozen = {n: params[n] for n in names if n not in trained}
+    for n in trained:
+        params[n].requires_grad_(True)
     optimizer = StackedAdam([params[n] for n in trained], weight_decay=config.weight_decay)
     clients = Clients(jobs, config.batch_size, device)
     total = torch.tensor([float(spec.epochs * p) for p in clients.per_epoch])
-
-    def one_sample(theirs: dict[str, torch.Tensor], tokens: torch.Tensor, labels: torch.Tensor,
-                   keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        latents, sequence = adapter_outputs({**frozen, **theirs}, tokens.unsqueeze(1),
-                                            num_heads, dropout, keys)
-        per = loss.per_sample(latents.mean(2), labels.unsqueeze(1), sequence)
-        return per.sum(), per.detach()
-
-    per_sample = vmap(grad(one_sample, has_aux=True), in_dims=(None, 1, 1, 1))
     epoch_loss = [math.nan] * len(jobs)
     for epoch in range(spec.epochs):
         totals = torch.zeros(len(jobs), device=device)
@@ -119,14 +154,13 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
             rows, sampled = clients.draw(slot)
             step = torch.tensor([epoch * p + slot for p in clients.per_epoch])
             keys = clients.keys(step, rows.shape[1]) if dropout else None
-            grads, per = per_sample({n: params[n] for n in trained}, shared.tokens[rows],
-                                    shared.labels[rows], keys)
-            per = per.squeeze(-1).T * sampled  # [C, width]
-            noisy = private_gradients([grads[n].movedim(0, 1) for n in trained], sampled,
-                                      spec.privacy.max_grad_norm, spec.privacy.noise_multiplier,
-                                      clients.expected,
-                                      [s[1] if on else None
-                                       for s, on in zip(clients.streams, active, strict=True)])
+            summed, per = clipped_sums(params, trained, shared.tokens[rows],
+                                       shared.labels[rows], sampled, keys, loss, num_heads,
+                                       dropout, max_norm)
+            noisy = noisy_mean(summed, max_norm, spec.privacy.noise_multiplier,
+                               clients.expected,
+                               [s[1] if on else None
+                                for s, on in zip(clients.streams, active, strict=True)])
             lr = (cosine_lr(config.lr, step.double(), total)
                   if config.lr_schedule is LrSchedule.cosine
                   else torch.full((len(jobs),), config.lr, dtype=torch.float64))

@@ -15,6 +15,7 @@ whichever executor trains it and whichever clients train beside it.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,35 @@ def keep_mask(keys: torch.Tensor, site: int, shape: torch.Size, p: float) -> tor
 
 
 def _dropout(x: torch.Tensor, keys: torch.Tensor | None, site: int, p: float) -> torch.Tensor:
+    """Dropout of ``x [C, B, ...]`` under a key per client ``[C]`` or per sample ``[C, B]``
+    (each sample's mask then is the one it would draw as a batch of its own)."""
     if keys is None or p == 0:
         return x
-    return x * keep_mask(keys, site, x.shape, p).to(x.dtype) / (1 - p)
+    if keys.dim() == 2:
+        mask = keep_mask(keys.flatten(), site, x.flatten(0, 1).shape, p).view(x.shape)
+    else:
+        mask = keep_mask(keys, site, x.shape, p)
+    return x * mask.to(x.dtype) / (1 - p)
+
+
+@dataclass
+class Taped:
+    """One affine map of the forward pass as :func:`adapter_outputs` records it for per-sample
+    gradient norms: its input and output, and the parameters it applies. ``kind`` is
+    ``linear`` (``output = input @ weight^T + bias``; an input without a sample axis is a
+    parameter, named ``source``), ``scale`` (``output = input * weight + bias``, elementwise) or
+    ``shift`` (``output = ... + bias``)."""
+
+    input: torch.Tensor | None
+    output: torch.Tensor
+    weight: str | None = None
+    bias: str | None = None
+    kind: str = "linear"
+    source: str | None = None
+    weight_value: torch.Tensor | None = None
+
+
+Tape = dict[str, Taped]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -69,35 +96,54 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+def _taped(tape: Tape | None, key: str, entry: Taped) -> torch.Tensor:
+    if tape is not None:
+        tape[key] = entry
+    return entry.output
+
+
 def _lift(params: Params, tokens: torch.Tensor, dropout: float,
-          keys: torch.Tensor | None) -> torch.Tensor:
+          keys: torch.Tensor | None, tape: Tape | None = None) -> torch.Tensor:
     """The per-token MLP: ``[C, B, L, Da]`` to ``[C, B, L, hidden]``."""
-    h = F.layer_norm(tokens, tokens.shape[-1:])
-    h = h * params["norm.weight"][:, None, None] + params["norm.bias"][:, None, None]
-    h = F.gelu(_linear(h, params["lift.weight"], params["lift.bias"]))
+    normed = F.layer_norm(tokens, tokens.shape[-1:])
+    h = normed * params["norm.weight"][:, None, None] + params["norm.bias"][:, None, None]
+    h = _taped(tape, "norm", Taped(normed, h, "norm.weight", "norm.bias", "scale"))
+    z = _linear(h, params["lift.weight"], params["lift.bias"])
+    h = F.gelu(_taped(tape, "lift", Taped(h, z, "lift.weight", "lift.bias")))
     return _dropout(h, keys, 0, dropout)
 
 
 def _pool(params: Params, prefix: str, h: torch.Tensor, num_heads: int, dropout: float,
-          keys: torch.Tensor | None, site: int) -> torch.Tensor:
+          keys: torch.Tensor | None, site: int, tape: Tape | None = None) -> torch.Tensor:
     """The learned queries of head ``prefix`` attending over the lifted tokens ``h``:
-    ``[C, B, L, hidden]`` to ``[C, B, queries, D]``."""
+    ``[C, B, L, hidden]`` to ``[C, B, queries, D]``. With a ``tape``, the queries' projection
+    is repeated for every sample, so that its gradient is each sample's."""
     c, b, length, _ = h.shape
+    attend = prefix + "attend."
     values = _linear(h, params[prefix + "project.weight"], params[prefix + "project.bias"])
+    values = _taped(tape, prefix + "project",
+                    Taped(h, values, prefix + "project.weight", prefix + "project.bias"))
     d = values.shape[-1]
-    wq, wk, wv = params[prefix + "attend.in_weight"].chunk(3, dim=1)
+    wq, wk, wv = params[attend + "in_weight"].chunk(3, dim=1)
     heads, width = num_heads, d // num_heads
-    q = _linear(params[prefix + "queries"], wq, params[prefix + "attend.query_bias"])
-    q = q.view(c, 1, -1, heads, width).transpose(2, 3)
-    k = _linear(values, wk, torch.zeros_like(params[prefix + "attend.query_bias"]))
+    q = _linear(params[prefix + "queries"], wq, params[attend + "query_bias"]).unsqueeze(1)
+    if tape is not None:
+        q = _taped(tape, attend + "q", Taped(params[prefix + "queries"], q.expand(c, b, -1, -1),
+                                             attend + "in_weight", attend + "query_bias",
+                                             source=prefix + "queries", weight_value=wq))
+    q = q.reshape(c, q.shape[1], -1, heads, width).transpose(2, 3)
+    k = _linear(values, wk, torch.zeros_like(params[attend + "query_bias"]))
+    k = _taped(tape, attend + "k", Taped(values, k, attend + "in_weight"))
     k = k.view(c, b, length, heads, width).transpose(2, 3)
-    v = _linear(values, wv, params[prefix + "attend.value_bias"])
+    v = _linear(values, wv, params[attend + "value_bias"])
+    v = _taped(tape, attend + "v", Taped(values, v, attend + "in_weight", attend + "value_bias"))
     v = v.view(c, b, length, heads, width).transpose(2, 3)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width), dim=-1)
     weights = _dropout(weights, keys, site, dropout)
     pooled = (weights @ v).transpose(2, 3).reshape(c, b, -1, d)
-    return _linear(pooled, params[prefix + "attend.out_weight"],
-                   params[prefix + "attend.out_bias"])
+    out = _linear(pooled, params[attend + "out_weight"], params[attend + "out_bias"])
+    return _taped(tape, attend + "out",
+                  Taped(pooled, out, attend + "out_weight", attend + "out_bias"))
 
 
 def adapter_forward(params: Params, tokens: torch.Tensor, num_heads: int, dropout: float,
@@ -108,15 +154,19 @@ def adapter_forward(params: Params, tokens: torch.Tensor, num_heads: int, dropou
 
 
 def adapter_outputs(params: Params, tokens: torch.Tensor, num_heads: int, dropout: float,
-                    keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    keys: torch.Tensor | None, tape: Tape | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The latents of :func:`adapter_forward` and, for an adapter with a sequence head, its
-    token sequence ``[C, B, T, Ds]`` (the pipeline conditioning), from one pass of the MLP."""
-    h = _lift(params, tokens, dropout, keys)
-    latents = _pool(params, "", h, num_heads, dropout, keys, 1)
+    token sequence ``[C, B, T, Ds]`` (the pipeline conditioning), from one pass of the MLP.
+    ``tape`` (a dict) receives every affine map of the pass (:class:`Taped`)."""
+    h = _lift(params, tokens, dropout, keys, tape)
+    latents = _pool(params, "", h, num_heads, dropout, keys, 1, tape)
     if SEQUENCE + "queries" not in params:
         return latents, None
-    sequence = _pool(params, SEQUENCE, h, num_heads, dropout, keys, 2)
-    return latents, sequence + params[SEQUENCE + "base"][:, None]
+    sequence = _pool(params, SEQUENCE, h, num_heads, dropout, keys, 2, tape)
+    sequence = sequence + params[SEQUENCE + "base"][:, None]
+    return latents, _taped(tape, SEQUENCE + "base",
+                           Taped(None, sequence, bias=SEQUENCE + "base", kind="shift"))
 
 
 #: Name prefix of the sequence head's parameters.
