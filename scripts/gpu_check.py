@@ -226,9 +226,9 @@ def requirements(extras: tuple[str, ...] = ("images", "privacy")) -> list[str]:
     """``name==version``, as installed here, of every distribution that pyproject.toml's
     dependencies and ``extras`` need, transitively, but torch, torchaudio, triton and CUDA's
     own: what to carry to the GPU machine."""
-    import tomllib
     from importlib import metadata
 
+    import tomllib
     from packaging.requirements import Requirement
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

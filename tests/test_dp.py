@@ -3,6 +3,7 @@ stack against each model alone, and the accounting against Google's dp_accountin
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,18 +13,18 @@ from torch.func import functional_call, grad, vmap
 opacus = pytest.importorskip("opacus")
 dp_accounting = pytest.importorskip("dp_accounting")
 
-from conftest import QUICK, interrupt_in_round  # noqa: E402
+from conftest import ADAPTERS_ONLY, QUICK, interrupt_in_round  # noqa: E402
 from flcore.clients.protocol import AdapterJob, PrivacySpec, RoundSpec  # noqa: E402
 from flcore.clients.training import training_seed  # noqa: E402
 from flcore.config import AdapterConfig, validate  # noqa: E402
 from flcore.errors import ConfigError, RunInterrupted  # noqa: E402
 from flcore.executors.batched import Batched  # noqa: E402
 from flcore.executors.sequential import Sequential  # noqa: E402
-from flcore.privacy import accounting  # noqa: E402
+from flcore.privacy import accounting, training  # noqa: E402
 from flcore.privacy.dpsgd import private_gradients  # noqa: E402
 from flcore.privacy.training import clipped_sums  # noqa: E402
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs  # noqa: E402
-from test_executors import AUDIO, SEQUENCE, TEXT, federation  # noqa: E402
+from test_executors import AUDIO, SEQUENCE, TEXT, federation, strategy_terms  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -104,12 +105,15 @@ def test_prv_and_rdp_agree_and_the_target_is_met() -> None:
     assert history.epsilon(1e-5) == pytest.approx(accounting.epsilon(sigma, 0.05, 500, 1e-5))
 
 
-@pytest.mark.parametrize("kind", ["contrastive", "mse_cosine"])
-def test_ghost_clipping_equals_clipped_per_sample_gradients(float64, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "head_only"), [("contrastive", False), ("mse_cosine", False),
+                                               ("mse_cosine", True)])
+def test_ghost_clipping_equals_clipped_per_sample_gradients(float64, kind: str,
+                                                            head_only: bool) -> None:
     """Two clients' adapters with a sequence head and dropout, unequal Poisson samples: the
     clipped sums from the taped norms and the reweighted backward equal the sums of per-sample
     gradients from torch.func (each sample alone through its own client's adapter), each
-    clipped to norm 0.05 over the whole adapter, and so do the per-sample norms."""
+    clipped to norm 0.05 over the trained parameters (all, or the head alone as in FedRep's
+    first phase)."""
     config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.3, loss=kind)
     shared, rows = federation([5, 5], sequence=True)
     torch.manual_seed(2)
@@ -117,20 +121,22 @@ def test_ghost_clipping_equals_clipped_per_sample_gradients(float64, kind: str) 
     for model in models:
         model.set_sequence_base(shared.sequence)
     loss = AdapterLoss(config, shared.prompts, shared.label_space, shared.sequence)
-    names = [n for n, _ in models[0].named_parameters()]
+    everything = [n for n, _ in models[0].named_parameters()]
+    names = [n for n in everything if not (head_only and n.startswith(("norm.", "lift.")))]
     params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
-              .requires_grad_(True) for n in names}
+              .requires_grad_(n in names) for n in everything}
     index = torch.stack(rows)
     sampled = torch.tensor([[1.0, 1, 0, 1, 1], [0, 1, 1, 0, 0]])
     keys = torch.arange(10).view(2, 5) * 7919 + 13
     got, _ = clipped_sums(params, names, shared.tokens[index], shared.labels[index], sampled,
                           keys, loss, config.num_heads, config.dropout, 0.05)
     for c in range(2):
-        mine = {n: p[c : c + 1].detach() for n, p in params.items()}
+        mine = {n: params[n][c : c + 1].detach() for n in names}
+        frozen = {n: p[c : c + 1].detach() for n, p in params.items() if n not in names}
 
-        def one(p: dict, tokens: torch.Tensor, label: torch.Tensor, key: torch.Tensor
-                ) -> torch.Tensor:
-            latents, sequence = adapter_outputs(p, tokens.view(1, 1, *tokens.shape),
+        def one(p: dict, tokens: torch.Tensor, label: torch.Tensor, key: torch.Tensor,
+                frozen: dict = frozen) -> torch.Tensor:
+            latents, sequence = adapter_outputs({**frozen, **p}, tokens.view(1, 1, *tokens.shape),
                                                 config.num_heads, config.dropout, key.view(1))
             return loss.per_sample(latents.mean(2), label.view(1, 1), sequence).sum()
 
@@ -143,6 +149,39 @@ def test_ghost_clipping_equals_clipped_per_sample_gradients(float64, kind: str) 
             want = torch.einsum("b,b...->...", scale, per[name])
             torch.testing.assert_close(ours[c], want.view_as(ours[c]), rtol=1e-9, atol=1e-12,
                                        msg=name)
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_without_noise_or_clipping_dp_sgd_is_the_strategies_full_batch_step(
+        float64, head_only: bool) -> None:
+    """Every row sampled (rate 1), no noise, a clip no gradient reaches: DP-SGD with FedProx's
+    proximal term, a SCAFFOLD/FedDyn linear term, FedGen's batches, the mean gradient and (as
+    FedRep's head phase) a trainable subset is the non-private executor's full-batch training
+    with the same terms, step for step."""
+    config = AdapterConfig(hidden_dim=10, num_heads=2, dropout=0.0, batch_size=64, lr=0.01,
+                           grad_clip=0.0)
+    shared, rows = federation([5, 13, 32])
+    torch.manual_seed(1)
+    model = AudioAdapter(AUDIO, TEXT, config)
+    loss = AdapterLoss(config, shared.prompts, shared.label_space)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    jobs = [strategy_terms(AdapterJob(i, r, start, None, training_seed(0, 1, i), f"node {i}",
+                                      mu=0.1 * i), 3, i) for i, r in enumerate(rows)]
+    trainable = ({n for n, _ in model.named_parameters() if not n.startswith(("norm.", "lift."))}
+                 if head_only else None)
+    spec = RoundSpec(config, 3, start, trainable=trainable, gradient_mean=True,
+                     synthetic_weight=0.5)
+    plain = list(Batched(shared, loss, model, 8).train_adapters(jobs, spec))
+    private = list(Batched(shared, loss, model, 8).train_adapters(
+        jobs, replace(spec, privacy=PrivacySpec(max_grad_norm=1e9, noise_multiplier=0.0))))
+    for a, b in zip(plain, private, strict=True):
+        for name in a.state:
+            torch.testing.assert_close(b.state[name], a.state[name], rtol=1e-9, atol=1e-12)
+        assert a.gradient_mean is not None and b.gradient_mean is not None
+        for name in a.gradient_mean:
+            torch.testing.assert_close(b.gradient_mean[name], a.gradient_mean[name],
+                                       rtol=1e-9, atol=1e-12)
+    assert not torch.equal(plain[2].state["attend.out_weight"], start["attend.out_weight"])
 
 
 def test_sequential_and_batched_dp_sgd_agree(float64) -> None:
@@ -193,6 +232,37 @@ def test_a_dp_run_spends_within_its_target_and_resumes_exactly(
                    "checkpoint.every=1", "resume=true", folder="resumed")
 
 
+@pytest.mark.parametrize("aggregation", ["fedprox", "scaffold", "feddyn", "fedrep", "ditto",
+                                         "fedgen"])
+def test_every_aggregation_trains_privately_and_spends_what_it_steps(
+        run_config: Callable[..., dict], monkeypatch: pytest.MonkeyPatch,
+        aggregation: str) -> None:
+    """``privacy=dp`` with each algorithm's local terms: every Poisson-sampled step a node
+    takes is counted as it is drawn (FedRep's head and body phases, Ditto's global and
+    personal adapters), and the epsilon each node reports is the accountant's for exactly
+    those steps at its sampling rate, within the target."""
+    steps: dict[int, int] = {}
+    rates: dict[int, float] = {}
+    draw = training.Clients.draw
+
+    def counting(self: training.Clients, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for job, rate, on in zip(self.jobs, self.rates, self.active(slot), strict=True):
+            steps[job.node] = steps.get(job.node, 0) + on
+            rates[job.node] = rate
+        return draw(self, slot)
+
+    monkeypatch.setattr(training.Clients, "draw", counting)
+    final = run_config(*ADAPTERS_ONLY, "privacy=dp", "privacy.target_epsilon=4",
+                       "federation.rounds=2", "checkpoint.every=0",
+                       f"federation.aggregation={aggregation}")["final"]
+    sigma = final["privacy/noise_multiplier"]
+    for node, taken in steps.items():
+        delta = 0.1 * rates[node] / 32  # a tenth of 1 / its clips, at adapter.batch_size=32
+        assert final[f"privacy/epsilon/node{node}"] == pytest.approx(
+            accounting.epsilon(sigma, rates[node], taken, delta), rel=1e-6)
+    assert 3.9 <= final["privacy/epsilon"] <= 4.0
+
+
 def test_a_plan_beyond_the_target_stops_before_training(run_config: Callable,
                                                         tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"privacy.target_epsilon=1: node \d would spend"):
@@ -211,8 +281,8 @@ def test_a_plan_beyond_the_target_stops_before_training(run_config: Callable,
     (("privacy=dp", "generator.precision=bf16"), "generator.precision=bf16: must be fp32"),
     (("privacy=dp", "privacy.generator_max_grad_norm=0"),
      "privacy.generator_max_grad_norm=0.0: must be > 0"),
-    (("privacy=dp", "generator=none", "federation.aggregation=scaffold"),
-     "federation.aggregation=scaffold: has local loss terms"),
+    (("privacy=dp", "generator=none", "federation.algorithm=local"),
+     "federation.algorithm=local: shares nothing between nodes"),
     (("privacy=dp", "generator=none", "privacy.target_epsilon=null"),
      "privacy.noise_multiplier=None: set it or privacy.target_epsilon"),
     (("privacy.max_grad_norm=0",), "privacy.max_grad_norm=0.0: must be > 0")])

@@ -55,14 +55,9 @@ CLIENT_ALGORITHMS = frozenset({Aggregation.scaffold, Aggregation.feddyn,
                                Aggregation.fedgen})
 
 
-#: Aggregations whose local loss has terms DP-SGD does not account for yet.
-_NOT_PRIVATE = frozenset({Aggregation.fedprox, Aggregation.scaffold, Aggregation.feddyn,
-                          Aggregation.fedrep, Aggregation.ditto, Aggregation.fedgen})
-
-
 def check_privacy(config: Config) -> None:
-    """``privacy.*``, and what DP-SGD covers so far: the adapters of plain local training and
-    the VAE generators."""
+    """``privacy.*``, and what DP-SGD covers: the adapters of federated training (every
+    aggregation) and the VAE generators."""
     p = config.privacy
     require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0")
     require(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
@@ -92,9 +87,9 @@ def check_privacy(config: Config) -> None:
              "privacy.noise_multiplier", None, "set it or privacy.target_epsilon")
     if config.generator.enabled:
         check_private_generators(config)
-    require(config.federation.aggregation not in _NOT_PRIVATE, "federation.aggregation",
-             config.federation.aggregation, "has local loss terms DP-SGD does not cover yet; "
-             "use fedavg, mean or a server optimizer with privacy=dp")
+    require(config.federation.algorithm is Algorithm.federated, "federation.algorithm",
+             config.federation.algorithm, "shares nothing between nodes, so privacy=dp has "
+             "nothing to protect; use federation.algorithm=federated")
 
 
 def check_server(config: Config) -> None:

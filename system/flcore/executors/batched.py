@@ -16,13 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flcore.clients.protocol import (
-    AdapterJob,
-    LocalUpdate,
-    RoundSpec,
-    SharedTensors,
-    SyntheticBatches,
-)
+from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.terms import stack_terms
 from flcore.clients.training import check_finite, cosine_lr, minibatch_orders
 from flcore.config import AdapterConfig, LrSchedule
 from flcore.errors import ResourceError
@@ -33,7 +28,6 @@ from flcore.trainmodel.adapters import (
     AdapterLoss,
     AudioAdapter,
     adapter_outputs,
-    head_embed,
     step_keys,
 )
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam, clip_per_model
@@ -82,31 +76,6 @@ def schedule(jobs: Sequence[AdapterJob], config: AdapterConfig, epochs: int,
                     valid.view(grid).permute(1, 2, 0, 3).contiguous().to(device),
                     step_keys(seeds, step).to(device), lr.to(device, torch.get_default_dtype()),
                     step.to(device))
-
-
-def stack_terms(jobs: Sequence[AdapterJob], names: Sequence[str], device: torch.device
-                ) -> tuple[dict[str, torch.Tensor] | None, SyntheticBatches | None]:
-    """The jobs' linear terms stacked ``[C, ...]`` (zeros for a job without one) and their
-    FedGen batches padded to the longest ``[C, steps, ...]``; None where no job has any."""
-    linear = None
-    if any(job.linear is not None for job in jobs):
-        linear = {n: torch.stack([job.start[n].new_zeros(job.start[n].shape)
-                                  if job.linear is None else job.linear[n] for job in jobs]
-                                 ).to(device) for n in names}
-    synthetic = None
-    if any(job.synthetic is not None for job in jobs):
-        batches = [job.synthetic for job in jobs]
-        assert all(b is not None for b in batches), "FedGen batches for every job or none"
-        steps = max(len(b.labels) for b in batches)
-        synthetic = SyntheticBatches(
-            torch.stack([_pad(b.features, steps) for b in batches]).to(device),
-            torch.stack([_pad(b.labels, steps) for b in batches]).to(device))
-    return linear, synthetic
-
-
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``x`` padded along its first axis to ``length`` (with copies of its last row)."""
-    return torch.cat([x, x[-1:].expand(length - len(x), *x.shape[1:])]) if len(x) < length else x
 
 
 class Batched(Executor):
@@ -167,11 +136,7 @@ class Batched(Executor):
         for c, job in enumerate(jobs):
             if job.optimizer_state is not None:
                 optimizer.load_torch(c, job.optimizer_state)
-        proximal = any(spec.proximal(job) for job in jobs)
-        anchor = {n: spec.anchor[n].unsqueeze(0) for n in self.names} if proximal else None
-        mu = torch.tensor([job.mu for job in jobs], device=device)
-        linear, synthetic = stack_terms(jobs, self.names, device)
-        clients = torch.arange(len(jobs), device=device)
+        terms = stack_terms(jobs, spec, self.names, device)
         gradients = ({n: torch.zeros_like(params[n]) for n in trained} if spec.gradient_mean
                      else None)
         plan = schedule(jobs, config, spec.epochs, device)
@@ -193,18 +158,9 @@ class Batched(Executor):
                                                    sequence)
                 count = valid.sum(1)
                 loss = (per_row.to(dtype) * valid).sum(1) / count.clamp(min=1)
-                if anchor is not None:
-                    loss = loss + mu / 2 * sum(
-                        (params[n] - anchor[n]).square().flatten(1).sum(1) for n in self.names)
-                if linear is not None:
-                    loss = loss + sum((params[n] * linear[n]).flatten(1).sum(1)
-                                      for n in self.names)
-                if synthetic is not None and spec.synthetic_weight > 0:
-                    step = plan.step[epoch, slot].clamp(max=synthetic.labels.shape[1] - 1)
-                    pooled = head_embed(params, synthetic.features[clients, step],
-                                        self.model.num_heads)
-                    loss = loss + spec.synthetic_weight * self.loss.per_sample(
-                        pooled, synthetic.labels[clients, step]).mean(1)
+                if terms:
+                    loss = loss + terms.loss(params, plan.step[epoch, slot], self.loss,
+                                             self.model.num_heads)
                 grads = torch.autograd.grad(loss.sum(), [params[n] for n in trained])
                 if gradients is not None:
                     for n, g in zip(trained, grads, strict=True):
@@ -223,7 +179,8 @@ class Batched(Executor):
         if gradients is not None:
             steps = spec.epochs * torch.ceil(sizes / config.batch_size)
             means = {n: g / steps.view(-1, *[1] * (g.dim() - 1))
-                     - (0 if linear is None else linear[n]) for n, g in gradients.items()}
+                     - (0 if terms.linear is None else terms.linear[n])
+                     for n, g in gradients.items()}
         return [LocalUpdate(job.node, {n: params[n][c].detach().clone() for n in self.names},
                             len(job.rows), losses[c],
                             optimizer.export_torch(c, groups) if spec.keep_optimizer

@@ -9,9 +9,10 @@ sample's norm follows from those and the map's inputs (:func:`sample_norms`: for
 over a sequence, ``sum_ts (a_t . a_s)(g_t . g_s)``). A second backward pass of the losses
 weighted by each sample's clipping factor gives the clipped sum directly;
 :func:`~flcore.privacy.dpsgd.noisy_mean` noises it per client, and the stacked AdamW steps with
-the result. A client's sampling and noise come from streams of its job's seed, so it trains
-alike whichever clients share its stack. Dropout masks are drawn per sample (the step's key
-mixed with the sample's slot).
+the result, plus the gradient of the strategy's terms (:mod:`flcore.clients.terms`: they read
+no data, so they cost no privacy). A client's sampling and noise come from streams of its job's
+seed, so it trains alike whichever clients share its stack. Dropout masks are drawn per sample
+(the step's key mixed with the sample's slot).
 """
 
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTensors
+from flcore.clients.terms import stack_terms
 from flcore.clients.training import check_finite, cosine_lr
 from flcore.config import LrSchedule
 from flcore.privacy.dpsgd import noisy_mean, poisson_sample
@@ -122,6 +124,7 @@ def clipped_sums(params: dict[str, torch.Tensor], trained: Sequence[str], tokens
     tape: Tape = {}
     latents, sequence = adapter_outputs(params, tokens, num_heads, dropout, keys, tape)
     per = torch.where(sampled.bool(), loss.per_sample(latents.mean(2), labels, sequence), 0.0)
+    tape = {k: e for k, e in tape.items() if e.output.requires_grad}  # no frozen-only maps
     at = torch.autograd.grad(per.sum(), [e.output for e in tape.values()], retain_graph=True)
     norms = sample_norms(tape, dict(zip(tape, at, strict=True)), set(trained))
     scale = ((max_norm / (norms + 1e-6)).clamp(max=1.0) * sampled).detach()
@@ -144,6 +147,9 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
     optimizer = StackedAdam([params[n] for n in trained], weight_decay=config.weight_decay)
     clients = Clients(jobs, config.batch_size, device)
     total = torch.tensor([float(spec.epochs * p) for p in clients.per_epoch])
+    terms = stack_terms(jobs, spec, names, device)
+    gradients = ({n: torch.zeros_like(params[n]) for n in trained} if spec.gradient_mean
+                 else None)
     epoch_loss = [math.nan] * len(jobs)
     for epoch in range(spec.epochs):
         totals = torch.zeros(len(jobs), device=device)
@@ -161,10 +167,18 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
                                clients.expected,
                                [s[1] if on else None
                                 for s, on in zip(clients.streams, active, strict=True)])
+            if terms:
+                public = torch.autograd.grad(terms.loss(params, step, loss, num_heads).sum(),
+                                             [params[n] for n in trained], allow_unused=True)
+                noisy = [a if b is None else a + b for a, b in zip(noisy, public, strict=True)]
+            on = torch.tensor(active, device=device)
+            if gradients is not None:
+                for n, g in zip(trained, noisy, strict=True):
+                    gradients[n] += g * on.view(-1, *[1] * (g.dim() - 1)).to(g.dtype)
             lr = (cosine_lr(config.lr, step.double(), total)
                   if config.lr_schedule is LrSchedule.cosine
                   else torch.full((len(jobs),), config.lr, dtype=torch.float64))
-            optimizer.step(torch.tensor(active, device=device), noisy,
+            optimizer.step(on, noisy,
                            lr.to(device, params[names[0]].dtype))
             totals += per.sum(1)
             counts += sampled.sum(1)
@@ -172,5 +186,13 @@ def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: Ad
         for c, job in enumerate(jobs):
             check_finite(torch.where(finite[c], 0.0, math.nan), job.who, epoch + 1)
         epoch_loss = (totals / counts.clamp(min=1)).tolist()
+    means = None
+    if gradients is not None:
+        steps = total.to(device)
+        means = {n: g / steps.view(-1, *[1] * (g.dim() - 1)).to(g.dtype)
+                 - (0 if terms.linear is None else terms.linear[n])
+                 for n, g in gradients.items()}
     return [LocalUpdate(job.node, {n: params[n][c].detach().clone() for n in names},
-                        len(job.rows), epoch_loss[c]) for c, job in enumerate(jobs)]
+                        len(job.rows), epoch_loss[c], None,
+                        None if means is None else {n: g[c] for n, g in means.items()})
+            for c, job in enumerate(jobs)]
