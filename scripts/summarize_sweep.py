@@ -43,6 +43,7 @@ from flcore.studies import (
     estimate,
     format_interval,
     group_arms,
+    is_baseline,
     layout,
     load_jobs,
     metric_names,
@@ -210,9 +211,25 @@ def references_of(metric: str, chance: float | None) -> list[tuple[float, str]]:
     return []
 
 
+def off_axis(arms: list[Arm], key: str, metric: str,
+             baseline: dict[str, str] | None) -> list[tuple[float, str]]:
+    """The baseline arm's mean of ``metric`` as a reference line of a plot against ``key``,
+    where that arm has no value of ``key`` (``privacy=none`` against
+    ``privacy.target_epsilon``)."""
+    if not baseline:
+        return []
+    name = " ".join(f"{k}={v}" for k, v in baseline.items())
+    return [(est.mean, f"{name} (mean)") for arm in arms
+            if is_baseline(arm, baseline) and arm.setting[key] is None
+            and (est := arm.estimates.get(metric)) is not None]
+
+
 def write_plots(folder: Path, arms: list[Arm], shown: list[str], metrics: list[str],
-                rounds: int, chance: float | None) -> list[Path]:
-    """A PNG per metric and numeric shown column, and global/acc per round per arm."""
+                rounds: int, chance: float | None,
+                baseline: dict[str, str] | None = None) -> list[Path]:
+    """A PNG per metric and numeric shown column, and global/acc per round per arm. A
+    baseline arm without a value of the column (``privacy=none`` against
+    ``privacy.target_epsilon``) is a dashed reference line there."""
     numeric = [k for k in shown if all(number(a.setting[k]) is not None for a in arms
                                        if a.setting[k] is not None)]
     folder.mkdir(exist_ok=True)
@@ -229,7 +246,7 @@ def write_plots(folder: Path, arms: list[Arm], shown: list[str], metrics: list[s
                         (float(arm.setting[key]), est.mean, est.half or 0.0))
             paths.append(plots.plot_sweep_metric(
                 folder / f"{_file_name(metric)}_vs_{_file_name(key)}.png", lines, key, metric,
-                references_of(metric, chance)))
+                references_of(metric, chance) + off_axis(arms, key, metric, baseline)))
     curves = {}
     for arm in arms:
         per_round: dict[int, list[float]] = {}
@@ -324,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     head, table, paired_lines = report(arms, shown, follows, common_settings(jobs, arms, columns),
                                        view, baseline, args.target, notes)
     failures = failure_lines(jobs, keys)
-    plot_paths = write_plots(out / "plots", arms, shown, metrics, rounds, chance)
+    plot_paths = write_plots(out / "plots", arms, shown, metrics, rounds, chance, baseline)
     write_summary_csv(out / "summary.csv", arms, columns, metrics, baseline is not None)
     write_jobs_csv(out / "jobs.csv", arms, columns, metrics)
     (out / "summary.md").write_text(markdown(sweep_dir, jobs, head, table, paired_lines,

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 opacus = pytest.importorskip("opacus")
 dp_accounting = pytest.importorskip("dp_accounting")
 
-from conftest import QUICK, TINY_GENERATORS  # noqa: E402
+from conftest import QUICK, TINY_GENERATORS, interrupt_in_round  # noqa: E402
 from flcore.clients.protocol import PrivacySpec  # noqa: E402
 from flcore.config import (  # noqa: E402
     BetaSchedule,
@@ -21,6 +21,7 @@ from flcore.config import (  # noqa: E402
     GeneratorConfig,
     Likelihood,
 )
+from flcore.errors import RunInterrupted  # noqa: E402
 from flcore.privacy import accounting  # noqa: E402
 from flcore.privacy.accounting import Use  # noqa: E402
 from flcore.privacy.dpsgd import noisy_mean  # noqa: E402
@@ -179,14 +180,21 @@ def test_a_node_spends_its_adapter_composed_with_its_worst_generator() -> None:
     assert ledger.metrics()["privacy/epsilon"] > accounting.epsilon(sigma, 0.25, 32, delta)
 
 
-def test_a_dp_run_with_generators_spends_within_its_target(run_config: Callable) -> None:
-    """``privacy=dp`` with per-class generators: the run ends within its target, and the noise
-    is larger than the same run's without generators, since every clip is also in a
-    generator's rows and the two trainings compose."""
+def test_a_dp_run_with_generators_spends_within_its_target_and_resumes_exactly(
+        run_config: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``privacy=dp`` with per-class generators: the run ends within its target, the noise is
+    larger than the same run's without generators (every clip is also in a generator's rows
+    and the two trainings compose), and a run stopped by Ctrl-C in round 2 and resumed ends
+    exactly where the straight one does, what each node spent included."""
     args = (*QUICK, *TINY_GENERATORS, "federation.rounds=2", "federation.local_epochs=1",
-            "checkpoint.every=0", "privacy=dp", "privacy.target_epsilon=4")
+            "checkpoint.every=1", "privacy=dp", "privacy.target_epsilon=4")
     final = run_config(*args, folder="dp")["final"]
     adapters_only = run_config(*args, "generator=none", folder="adapters")["final"]
     assert 3.9 <= final["privacy/epsilon"] <= 4.0
     assert final["privacy/noise_multiplier"] > adapters_only["privacy/noise_multiplier"]
     assert final["gen/count"] > 0
+    with monkeypatch.context() as patch:
+        interrupt_in_round(patch, 2)
+        with pytest.raises(RunInterrupted):
+            run_config(*args, folder="resumed")
+    assert run_config(*args, "resume=true", folder="resumed")["final"] == final

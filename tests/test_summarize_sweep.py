@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import HANG_GUARD_S, SWEEP_JOB
+from flcore.studies import analyse, columns_of, group_arms, load_jobs, swept_keys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from summarize_sweep import off_axis
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
 FAST = SWEEP_JOB
@@ -269,6 +273,28 @@ def test_several_sweeps_are_one_study(tmp_path: Path) -> None:
     refused = summarize(str(tmp_path / "none"), str(tmp_path / "per_class"))
     assert refused.returncode == 1
     assert refused.stderr == "error: --out: give the folder for the summary of several sweeps\n"
+
+
+def test_a_baseline_off_the_swept_axis_is_a_reference_line(tmp_path: Path) -> None:
+    """An epsilon sweep and its privacy=none arm: the plots against the epsilon show the
+    baseline's mean (by hand) as a reference, and its png is written."""
+    for seed, (a, b, none) in enumerate([(0.2, 0.4, 0.5), (0.3, 0.5, 0.7)]):
+        write_job(tmp_path / "dp", 2 * seed, ["privacy=dp", "privacy.target_epsilon=1",
+                                               f"seed={seed}"], seed=seed, curve=[a])
+        write_job(tmp_path / "dp", 2 * seed + 1, ["privacy=dp", "privacy.target_epsilon=4",
+                                                   f"seed={seed}"], seed=seed, curve=[b])
+        write_job(tmp_path / "none", seed, ["privacy=none", f"seed={seed}"], seed=seed,
+                  curve=[none])
+    done = summarize(str(tmp_path / "dp"), str(tmp_path / "none"), "--baseline",
+                     "privacy=none", "--out", str(tmp_path / "study"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "study" / "plots" / "global_acc_vs_privacy.target_epsilon.png").exists()
+    jobs = [*load_jobs(tmp_path / "dp"), *load_jobs(tmp_path / "none")]
+    arms = group_arms(jobs, columns_of(jobs, swept_keys(jobs)))
+    analyse(arms, ["global/acc"], 1, True, {"privacy": "none"}, 0.95)
+    lines = off_axis(arms, "privacy.target_epsilon", "global/acc", {"privacy": "none"})
+    assert lines == [(pytest.approx(0.6), "privacy=none (mean)")]
+    assert off_axis(arms, "privacy.target_epsilon", "global/acc", None) == []
 
 
 def test_each_arm_is_its_own_reference_without_a_baseline(tmp_path: Path) -> None:
