@@ -232,8 +232,9 @@ def test_a_dp_run_spends_within_its_target_and_resumes_exactly(
                    "checkpoint.every=1", "resume=true", folder="resumed")
 
 
-@pytest.mark.parametrize("aggregation", ["fedprox", "scaffold", "feddyn", "fedrep", "ditto",
-                                         "fedgen"])
+@pytest.mark.parametrize("aggregation", [
+    "fedrep", "ditto", *(pytest.param(a, marks=pytest.mark.slow)
+                         for a in ("fedprox", "scaffold", "feddyn", "fedgen"))])
 def test_every_aggregation_trains_privately_and_spends_what_it_steps(
         run_config: Callable[..., dict], monkeypatch: pytest.MonkeyPatch,
         aggregation: str) -> None:

@@ -2,14 +2,14 @@
 
 Each client's steps are its non-private schedule's (``ceil(n / batch_size)`` a epoch), but each
 step's minibatch is Poisson-sampled: every row independently with rate ``batch_size / n``.
-Every sample's gradient norm comes without building per-sample gradients (ghost clipping, Li et
-al. 2022): the forward pass records each affine map (:class:`~flcore.trainmodel.adapters.Taped`),
-one backward pass gives the gradient at each map's output for every sample at once, and a
-sample's norm follows from those and the map's inputs (:func:`sample_norms`: for a linear map
-over a sequence, ``sum_ts (a_t . a_s)(g_t . g_s)``). A second backward pass of the losses
-weighted by each sample's clipping factor gives the clipped sum directly;
+No per-sample gradient is ever built (ghost clipping, Li et al. 2022): the forward pass records
+each affine map (:class:`~flcore.trainmodel.adapters.Taped`), one backward pass gives the
+gradient at each map's output for every sample at once, a sample's norm follows from those and
+the map's inputs (:func:`sample_norms`; for a linear map over a sequence ``sum_ts (a_t .
+a_s)(g_t . g_s)``), and the clipped sum of a map's weights is one ``einsum`` of its inputs and
+the gradients scaled by each sample's clipping factor (:func:`weighted_sums`).
 :func:`~flcore.privacy.dpsgd.noisy_mean` noises it per client, and the stacked AdamW steps with
-the result, plus the gradient of the strategy's terms (:mod:`flcore.clients.terms`: they read
+the result plus the gradient of the strategy's terms (:mod:`flcore.clients.terms`: they read
 no data, so they cost no privacy). A client's sampling and noise come from streams of its job's
 seed, so it trains alike whichever clients share its stack. Dropout masks are drawn per sample
 (the step's key mixed with the sample's slot).
@@ -125,11 +125,42 @@ def clipped_sums(params: dict[str, torch.Tensor], trained: Sequence[str], tokens
     latents, sequence = adapter_outputs(params, tokens, num_heads, dropout, keys, tape)
     per = torch.where(sampled.bool(), loss.per_sample(latents.mean(2), labels, sequence), 0.0)
     tape = {k: e for k, e in tape.items() if e.output.requires_grad}  # no frozen-only maps
-    at = torch.autograd.grad(per.sum(), [e.output for e in tape.values()], retain_graph=True)
+    at = torch.autograd.grad(per.sum(), [e.output for e in tape.values()])
     norms = sample_norms(tape, dict(zip(tape, at, strict=True)), set(trained))
     scale = ((max_norm / (norms + 1e-6)).clamp(max=1.0) * sampled).detach()
-    summed = torch.autograd.grad((scale * per).sum(), [params[n] for n in trained])
-    return list(summed), per.detach()
+    summed = weighted_sums(tape, dict(zip(tape, at, strict=True)), scale, params, set(trained))
+    return [summed[n] for n in trained], per.detach()
+
+
+def weighted_sums(tape: Tape, at: dict[str, torch.Tensor], scale: torch.Tensor,
+                  params: dict[str, torch.Tensor], trained: set[str]
+                  ) -> dict[str, torch.Tensor]:
+    """Each ``trained`` parameter's sum ``[C, ...]`` over the samples of their gradients
+    weighted by ``scale [C, B]``, from the taped maps and the per-sample gradients ``at``
+    their outputs: the gradient a backward pass of ``sum(scale * loss)`` would give, without
+    the pass."""
+    out = {n: torch.zeros_like(params[n]) for n in trained}
+    for key, e in tape.items():
+        g = at[key]
+        if e.bias in trained:
+            out[e.bias] += (torch.einsum("cb,cbtd->ctd", scale, g) if e.kind == "shift"
+                            else torch.einsum("cb,cbto->co", scale, g))
+        if e.weight in trained:
+            assert e.input is not None
+            if e.kind == "scale":
+                out[e.weight] += torch.einsum("cb,cbtd,cbtd->cd", scale, e.input, g)
+            else:
+                a = e.input if e.input.dim() == g.dim() else e.input.unsqueeze(1)
+                a = a.expand(*g.shape[:3], a.shape[-1])
+                grad = torch.einsum("cb,cbto,cbti->coi", scale, g, a)
+                if e.part is None:
+                    out[e.weight] += grad
+                else:
+                    out[e.weight].narrow(1, e.part * grad.shape[1], grad.shape[1]).add_(grad)
+        if e.source in trained:
+            assert e.weight_value is not None
+            out[e.source] += torch.einsum("cb,cbto,coi->cti", scale, g, e.weight_value)
+    return out
 
 
 def train_private(names: Sequence[str], num_heads: int, dropout: float, loss: AdapterLoss,

@@ -74,8 +74,10 @@ class Taped:
     """One affine map of the forward pass as :func:`adapter_outputs` records it for per-sample
     gradient norms: its input and output, and the parameters it applies. ``kind`` is
     ``linear`` (``output = input @ weight^T + bias``; an input without a sample axis is a
-    parameter, named ``source``), ``scale`` (``output = input * weight + bias``, elementwise) or
-    ``shift`` (``output = ... + bias``)."""
+    parameter, named ``source``, applied through ``weight_value``), ``scale`` (``output = input
+    * weight + bias``, elementwise) or ``shift`` (``output = ... + bias``). ``part`` is the
+    third of ``weight`` a linear map uses (the attention's query, key and value projections
+    share one weight)."""
 
     input: torch.Tensor | None
     output: torch.Tensor
@@ -84,6 +86,7 @@ class Taped:
     kind: str = "linear"
     source: str | None = None
     weight_value: torch.Tensor | None = None
+    part: int | None = None
 
 
 Tape = dict[str, Taped]
@@ -130,13 +133,15 @@ def _pool(params: Params, prefix: str, h: torch.Tensor, num_heads: int, dropout:
     if tape is not None:
         q = _taped(tape, attend + "q", Taped(params[prefix + "queries"], q.expand(c, b, -1, -1),
                                              attend + "in_weight", attend + "query_bias",
-                                             source=prefix + "queries", weight_value=wq))
+                                             source=prefix + "queries", weight_value=wq,
+                                             part=0))
     q = q.reshape(c, q.shape[1], -1, heads, width).transpose(2, 3)
     k = _linear(values, wk, torch.zeros_like(params[attend + "query_bias"]))
-    k = _taped(tape, attend + "k", Taped(values, k, attend + "in_weight"))
+    k = _taped(tape, attend + "k", Taped(values, k, attend + "in_weight", part=1))
     k = k.view(c, b, length, heads, width).transpose(2, 3)
     v = _linear(values, wv, params[attend + "value_bias"])
-    v = _taped(tape, attend + "v", Taped(values, v, attend + "in_weight", attend + "value_bias"))
+    v = _taped(tape, attend + "v", Taped(values, v, attend + "in_weight", attend + "value_bias",
+                                         part=2))
     v = v.view(c, b, length, heads, width).transpose(2, 3)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width), dim=-1)
     weights = _dropout(weights, keys, site, dropout)
