@@ -180,21 +180,30 @@ def test_a_node_spends_its_adapter_composed_with_its_worst_generator() -> None:
     assert ledger.metrics()["privacy/epsilon"] > accounting.epsilon(sigma, 0.25, 32, delta)
 
 
-def test_a_dp_run_with_generators_spends_within_its_target_and_resumes_exactly(
-        run_config: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``privacy=dp`` with per-class generators: the run ends within its target, the noise is
-    larger than the same run's without generators (every clip is also in a generator's rows
-    and the two trainings compose), and a run stopped by Ctrl-C in round 2 and resumed ends
-    exactly where the straight one does, what each node spent included."""
-    args = (*QUICK, *TINY_GENERATORS, "federation.rounds=2", "federation.local_epochs=1",
-            "checkpoint.every=1", "privacy=dp", "privacy.target_epsilon=4")
-    final = run_config(*args, folder="dp")["final"]
-    adapters_only = run_config(*args, "generator=none", folder="adapters")["final"]
+#: A DP run with tiny per-class generators, two rounds, a checkpoint each.
+GENERATOR_DP = (*QUICK, *TINY_GENERATORS, "federation.rounds=2", "federation.local_epochs=1",
+                "checkpoint.every=1", "privacy=dp", "privacy.target_epsilon=4")
+
+
+def test_a_dp_run_with_generators_spends_within_its_target(run_config: Callable) -> None:
+    """``privacy=dp`` with per-class generators: the run ends within its target, and the noise
+    is larger than the same run's without generators (every clip is also in a generator's rows
+    and the two trainings compose)."""
+    final = run_config(*GENERATOR_DP, folder="dp")["final"]
+    adapters_only = run_config(*GENERATOR_DP, "generator=none", folder="adapters")["final"]
     assert 3.9 <= final["privacy/epsilon"] <= 4.0
     assert final["privacy/noise_multiplier"] > adapters_only["privacy/noise_multiplier"]
     assert final["gen/count"] > 0
+
+
+@pytest.mark.slow
+def test_a_dp_run_with_generators_resumes_exactly(run_config: Callable,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped by Ctrl-C in round 2 and resumed, a DP run with generators ends exactly where
+    the straight one does, what each node spent included."""
+    final = run_config(*GENERATOR_DP, folder="straight")["final"]
     with monkeypatch.context() as patch:
         interrupt_in_round(patch, 2)
         with pytest.raises(RunInterrupted):
-            run_config(*args, folder="resumed")
-    assert run_config(*args, "resume=true", folder="resumed")["final"] == final
+            run_config(*GENERATOR_DP, folder="resumed")
+    assert run_config(*GENERATOR_DP, "resume=true", folder="resumed")["final"] == final
