@@ -49,12 +49,21 @@ DRY = Sizes(generator_classes=4, generator_epochs=1, clients=(2, 4), tiny_client
 
 @dataclass
 class Row:
-    """One line of the table: what was checked, what it measured, its target and verdict."""
+    """One line of the table: what was checked, what it measured, its target and verdict
+    (a target the dry run misses is not ``enforced``)."""
 
     check: str
     figure: str
     target: str = ""
     ok: bool = True
+    enforced: bool = True
+
+    @property
+    def result(self) -> str:
+        """``ok``, ``FAIL``, or (a missed target of the CPU dry run) that it ran."""
+        if self.ok:
+            return "ok"
+        return "FAIL" if self.enforced else "ran (target not enforced)"
 
 
 def python(code: str, env: dict[str, str], timeout: float) -> str:
@@ -74,7 +83,8 @@ def main_py(args: list[str], env: dict[str, str], timeout: float, folder: Path) 
                           capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit status {done.returncode}")
+        raise RuntimeError(lines[-1].removeprefix("error: ") if lines
+                           else f"exit status {done.returncode}")
     return json.loads((folder / "results.json").read_text())
 
 
@@ -104,7 +114,7 @@ def generators(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> lis
     batched, loop = json.loads(out)
     return [Row(f"generators: {sizes.generator_classes} classes batched vs class loop",
                 f"{loop / batched:.1f}x ({batched:.2f} s vs {loop:.2f} s)", ">= 5x",
-                loop / batched >= 5 or device == "cpu")]
+                loop / batched >= 5, device != "cpu")]
 
 
 def rounds(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> list[Row]:
@@ -123,7 +133,7 @@ def rounds(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> list[Ro
         rows.append(Row(f"rounds: {nodes} clients, adapter hidden {hidden}, batched vs "
                         "sequential", f"{ratio:.1f}x ({batched * 1e3:.0f} ms vs "
                         f"{sequential * 1e3:.0f} ms)", target,
-                        ratio >= wanted or device == "cpu"))
+                        ratio >= wanted, device != "cpu"))
     return rows
 
 
@@ -136,7 +146,7 @@ def default_run(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> li
     ratio = times["sequential"] / times["batched"]
     rows = [Row("default run: batched vs sequential", f"{ratio:.1f}x ({times['batched']:.2f} s"
                 f" vs {times['sequential']:.2f} s a round)", ">= 3x",
-                ratio >= 3 or device == "cpu")]
+                ratio >= 3, device != "cpu")]
     bf16 = main_py([*common, "adapter.precision=bf16", "generator.precision=bf16"], env, 300,
                    tmp / "bf16")
     acc = bf16["final"]["global/acc"]
@@ -158,7 +168,7 @@ def many_classes(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> l
     total = sum(r["time/round_s"] for r in results["rounds"] if "time/round_s" in r)
     return [Row(f"per-class run, {sizes.many_classes} classes, {sizes.many_rounds} rounds",
                 f"{total:.0f} s ({total / sizes.many_rounds:.1f} s a round)", "< 120 s",
-                total < 120 or device == "cpu")]
+                total < 120, device != "cpu")]
 
 
 def render(device: str, env: dict[str, str], sizes: Sizes, tmp: Path) -> list[Row]:
@@ -284,11 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     print(f"\n| check ({args.device}) | figure | target | result |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row.check} | {row.figure} | {row.target} | {'ok' if row.ok else 'FAIL'} |")
-    failed = [r.check for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} checks ok in "
-          f"{time.perf_counter() - tic:.0f} s" + (f"; failed: {', '.join(failed)}" if failed
-                                                  else ""))
+        print(f"| {row.check} | {row.figure} | {row.target} | {row.result} |")
+    failed = [r.check for r in rows if not r.ok and r.enforced]
+    print(f"\n{len(rows)} checks in {time.perf_counter() - tic:.0f} s, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

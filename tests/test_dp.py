@@ -21,7 +21,7 @@ from flcore.errors import ConfigError, RunInterrupted  # noqa: E402
 from flcore.executors.batched import Batched  # noqa: E402
 from flcore.executors.sequential import Sequential  # noqa: E402
 from flcore.privacy import accounting, training  # noqa: E402
-from flcore.privacy.dpsgd import private_gradients  # noqa: E402
+from flcore.privacy.dpsgd import noisy_mean  # noqa: E402
 from flcore.privacy.training import clipped_sums  # noqa: E402
 from flcore.trainmodel.adapters import AdapterLoss, AudioAdapter, adapter_outputs  # noqa: E402
 from test_executors import AUDIO, SEQUENCE, TEXT, federation, strategy_terms  # noqa: E402
@@ -43,9 +43,18 @@ def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
     return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
 
+def clipped(grads: dict, max_norm: float) -> list[torch.Tensor]:
+    """Per-sample gradients ``[B, ...]`` clipped to ``max_norm`` over all of them (Opacus'
+    factor ``max_norm / (norm + 1e-6)``, at most 1) and summed: ``[1, ...]`` each."""
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("b,b...->...", scale, g).unsqueeze(0) for g in grads.values()]
+
+
 def test_the_step_equals_opacus_dp_optimizer() -> None:
     """One DP-SGD step of an MLP on 8 rows: Opacus' gradients (clip 0.5, noise 1.3, expected
-    batch 8, its noise drawn from a seeded generator) equal ours from the same draws."""
+    batch 8, its noise drawn from a seeded generator) equal the clipped sum of torch.func's
+    per-sample gradients made private by ours from the same draws."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
     model = mlp()
@@ -56,24 +65,36 @@ def test_the_step_equals_opacus_dp_optimizer() -> None:
     nn.functional.cross_entropy(private(x), y).backward()
     optimizer.pre_step()  # clip, add noise, scale: the gradients SGD then steps with
     want = [p.grad for p in private.parameters()]
-    grads = per_sample_grads(model, x, y)
-    got = private_gradients([grads[k].unsqueeze(0) for k in grads], torch.ones(1, 8), 0.5, 1.3,
-                            torch.tensor([8.0]), [torch.Generator().manual_seed(7)])
+    got = noisy_mean(clipped(per_sample_grads(model, x, y), 0.5), 0.5, 1.3,
+                     torch.tensor([8.0]), [torch.Generator().manual_seed(7)])
     for ours, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(ours[0], theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_unsampled_rows_do_not_count_and_noise_is_per_model() -> None:
-    """A row outside the Poisson sample adds nothing; a model's noise is the same whatever is
-    stacked beside it."""
+def test_a_models_noise_is_its_own() -> None:
+    """A model's noise is the same whatever is stacked beside it, drawn on one thread or
+    several, and a model without a stream draws none."""
     g = torch.Generator().manual_seed(2)
-    grads = [torch.randn(2, 4, 3, generator=g)]
-    sampled = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    both = private_gradients(grads, sampled, 1.0, 0.7, torch.tensor([3.0, 1.0]),
-                             [torch.Generator().manual_seed(s) for s in (5, 6)])
-    alone = private_gradients([grads[0][1:, :1]], torch.ones(1, 1), 1.0, 0.7,
-                              torch.tensor([1.0]), [torch.Generator().manual_seed(6)])
-    torch.testing.assert_close(both[0][1], alone[0][0])
+    summed = [torch.randn(3, 4, 3, generator=g), torch.randn(3, 5, generator=g)]
+    expected = torch.tensor([3.0, 1.0, 2.0])
+
+    def streams() -> list[torch.Generator | None]:
+        return [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6)]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = noisy_mean(summed, 1.0, 0.7, expected, streams())
+        torch.set_num_threads(2)
+        two = noisy_mean(summed, 1.0, 0.7, expected, streams())
+    finally:
+        torch.set_num_threads(previous)
+    alone = noisy_mean([t[2:] for t in summed], 1.0, 0.7, expected[2:],
+                       [torch.Generator().manual_seed(6)])
+    for a, b, c, t in zip(one, two, alone, summed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a[2:], c)
+        torch.testing.assert_close(a[1], t[1] / 1.0)  # no stream: no noise
 
 
 @pytest.mark.parametrize(("sigma", "rate", "steps"), [(1.0, 0.01, 1000), (1.1, 0.1, 120),
