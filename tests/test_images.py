@@ -243,8 +243,9 @@ def test_flux_run_renders_with_pooled_and_t5_conditioning(run_config: Callable[.
 
 @pytest.mark.parametrize("training", [
     ("generator=none",),  # FedAvg
-    ("server.adapter_training=kd", "generator.training_epochs=3", "generator.hidden_dim=16",
-     "generator.latent_dim=4"),  # the global adapter distilled from the clients' outputs
+    pytest.param(("server.adapter_training=kd", "generator.training_epochs=3",
+                  "generator.hidden_dim=16", "generator.latent_dim=4"),
+                 marks=pytest.mark.slow),  # the global adapter distilled from the clients' outputs
 ])
 def test_the_sequence_head_learns_class_conditioning(run_config: Callable[..., dict],
                                                      training: tuple[str, ...]) -> None:
