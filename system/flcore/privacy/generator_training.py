@@ -15,13 +15,13 @@ per-sample gradients from ``torch.func`` (``tests/test_dp_generators.py``).
 :func:`~flcore.privacy.dpsgd.noisy_mean` then noises each generator's sum from its own stream.
 """
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from flcore.clients.protocol import PrivacySpec
+from flcore.privacy.accounting import use
 from flcore.privacy.dpsgd import noisy_mean
 from flcore.trainmodel.optim import NonFiniteFlags, StackedAdam
 from flcore.trainmodel.vae import StackedLinear, VAEGenerator, VAELoss
@@ -29,12 +29,6 @@ from flcore.trainmodel.vae import StackedLinear, VAEGenerator, VAELoss
 #: What each step logs per generator, in :class:`~flcore.trainmodel.bank_training.EpochLog`'s
 #: order: total, recon, kl, similarity, mse, sigma2, effective_beta.
 TERMS = 7
-
-
-def rates_and_steps(counts: list[int], batch_size: int) -> tuple[list[float], list[int]]:
-    """Each generator's Poisson sampling rate and steps an epoch, from its rows ``counts``."""
-    return ([min(1.0, batch_size / n) if n else 0.0 for n in counts],
-            [math.ceil(n / batch_size) for n in counts])
 
 
 def clipped_sums(model: VAEGenerator, loss_fn: VAELoss, x: torch.Tensor, noise: torch.Tensor,
@@ -118,7 +112,8 @@ def private_epoch(model: VAEGenerator, optimizer: StackedAdam, loss_fn: VAELoss,
     rows ``[TERMS, K]`` and the rows sampled ``[K]``."""
     k, n_max, _ = x_all.shape
     device = x_all.device
-    rates, per_epoch = rates_and_steps(counts, batch_size)
+    uses = [use(n, batch_size, 1) for n in counts]
+    rates, per_epoch = [u.rate for u in uses], [u.steps for u in uses]
     expected = torch.tensor([r * n for r, n in zip(rates, counts, strict=True)],
                             device=device).clamp(min=1e-12)
     sums = torch.zeros(TERMS, k, device=device)

@@ -25,20 +25,11 @@ from flcore.clients.protocol import AdapterJob, LocalUpdate, RoundSpec, SharedTe
 from flcore.clients.terms import stack_terms
 from flcore.clients.training import check_finite, cosine_lr
 from flcore.config import LrSchedule
+from flcore.privacy.accounting import use
 from flcore.privacy.dpsgd import noisy_mean, poisson_sample
 from flcore.streams import Purpose, stream_seed
 from flcore.trainmodel.adapters import AdapterLoss, Tape, adapter_outputs, mix32, step_keys
 from flcore.trainmodel.optim import StackedAdam
-
-
-def sample_rate(rows: int, batch_size: int) -> float:
-    """The Poisson sampling rate of a client with ``rows`` training clips."""
-    return min(1.0, batch_size / rows)
-
-
-def steps_per_round(rows: int, batch_size: int, epochs: int) -> int:
-    """A client's DP-SGD steps in one round: its non-private schedule's."""
-    return epochs * math.ceil(rows / batch_size)
 
 
 def _streams(job: AdapterJob, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -60,8 +51,9 @@ class Clients:
 
     def __post_init__(self) -> None:
         sizes = [len(job.rows) for job in self.jobs]
-        self.per_epoch = [math.ceil(n / self.batch_size) for n in sizes]
-        self.rates = [sample_rate(n, self.batch_size) for n in sizes]
+        uses = [use(n, self.batch_size, 1) for n in sizes]
+        self.per_epoch = [u.steps for u in uses]
+        self.rates = [u.rate for u in uses]
         self.expected = torch.tensor([r * n for r, n in zip(self.rates, sizes, strict=True)],
                                      device=self.device)
         self.streams = [_streams(job, self.device) for job in self.jobs]
